@@ -1,0 +1,83 @@
+"""trioqueue: a durable PostgreSQL job queue for trio applications.
+
+Every public name lives here; everything else is private and may change.
+"""
+
+from __future__ import annotations
+
+from ._runtime.dispatcher import Subscription as Subscription
+from .client import Client as Client
+from .client import open_client as open_client
+from .config import ClientConfig as ClientConfig
+from .config import QueueConfig as QueueConfig
+from .errors import DatabaseError as DatabaseError
+from .errors import ErrorHandlerResult as ErrorHandlerResult
+from .errors import JobCancel as JobCancel
+from .errors import JobNotFoundError as JobNotFoundError
+from .errors import JobRunningError as JobRunningError
+from .errors import JobSnooze as JobSnooze
+from .errors import TrioqueueError as TrioqueueError
+from .errors import UnknownJobKindError as UnknownJobKindError
+from .errors import ValidationError as ValidationError
+from .events import Event as Event
+from .events import EventKind as EventKind
+from .job import AttemptError as AttemptError
+from .job import InsertOpts as InsertOpts
+from .job import Job as Job
+from .job import JobInsertResult as JobInsertResult
+from .job import JobListParams as JobListParams
+from .job import JobListResult as JobListResult
+from .job import JobState as JobState
+from .job import UniqueOpts as UniqueOpts
+from .migrations import migrate as migrate
+from .migrations import migration_list as migration_list
+from .transaction import Transaction as Transaction
+from .workers import Workers as Workers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttemptError",
+    "Client",
+    "ClientConfig",
+    "DatabaseError",
+    "ErrorHandlerResult",
+    "Event",
+    "EventKind",
+    "InsertOpts",
+    "Job",
+    "JobCancel",
+    "JobInsertResult",
+    "JobListParams",
+    "JobListResult",
+    "JobNotFoundError",
+    "JobRunningError",
+    "JobSnooze",
+    "JobState",
+    "QueueConfig",
+    "Subscription",
+    "Transaction",
+    "TrioqueueError",
+    "UniqueOpts",
+    "UnknownJobKindError",
+    "ValidationError",
+    "Workers",
+    "migrate",
+    "migration_list",
+    "open_client",
+]
+
+
+def _fixup_module_metadata() -> None:
+    """Make tracebacks and reprs name ``trioqueue.X`` rather than the private module."""
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("trioqueue.") and hasattr(obj, "__qualname__"):
+            try:
+                obj.__module__ = "trioqueue"
+            except (AttributeError, TypeError):
+                pass
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

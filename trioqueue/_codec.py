@@ -1,0 +1,162 @@
+"""Turning args objects into JSON and back, and computing unique keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from .errors import ValidationError
+from .job import AttemptError, InsertOpts, Job, JobState, UniqueOpts
+
+__all__ = ["args_to_dict", "decode_args", "dumps", "row_to_job", "unique_key", "unique_states_bits"]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps_sorted = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+
+
+def dumps(value: Any) -> str:
+    return _dumps(value)
+
+
+def args_to_dict(args: object) -> dict[str, Any]:
+    """The JSON object for an args value: attrs and dataclass instances, or a mapping.
+
+    Raises ValidationError when the args are not JSON-serialisable.
+    """
+    if attrs.has(type(args)):
+        data = attrs.asdict(args)  # type: ignore[arg-type]
+    elif dataclasses.is_dataclass(args) and not isinstance(args, type):
+        data = dataclasses.asdict(args)
+    elif isinstance(args, Mapping):
+        data = dict(args)
+    else:
+        raise ValidationError(
+            "args", f"{type(args).__name__} must be an attrs class, a dataclass or a mapping"
+        )
+    return data
+
+
+def encode_args(args: object) -> str:
+    try:
+        return _dumps(args_to_dict(args))
+    except (TypeError, ValueError) as exc:
+        raise ValidationError("args", f"must be JSON-serialisable: {exc}") from None
+
+
+def decode_args(args_type: type[Any] | None, data: Any) -> Any:
+    """Build the args value from its JSON object; the raw object when the type is unknown
+    or does not accept it (so a stored job can always be read)."""
+    if args_type is None or not isinstance(data, dict):
+        return data
+    from_json = getattr(args_type, "from_json", None)
+    if from_json is not None:
+        return from_json(data)
+    return args_type(**data)
+
+
+_BIT_ORDER = (
+    JobState.SCHEDULED,
+    JobState.RUNNING,
+    JobState.RETRYABLE,
+    JobState.PENDING,
+    JobState.DISCARDED,
+    JobState.COMPLETED,
+    JobState.CANCELLED,
+    JobState.AVAILABLE,
+)
+
+
+def unique_states_bits(states: frozenset[JobState]) -> str:
+    """The bit(8) string for a set of states; ``available`` is the rightmost bit."""
+    return "".join("1" if s in states else "0" for s in _BIT_ORDER)
+
+
+def unique_key(
+    kind: str, args_json_sorted: str | None, opts: InsertOpts, unique: UniqueOpts, now: datetime
+) -> bytes:
+    """sha256 over the parts of the job that ``unique`` names."""
+    parts = [f"kind={kind}"]
+    if unique.by_args:
+        parts.append(f"args={args_json_sorted}")
+    if unique.by_period is not None:
+        at = opts.scheduled_at or now
+        ts = at.timestamp()
+        start = ts - (ts % unique.by_period)
+        parts.append(f"period={datetime.fromtimestamp(start, UTC).isoformat()}")
+    if unique.by_queue:
+        parts.append(f"queue={opts.queue}")
+    return hashlib.sha256("&".join(parts).encode()).digest()
+
+
+def sorted_args_json(args: object) -> str:
+    return _dumps_sorted(args_to_dict(args))
+
+
+def _parse_ts(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def _errors(raw: Any) -> list[AttemptError]:
+    if not raw:
+        return []
+    return [
+        AttemptError(
+            at=_parse_ts(e.get("at")),
+            attempt=int(e.get("attempt", 0)),
+            error=str(e.get("error", "")),
+            trace=str(e.get("trace", "")),
+        )
+        for e in raw
+    ]
+
+
+def row_to_job(row: tuple[Any, ...], args_type: type[Any] | None) -> Job[Any]:
+    """A Job from a row in JOB_COLUMNS order."""
+    (
+        id_,
+        kind,
+        args,
+        queue,
+        state,
+        priority,
+        attempt,
+        max_attempts,
+        attempted_at,
+        attempted_by,
+        created_at,
+        finalized_at,
+        scheduled_at,
+        errors,
+        metadata,
+        tags,
+    ) = row
+    try:
+        decoded = decode_args(args_type, args)
+    except Exception:
+        decoded = args
+    return Job(
+        id=id_,
+        kind=kind,
+        args=decoded,
+        queue=queue,
+        state=JobState(state),
+        priority=priority,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        attempted_at=attempted_at,
+        attempted_by=list(attempted_by or ()),
+        created_at=created_at,
+        finalized_at=finalized_at,
+        scheduled_at=scheduled_at,
+        errors=_errors(errors),
+        metadata=dict(metadata or {}),
+        tags=list(tags or ()),
+    )

@@ -1,0 +1,220 @@
+"""The batch completer: writes finished jobs' outcomes in few statements.
+
+Workers hand outcomes over with :meth:`Completer.complete`; the completer writes them in
+batches (by size or after a short linger), one statement per batch, applied only to rows
+still ``running``, then sends one event per written job to the dispatcher. A failed write
+is retried with backoff and never dropped. When too many outcomes wait, ``complete``
+blocks (backpressure) instead of letting memory grow without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, final
+
+import attrs
+import trio
+
+from .._codec import row_to_job
+from ..errors import DatabaseError
+from ..events import Event, EventKind
+from ..driver.protocol import Driver, JobOutcome
+
+__all__ = ["Completer", "CompleterStatistics", "Finished"]
+
+log = logging.getLogger("trioqueue.completer")
+
+
+@final
+@attrs.frozen
+class Finished:
+    """One finished run: the row update, the event it should produce, and how long it ran."""
+
+    outcome: JobOutcome
+    event_kind: EventKind
+    duration: float
+
+
+@final
+@attrs.frozen
+class CompleterStatistics:
+    pending: int
+    """Outcomes waiting to be written."""
+    written: int
+    """Outcomes written since start."""
+    batches: int
+    """Statements run to write them."""
+    failed_writes: int
+    """Write attempts that failed and were retried."""
+    waiting_for_space: int
+    """Workers blocked by backpressure right now."""
+
+
+@final
+@attrs.define(eq=False)
+class Completer:
+    driver: Driver
+    now: Callable[[], datetime]
+    events: trio.MemorySendChannel[list[Event]]
+    args_type_for: Callable[[str], type[Any] | None]
+    shutdown_timeout: float
+    flush_size: int = 100
+    """Write as soon as this many outcomes wait."""
+    linger: float = 0.05
+    """Otherwise write this long after the first outcome arrived."""
+    max_batch: int = 5000
+    """At most this many rows per statement."""
+    max_pending: int = 10_000
+    """``complete`` blocks while this many wait, until fewer than half remain."""
+    _pending: list[Finished] = attrs.field(factory=list, init=False)
+    _work: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _space: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _written: int = attrs.field(default=0, init=False)
+    _batches: int = attrs.field(default=0, init=False)
+    _failed: int = attrs.field(default=0, init=False)
+    _waiting: int = attrs.field(default=0, init=False)
+
+    def statistics(self) -> CompleterStatistics:
+        return CompleterStatistics(
+            len(self._pending), self._written, self._batches, self._failed, self._waiting
+        )
+
+    def complete_nowait(self, item: Finished, *, force: bool = False) -> None:
+        """Queue an outcome without waiting. Not a checkpoint.
+
+        Raises ``trio.WouldBlock`` when the buffer is full (unless ``force``), and
+        ``trio.ClosedResourceError`` once the completer has been closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the completer is closed")
+        if not force and len(self._pending) >= self.max_pending:
+            raise trio.WouldBlock
+        self._pending.append(item)
+        if len(self._pending) == 1 or len(self._pending) >= self.flush_size:
+            self._work.set()
+
+    async def complete(self, item: Finished) -> None:
+        """Queue an outcome, waiting while the buffer is full.
+
+        Always a checkpoint. On cancellation: the outcome is queued anyway (past the
+        limit), so it is still written before the completer exits; then Cancelled
+        propagates. Raises ``trio.ClosedResourceError`` once closed.
+        """
+        queued = False
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                try:
+                    self.complete_nowait(item)
+                    queued = True
+                except trio.WouldBlock:
+                    self._waiting += 1
+                    try:
+                        await self._space.wait()
+                    finally:
+                        self._waiting -= 1
+                    continue
+                break
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        except trio.Cancelled:
+            if not queued:
+                self.complete_nowait(item, force=True)
+            raise
+
+    def close(self) -> None:
+        """No more outcomes will come: write what is queued, then ``run`` returns.
+        Idempotent; not a checkpoint."""
+        self._closed = True
+        self._work.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write batches until closed and empty; then close the event channel.
+
+        On cancellation (the client cancelled from outside): keeps writing, shielded, for
+        up to ``shutdown_timeout`` seconds, waiting for the interrupted jobs' outcomes; what
+        is still unwritten after that stays ``running`` in the database for the rescuer.
+        """
+        task_status.started()
+        async with self.events:
+            try:
+                await self._loop()
+            except trio.Cancelled:
+                with trio.move_on_after(self.shutdown_timeout) as cs:
+                    cs.shield = True
+                    await self._loop()
+                if self._pending:
+                    log.error(
+                        "shutdown_timeout passed with %d outcomes unwritten (job ids %s); "
+                        "the rescuer will return these jobs to work",
+                        len(self._pending),
+                        [f.outcome.id for f in self._pending[:20]],
+                    )
+                raise
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                await self._work.wait()
+                self._work = trio.Event()
+                continue
+            if len(self._pending) < self.flush_size and not self._closed:
+                with trio.move_on_after(self.linger):
+                    while len(self._pending) < self.flush_size and not self._closed:
+                        await self._work.wait()
+                        self._work = trio.Event()
+            batch = self._pending[: self.max_batch]
+            await self._write(batch)
+            del self._pending[: len(batch)]
+            if len(self._pending) < self.max_pending // 2:
+                self._space.set()
+                self._space = trio.Event()
+
+    async def _write(self, batch: list[Finished]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                rows = await self.driver.job_set_state_if_running_many(
+                    [f.outcome for f in batch], self.now()
+                )
+            except DatabaseError as exc:
+                self._failed += 1
+                log.warning(
+                    "writing %d job outcomes failed, retrying in %.1f s: %s",
+                    len(batch),
+                    delay,
+                    exc,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            break
+        self._batches += 1
+        self._written += len(batch)
+        by_id = {f.outcome.id: f for f in batch}
+        events = []
+        for row in rows:
+            finished = by_id.get(row[0])
+            if finished is None:
+                continue
+            job = row_to_job(row, self.args_type_for(row[1]))
+            kind = finished.event_kind
+            if job.state == "cancelled" and kind is not EventKind.JOB_CANCELLED:
+                kind = EventKind.JOB_CANCELLED
+            events.append(Event(kind, job=job, duration=finished.duration))
+        if len(rows) < len(batch):
+            log.debug(
+                "%d of %d outcomes found their job no longer running",
+                len(batch) - len(rows),
+                len(batch),
+            )
+        if events:
+            try:
+                self.events.send_nowait(events)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                log.warning("event dispatcher not keeping up: %d events dropped", len(events))
+

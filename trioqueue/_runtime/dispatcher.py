@@ -1,0 +1,170 @@
+"""The event dispatcher: fans events out to subscribers without ever blocking.
+
+Each subscriber has its own bounded buffer. When it is full the event is dropped for that
+subscriber only, counted, and logged; the completer upstream is never held up by a slow
+or absent reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import final
+
+import attrs
+import trio
+
+from ..errors import TrioqueueError, ValidationError
+from ..events import Event, EventKind
+
+__all__ = ["Dispatcher", "DispatcherStatistics", "Subscription"]
+
+log = logging.getLogger("trioqueue.dispatcher")
+
+
+@final
+class Subscription:
+    """An async iterator of events; it ends when the client stops."""
+
+    def __init__(self, kinds: frozenset[EventKind], buffer: int) -> None:
+        self.kinds = kinds
+        self._send, self._receive = trio.open_memory_channel[Event](buffer)
+        self.dropped = 0
+        """Events dropped because this subscriber's buffer was full."""
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Event:
+        """The next event. Raises ``trio.EndOfChannel`` once the client has stopped."""
+        return await self._receive.receive()
+
+    def _offer(self, event: Event) -> bool:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.dropped += 1
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return True
+        return True
+
+    def _end(self) -> None:
+        self._send.close()
+
+    def _close(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+
+@final
+@attrs.frozen
+class DispatcherStatistics:
+    subscribers: int
+    """Subscriptions currently open."""
+    published: int
+    """Events handed to the dispatcher."""
+    dropped: int
+    """Events dropped, summed over subscribers, because a buffer was full."""
+
+
+@final
+class Dispatcher:
+    """Receives batches of events and offers each to every interested subscriber."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscription] = []
+        self._closed = False
+        self._published = 0
+        self._dropped = 0
+        self._last_drop_log = -math.inf
+
+    def statistics(self) -> DispatcherStatistics:
+        return DispatcherStatistics(len(self._subscribers), self._published, self._dropped)
+
+    def publish(self, events: Iterable[Event]) -> None:
+        """Offer events to subscribers. Never blocks; not a checkpoint."""
+        if self._closed:
+            return
+        for event in events:
+            self._published += 1
+            for sub in self._subscribers:
+                if event.kind in sub.kinds and not sub._offer(event):
+                    self._dropped += 1
+                    now = trio.current_time()
+                    if now - self._last_drop_log >= 1.0:
+                        self._last_drop_log = now
+                        log.warning(
+                            "subscriber buffer full: dropped %s event for job %s "
+                            "(%d dropped for this subscriber so far)",
+                            event.kind,
+                            event.job.id if event.job else None,
+                            sub.dropped,
+                        )
+
+    @asynccontextmanager
+    async def subscribe(
+        self, kinds: Iterable[EventKind], buffer: int
+    ) -> AsyncIterator[Subscription]:
+        """Register a subscription for the duration of the block."""
+        kind_set = frozenset(kinds)
+        if not kind_set:
+            raise ValidationError("kinds", "subscribe needs at least one EventKind")
+        for kind in kind_set:
+            if not isinstance(kind, EventKind):
+                raise ValidationError("kinds", f"{kind!r} is not an EventKind")
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ValidationError("buffer", "must be a positive integer")
+        if self._closed:
+            raise TrioqueueError("the client has stopped; no more events will come")
+        sub = Subscription(kind_set, buffer)
+        self._subscribers.append(sub)
+        try:
+            yield sub
+        finally:
+            if sub in self._subscribers:
+                self._subscribers.remove(sub)
+            sub._close()
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+    def close(self) -> None:
+        """End every subscription's stream (after what is buffered). Idempotent."""
+        self._closed = True
+        for sub in self._subscribers:
+            sub._end()
+
+    async def run(
+        self,
+        receive: trio.MemoryReceiveChannel[list[Event]],
+        shutdown_timeout: float,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Publish every batch from ``receive`` until its senders are all closed, then end
+        every subscription.
+
+        On cancellation: keeps draining, shielded, for up to ``shutdown_timeout`` seconds
+        so that events of jobs written during a hard shutdown still reach subscribers.
+        """
+        task_status.started()
+        try:
+            async with receive:
+                try:
+                    async for batch in receive:
+                        self.publish(batch)
+                except trio.Cancelled:
+                    with trio.move_on_after(shutdown_timeout) as cs:
+                        cs.shield = True
+                        async for batch in receive:
+                            self.publish(batch)
+                    raise
+        finally:
+            self.close()

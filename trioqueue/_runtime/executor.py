@@ -1,0 +1,224 @@
+"""Runs one job in its own cancel scope and decides what its outcome does to the row."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, final
+
+import attrs
+import trio
+
+from .._codec import decode_args, dumps
+from ..config import ClientConfig, call_error_handler
+from ..driver.protocol import JobOutcome
+from ..errors import JobCancel, JobSnooze
+from ..events import EventKind
+from ..job import Job, JobState
+from ..workers import DEFAULT_TIMEOUT, WorkerEntry, Workers
+from .completer import Completer, Finished
+
+__all__ = ["Executor", "JobHandle", "default_retry_delay"]
+
+log = logging.getLogger("trioqueue.executor")
+
+
+def default_retry_delay(job: Job[Any]) -> float:
+    """``(errors + 1) ** 4`` seconds, ±10% jitter; ``job.errors`` holds earlier errors."""
+    base = float((len(job.errors) + 1) ** 4)
+    return base * random.uniform(0.9, 1.1)
+
+
+class JobTimeoutError(Exception):
+    """Recorded when a job runs past its timeout."""
+
+
+class JobCancelledRemotelyError(Exception):
+    """Recorded when a running job is cancelled through ``job_cancel``."""
+
+
+class UnknownKindError(Exception):
+    """Recorded when a fetched job's kind has no worker on this client."""
+
+
+@final
+@attrs.define(eq=False)
+class JobHandle:
+    """A running job's cancel scope, so ``job_cancel`` can reach it."""
+
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    cancel_requested: bool = False
+
+    def cancel_remotely(self) -> None:
+        self.cancel_requested = True
+        self.scope.cancel()
+
+
+def _error_entry(now: datetime, attempt: int, exc: BaseException) -> str:
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    trace = "".join(traceback.format_exception(exc))
+    return dumps({"at": now.isoformat(), "attempt": attempt, "error": message, "trace": trace})
+
+
+@final
+@attrs.define(eq=False)
+class Executor:
+    """Turns a fetched job into exactly one outcome for the completer."""
+
+    workers: Workers
+    config: ClientConfig
+    completer: Completer
+    now: Callable[[], datetime]
+
+    async def execute(self, job: Job[Any], handle: JobHandle) -> Finished:
+        """Run ``job``'s worker and return its outcome (not yet queued for writing).
+
+        On cancellation from outside (hard stop): the job's "interrupted" outcome (back to
+        ``available``, attempt given back, no error) is queued with the completer before
+        Cancelled propagates, so the job never stays ``running``.
+        """
+        start = trio.current_time()
+        entry = self.workers.get(job.kind)
+        failure: BaseException | None = None
+        result: BaseException | None = None
+        done = False
+        try:
+            if entry is None:
+                failure = UnknownKindError(
+                    f"no worker is registered for job kind {job.kind!r} on this client"
+                )
+            else:
+                try:
+                    job = attrs.evolve(job, args=decode_args(entry.args_type, job.args))
+                except Exception as exc:
+                    failure = exc
+            if entry is not None and failure is None:
+                timeout = self._timeout(entry)
+                if timeout is not None:
+                    handle.scope.deadline = start + timeout
+                with handle.scope:
+                    try:
+                        await entry.fn(job)
+                        done = True
+                    except Exception as exc:
+                        result = exc
+                if not done and result is None:
+                    if handle.cancel_requested:
+                        result = JobCancelledRemotelyError("job cancelled through job_cancel")
+                    else:
+                        result = JobTimeoutError(f"job timed out after {timeout} s")
+                failure = result
+            return await self._decide(job, entry, done, failure, trio.current_time() - start, handle)
+        except BaseException:
+            self.completer.complete_nowait(self.interrupted(job, start), force=True)
+            raise
+
+    def _timeout(self, entry: WorkerEntry[Any]) -> float | None:
+        if entry.timeout is DEFAULT_TIMEOUT:
+            return self.config.job_timeout
+        assert not isinstance(entry.timeout, type(DEFAULT_TIMEOUT))
+        return entry.timeout
+
+    def interrupted(self, job: Job[Any], start: float) -> Finished:
+        return Finished(
+            JobOutcome(
+                id=job.id,
+                state=JobState.AVAILABLE,
+                finalized_at=None,
+                scheduled_at=None,
+                give_back_attempt=True,
+                error_json=None,
+                metadata_json=None,
+            ),
+            EventKind.JOB_INTERRUPTED,
+            trio.current_time() - start,
+        )
+
+    async def _decide(
+        self,
+        job: Job[Any],
+        entry: WorkerEntry[Any] | None,
+        done: bool,
+        failure: BaseException | None,
+        duration: float,
+        handle: JobHandle,
+    ) -> Finished:
+        now = self.now()
+        if done:
+            return Finished(
+                JobOutcome(job.id, JobState.COMPLETED, now, None, False, None, None),
+                EventKind.JOB_COMPLETED,
+                duration,
+            )
+        assert failure is not None
+        if isinstance(failure, JobSnooze):
+            at = now + timedelta(seconds=failure.seconds)
+            soon = failure.seconds <= self.config.scheduler_interval
+            snoozes = int(job.metadata.get("snoozes", 0)) + 1
+            return Finished(
+                JobOutcome(
+                    job.id,
+                    JobState.AVAILABLE if soon else JobState.SCHEDULED,
+                    None,
+                    at,
+                    True,
+                    None,
+                    dumps({"snoozes": snoozes}),
+                ),
+                EventKind.JOB_SNOOZED,
+                duration,
+            )
+        error_json = _error_entry(now, job.attempt, failure)
+        cancel = isinstance(failure, JobCancel | JobCancelledRemotelyError) or (
+            handle.cancel_requested
+        )
+        if not cancel and self.config.error_handler is not None:
+            try:
+                verdict = await call_error_handler(self.config.error_handler, job, failure)
+            except Exception:
+                log.exception("error_handler raised for job %s; ignoring it", job.id)
+                verdict = None
+            cancel = bool(verdict and verdict.set_cancelled)
+        if cancel:
+            return Finished(
+                JobOutcome(job.id, JobState.CANCELLED, now, None, False, error_json, None),
+                EventKind.JOB_CANCELLED,
+                duration,
+            )
+        if job.attempt >= job.max_attempts:
+            return Finished(
+                JobOutcome(job.id, JobState.DISCARDED, now, None, False, error_json, None),
+                EventKind.JOB_FAILED,
+                duration,
+            )
+        delay = self._retry_delay(job, entry)
+        soon = delay <= self.config.scheduler_interval
+        return Finished(
+            JobOutcome(
+                job.id,
+                JobState.AVAILABLE if soon else JobState.RETRYABLE,
+                None,
+                now + timedelta(seconds=delay),
+                False,
+                error_json,
+                None,
+            ),
+            EventKind.JOB_FAILED,
+            duration,
+        )
+
+    def _retry_delay(self, job: Job[Any], entry: WorkerEntry[Any] | None) -> float:
+        policy = (entry.next_retry if entry is not None else None) or self.config.retry_policy
+        if policy is not None:
+            try:
+                delay = float(policy(job))
+                if math.isfinite(delay) and delay >= 0:
+                    return min(delay, 10 * 365 * 86400.0)
+                log.warning("retry policy gave %r for job %s; using the default", delay, job.id)
+            except Exception:
+                log.exception("retry policy raised for job %s; using the default", job.id)
+        return min(default_retry_delay(job), 10 * 365 * 86400.0)

@@ -1,0 +1,183 @@
+"""The producer: one per queue. Fetches as many jobs as it has free slots and runs each
+in a trio task of its own.
+
+Fetches happen when woken (an insert notification, a freed slot after a full fetch, a
+resume), at least every ``fetch_poll_interval``, and at most once per ``fetch_cooldown``.
+A fetch is shielded (with a deadline) so a claimed job is never dropped on the floor by a
+cancellation arriving mid-statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, final
+
+import attrs
+import trio
+
+from .._codec import row_to_job
+from ..driver.protocol import Driver, Row
+from ..errors import DatabaseError
+from ..job import Job
+from .completer import Completer
+from .executor import Executor, JobHandle
+
+__all__ = ["Producer", "ProducerStatistics"]
+
+log = logging.getLogger("trioqueue.producer")
+
+FETCH_DEADLINE = 10.0
+"""Seconds a shielded fetch may take before it is cancelled on the server."""
+
+
+@final
+@attrs.frozen
+class ProducerStatistics:
+    running: int
+    """Jobs running now."""
+    fetches: int
+    """Fetch statements run."""
+    fetched: int
+    """Jobs fetched in total."""
+
+
+@final
+@attrs.define(eq=False)
+class Producer:
+    queue: str
+    max_workers: int
+    driver: Driver
+    client_id: str
+    executor: Executor
+    completer: Completer
+    now: Callable[[], datetime]
+    fetch_cooldown: float
+    fetch_poll_interval: float
+    check_cancels: bool
+    """Poll for cancel requests of running jobs (when LISTEN is not available)."""
+    _running: dict[int, JobHandle] = attrs.field(factory=dict, init=False)
+    _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _fetch_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _jobs_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
+    _hard_stop: bool = attrs.field(default=False, init=False)
+    _last_fetch_full: bool = attrs.field(default=False, init=False)
+    _fetches: int = attrs.field(default=0, init=False)
+    _fetched: int = attrs.field(default=0, init=False)
+
+    def statistics(self) -> ProducerStatistics:
+        return ProducerStatistics(len(self._running), self._fetches, self._fetched)
+
+    def wake(self) -> None:
+        """Ask for a fetch soon (respecting the cooldown). Not a checkpoint."""
+        self._wake.set()
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Cancel a running job's scope; False if this producer is not running it."""
+        handle = self._running.get(job_id)
+        if handle is None:
+            return False
+        handle.cancel_remotely()
+        return True
+
+    def soft_stop(self) -> None:
+        """Stop fetching; running jobs go on to the end. Not a checkpoint."""
+        self._fetch_scope.cancel()
+
+    def hard_stop(self) -> None:
+        """Stop fetching and cancel every running job. Not a checkpoint."""
+        self._hard_stop = True
+        self._fetch_scope.cancel()
+        if self._jobs_scope is not None:
+            self._jobs_scope.cancel()
+
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Fetch and run jobs until stopped; return when every job it started has
+        handed its outcome to the completer."""
+        async with trio.open_nursery() as jobs:
+            self._jobs_scope = jobs.cancel_scope
+            if self._hard_stop:
+                jobs.cancel_scope.cancel()
+            task_status.started()
+            with self._fetch_scope:
+                await self._fetch_loop(jobs)
+
+    async def _fetch_loop(self, jobs: trio.Nursery) -> None:
+        last_fetch = -math.inf
+        backoff = 0.1
+        while True:
+            free = self.max_workers - len(self._running)
+            if free > 0:
+                wait = last_fetch + self.fetch_cooldown - trio.current_time()
+                if wait > 0:
+                    await trio.sleep(wait)
+                    free = self.max_workers - len(self._running)
+            if free > 0:
+                self._wake = trio.Event()
+                last_fetch = trio.current_time()
+                try:
+                    rows = await self._fetch(free)
+                except DatabaseError as exc:
+                    log.warning(
+                        "fetching from queue %r failed, retrying in %.1f s: %s",
+                        self.queue,
+                        backoff,
+                        exc,
+                    )
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, self.fetch_poll_interval * 5)
+                    continue
+                backoff = 0.1
+                self._fetches += 1
+                self._fetched += len(rows)
+                self._last_fetch_full = len(rows) == free
+                # No checkpoint between the fetch and starting the tasks: every claimed
+                # job gets its task, so it always reports an outcome.
+                for row in sorted(rows, key=lambda r: (r[5], r[12], r[0])):
+                    job = row_to_job(row, None)
+                    handle = JobHandle()
+                    self._running[job.id] = handle
+                    jobs.start_soon(self._run_job, job, handle, name=f"trioqueue job {job.id}")
+                if self._last_fetch_full and len(self._running) < self.max_workers:
+                    continue
+            poll = self.fetch_poll_interval * random.uniform(1.0, 1.1)
+            with trio.move_on_after(poll) as waited:
+                await self._wake.wait()
+            if waited.cancelled_caught and self.check_cancels and self._running:
+                await self._poll_cancels()
+
+    async def _fetch(self, limit: int) -> list[Row]:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + FETCH_DEADLINE
+            return await self.driver.job_get_available(
+                self.queue, self.now(), limit, self.client_id
+            )
+        raise DatabaseError(
+            f"fetching from queue {self.queue!r}",
+            TimeoutError(f"no answer within {FETCH_DEADLINE} s"),
+        )
+
+    async def _poll_cancels(self) -> None:
+        try:
+            ids = await self.driver.job_cancel_requested(list(self._running))
+        except DatabaseError as exc:
+            log.warning("checking for cancel requests failed: %s", exc)
+            return
+        for job_id in ids:
+            self.cancel_job(job_id)
+
+    async def _run_job(self, job: Job[Any], handle: JobHandle) -> None:
+        try:
+            finished = await self.executor.execute(job, handle)
+            await self.completer.complete(finished)
+        finally:
+            del self._running[job.id]
+            if self._last_fetch_full:
+                self._wake.set()

@@ -1,0 +1,198 @@
+"""The whole nursery tree of a running client, in one place (DESIGN §1).
+
+```
+Runtime.run
+└── nursery "services"
+    ├── notifier         one LISTEN connection → callbacks (unless poll_only)
+    ├── scheduler        due scheduled/retryable jobs → available
+    ├── stop watcher     soft_stop_timeout → hard stop
+    └── dispatcher       receives event batches from the completer, fans out
+        └── nursery "completion"
+            ├── completer    outcomes → batched writes → events
+            └── nursery "work"
+                └── producer per queue → one task per running job
+```
+
+Every channel points outward: the completer's event channel is closed only when the
+completion nursery is done, and the completer is closed only when the work nursery is done,
+so nothing can be sent to a receiver that has stopped reading, and shutdown cannot hang on a
+full channel. Soft stop cancels the producers' fetch scopes; hard stop also cancels their
+job nurseries, and each cancelled job hands back an "interrupted" outcome first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, final
+
+import attrs
+import trio
+
+from .._maintenance.scheduler import Scheduler, SchedulerConfig
+from ..config import ClientConfig, QueueConfig
+from ..driver.protocol import CONTROL_CHANNEL, INSERT_CHANNEL, LEADERSHIP_CHANNEL, Driver
+from ..events import Event, EventKind
+from ..workers import Workers
+from .completer import Completer
+from .dispatcher import Dispatcher
+from .executor import Executor
+from .notifier import Notifier
+from .producer import Producer
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("trioqueue.runtime")
+
+EVENT_CHANNEL_SIZE = 1024
+"""Batches of events in flight from the completer to the dispatcher."""
+
+
+@final
+@attrs.define(eq=False)
+class Runtime:
+    """The working part of a client with queues. Build it, ``await nursery.start(rt.run)``,
+    and stop it with :meth:`soft_stop` / :meth:`hard_stop`."""
+
+    driver: Driver
+    config: ClientConfig
+    workers: Workers
+    queues: Mapping[str, QueueConfig]
+    now: Callable[[], datetime]
+    dispatcher: Dispatcher = attrs.field(factory=Dispatcher, init=False)
+    producers: dict[str, Producer] = attrs.field(factory=dict, init=False)
+    notifier: Notifier | None = attrs.field(default=None, init=False)
+    completer: Completer | None = attrs.field(default=None, init=False)
+    done: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _hard: bool = attrs.field(default=False, init=False)
+
+    def _args_type_for(self, kind: str) -> type[Any] | None:
+        entry = self.workers.get(kind)
+        return entry.args_type if entry is not None else None
+
+    def soft_stop(self) -> None:
+        """Stop fetching; let running jobs finish. Idempotent, not a checkpoint."""
+        for producer in self.producers.values():
+            producer.soft_stop()
+        self._stopping.set()
+
+    def hard_stop(self) -> None:
+        """Stop fetching and cancel running jobs (they go back to ``available``)."""
+        self._hard = True
+        for producer in self.producers.values():
+            producer.hard_stop()
+        self._stopping.set()
+
+    def cancel_running_job(self, job_id: int, queue: str | None = None) -> bool:
+        """Cancel a job this client runs; False if it does not run it."""
+        producers = [self.producers[queue]] if queue in self.producers else self.producers.values()
+        return any(p.cancel_job(job_id) for p in producers)
+
+    def queue_changed(self, action: str, queue: str) -> None:
+        """A queue was paused or resumed (seen through a control message)."""
+        if queue not in self.producers:
+            return
+        kind = EventKind.QUEUE_PAUSED if action == "pause" else EventKind.QUEUE_RESUMED
+        self.dispatcher.publish([Event(kind, queue=queue)])
+        if action == "resume":
+            self.producers[queue].wake()
+
+    def _on_insert(self, payload: dict[str, Any]) -> None:
+        producer = self.producers.get(str(payload.get("queue")))
+        if producer is not None:
+            producer.wake()
+
+    def _on_control(self, payload: dict[str, Any]) -> None:
+        action = payload.get("action")
+        if action == "cancel":
+            job_id = payload.get("job_id")
+            if isinstance(job_id, int):
+                self.cancel_running_job(job_id, payload.get("queue"))
+        elif action in ("pause", "resume"):
+            self.queue_changed(str(action), str(payload.get("queue")))
+
+    def _wake_all(self) -> None:
+        for producer in self.producers.values():
+            producer.wake()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the tree until stopped. Reports started once every producer runs.
+
+        On cancellation from outside: a hard stop, with the final writes shielded for up
+        to ``shutdown_timeout`` seconds.
+        """
+        try:
+            async with trio.open_nursery() as services:
+                if not self.config.poll_only:
+                    self.notifier = Notifier(
+                        self.driver, [INSERT_CHANNEL, CONTROL_CHANNEL, LEADERSHIP_CHANNEL]
+                    )
+                    self.notifier.subscribe(INSERT_CHANNEL, self._on_insert)
+                    self.notifier.subscribe(CONTROL_CHANNEL, self._on_control)
+                    self.notifier.on_connect(self._wake_all)
+                    await services.start(self.notifier.run)
+                scheduler = Scheduler(
+                    self.driver, self.now, SchedulerConfig(interval=self.config.scheduler_interval)
+                )
+                services.start_soon(scheduler.run)
+                services.start_soon(self._stop_watcher)
+                await self._run_dispatch(task_status)
+                services.cancel_scope.cancel()
+        finally:
+            self.done.set()
+
+    async def _stop_watcher(self) -> None:
+        await self._stopping.wait()
+        if self.config.soft_stop_timeout is not None and not self._hard:
+            await trio.sleep(self.config.soft_stop_timeout)
+            log.info("soft_stop_timeout passed: cancelling running jobs")
+            self.hard_stop()
+
+    async def _run_dispatch(self, task_status: trio.TaskStatus[None]) -> None:
+        event_send, event_receive = trio.open_memory_channel[list[Event]](EVENT_CHANNEL_SIZE)
+        async with trio.open_nursery() as dispatch:
+            dispatch.start_soon(
+                self.dispatcher.run, event_receive, self.config.shutdown_timeout
+            )
+            self.completer = Completer(
+                self.driver,
+                self.now,
+                event_send,
+                self._args_type_for,
+                self.config.shutdown_timeout,
+            )
+            async with trio.open_nursery() as completion:
+                completion.start_soon(self.completer.run)
+                try:
+                    await self._run_work(task_status)
+                finally:
+                    self.completer.close()
+
+    async def _run_work(self, task_status: trio.TaskStatus[None]) -> None:
+        assert self.completer is not None
+        executor = Executor(self.workers, self.config, self.completer, self.now)
+        for name, queue_config in self.queues.items():
+            self.producers[name] = Producer(
+                queue=name,
+                max_workers=queue_config.max_workers,
+                driver=self.driver,
+                client_id=self.config.id,
+                executor=executor,
+                completer=self.completer,
+                now=self.now,
+                fetch_cooldown=self.config.fetch_cooldown,
+                fetch_poll_interval=self.config.fetch_poll_interval,
+                check_cancels=self.config.poll_only,
+            )
+        for name in self.producers:
+            await self.driver.queue_upsert(name, self.now())
+        async with trio.open_nursery() as work:
+            for producer in self.producers.values():
+                await work.start(producer.run)
+            if self._hard:
+                self.hard_stop()
+            elif self._stopping.is_set():
+                self.soft_stop()
+            task_status.started()

@@ -1,0 +1,472 @@
+"""The client: ``open_client`` and everything an application does with its queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar, final
+
+import psycopg
+import trio
+
+from ._codec import (
+    args_to_dict,
+    dumps,
+    row_to_job,
+    sorted_args_json,
+    unique_key,
+    unique_states_bits,
+)
+from ._runtime.dispatcher import Subscription
+from ._runtime.notifier import NotifyLimiter
+from ._runtime.tree import Runtime
+from .config import ClientConfig, QueueConfig, validate_queues
+from .driver.postgres import open_pool
+from .driver.postgres.driver import PostgresDriver
+from .driver.protocol import Driver, JobInsertParams, Row
+from .errors import (
+    DatabaseError,
+    JobNotFoundError,
+    JobRunningError,
+    TrioqueueError,
+    UnknownJobKindError,
+    ValidationError,
+)
+from .events import EventKind
+from .job import (
+    InsertOpts,
+    Job,
+    JobInsertResult,
+    JobListParams,
+    JobListResult,
+    JobState,
+    validate_queue_name,
+)
+from .transaction import Transaction
+from .workers import Workers, args_kind
+
+__all__ = ["Client", "open_client"]
+
+log = logging.getLogger("trioqueue.client")
+
+A = TypeVar("A")
+
+InsertItem = Any
+"""An args object, or an ``(args, InsertOpts | None)`` pair."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@final
+class Client:
+    """A connection to the job queue; made by :func:`open_client`, never directly.
+
+    Every method that talks to the database is a checkpoint. Unless it says otherwise, a
+    method cancelled part-way has either fully happened or not at all (each runs as one
+    statement or one transaction).
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        config: ClientConfig,
+        workers: Workers | None,
+        queues: Mapping[str, QueueConfig],
+        now: Callable[[], datetime],
+    ) -> None:
+        self._driver = driver
+        self._config = config
+        self._workers = workers
+        self._queues = dict(queues)
+        self._now = now
+        self._notify_limiter = NotifyLimiter(config.fetch_cooldown)
+        self._runtime: Runtime | None = None
+        if queues:
+            assert workers is not None
+            self._runtime = Runtime(driver, config, workers, self._queues, now)
+
+    def __repr__(self) -> str:
+        return f"<trioqueue.Client id={self._config.id!r} queues={sorted(self._queues)!r}>"
+
+    @property
+    def id(self) -> str:
+        return self._config.id
+
+    @property
+    def config(self) -> ClientConfig:
+        return self._config
+
+    @property
+    def driver(self) -> Driver:
+        return self._driver
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this client runs the maintenance services. Always False until leader
+        election exists; every client then runs the scheduler."""
+        return False
+
+    # ---------------------------------------------------------------- inserting
+
+    def _args_type(self, kind: str) -> type[Any] | None:
+        if self._workers is None:
+            return None
+        entry = self._workers.get(kind)
+        return entry.args_type if entry is not None else None
+
+    def _job(self, row: Row) -> Job[Any]:
+        return row_to_job(row, self._args_type(row[1]))
+
+    def _params(self, item: InsertItem, now: datetime) -> JobInsertParams:
+        if isinstance(item, tuple):
+            if len(item) != 2:
+                raise ValidationError("jobs", "each item must be args or an (args, opts) pair")
+            args, opts = item
+        else:
+            args, opts = item, None
+        kind = args_kind(type(args))
+        if self._workers is not None and len(self._workers) and self._workers.get(kind) is None:
+            raise UnknownJobKindError(kind)
+        if opts is None:
+            own = getattr(args, "insert_opts", None)
+            opts = own() if callable(own) else InsertOpts()
+        if not isinstance(opts, InsertOpts):
+            raise ValidationError("opts", "must be an InsertOpts")
+        args_dict = args_to_dict(args)
+        try:
+            args_json = dumps(args_dict)
+            metadata_json = dumps(dict(opts.metadata or {}))
+        except (TypeError, ValueError) as exc:
+            raise ValidationError("args", f"must be JSON-serialisable: {exc}") from None
+        scheduled_at = opts.scheduled_at.astimezone(UTC) if opts.scheduled_at else now
+        if opts.pending:
+            state = JobState.PENDING
+        elif scheduled_at > now:
+            state = JobState.SCHEDULED
+        else:
+            state = JobState.AVAILABLE
+        key = states = None
+        if opts.unique is not None:
+            sorted_json = sorted_args_json(args) if opts.unique.by_args else None
+            key = unique_key(kind, sorted_json, opts, opts.unique, now)
+            states = unique_states_bits(opts.unique.states)
+        return JobInsertParams(
+            args_json=args_json,
+            kind=kind,
+            max_attempts=opts.max_attempts or self._config.max_attempts,
+            metadata_json=metadata_json,
+            priority=opts.priority,
+            queue=opts.queue,
+            scheduled_at=scheduled_at,
+            state=state,
+            tags=tuple(opts.tags),
+            unique_key=key,
+            unique_states=states,
+        )
+
+    def _prepare(self, items: Sequence[InsertItem]) -> tuple[list[JobInsertParams], datetime]:
+        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+            raise ValidationError("jobs", "must be a list of args or (args, opts) pairs")
+        if not items:
+            raise ValidationError("jobs", "insert_many needs at least one job")
+        now = self._now()
+        return [self._params(item, now) for item in items], now
+
+    def _notify_queues(self, params: Iterable[JobInsertParams]) -> list[str]:
+        queues = sorted({p.queue for p in params if p.state is JobState.AVAILABLE})
+        return self._notify_limiter.take(queues) if queues else []
+
+    async def _insert_many(
+        self, items: Sequence[InsertItem], tx: Transaction | None
+    ) -> list[JobInsertResult[Any]]:
+        params, now = self._prepare(items)
+        # Two jobs of one batch with the same unique key: only the first is inserted.
+        first_of_key: dict[bytes, int] = {}
+        to_insert: list[JobInsertParams] = []
+        slots: list[int] = []
+        for p in params:
+            if p.unique_key is not None and p.unique_key in first_of_key:
+                slots.append(-1 - first_of_key[p.unique_key])
+                continue
+            if p.unique_key is not None:
+                first_of_key[p.unique_key] = len(to_insert)
+            slots.append(len(to_insert))
+            to_insert.append(p)
+        rows = await self._driver.job_insert_many(
+            to_insert,
+            self._notify_queues(to_insert),
+            now,
+            ex=tx.connection if tx is not None else None,
+        )
+        results: list[JobInsertResult[Any]] = []
+        for slot in slots:
+            if slot >= 0:
+                row, skipped = rows[slot]
+                results.append(JobInsertResult(self._job(row), skipped))
+            else:
+                row, _ = rows[-1 - slot]
+                results.append(JobInsertResult(self._job(row), True))
+        return results
+
+    async def insert(self, args: Any, opts: InsertOpts | None = None) -> JobInsertResult[Any]:
+        """Insert one job. A unique duplicate returns the existing job, flagged.
+
+        Raises ValidationError (nothing written) for bad input; DatabaseError on failure.
+        """
+        return (await self._insert_many([(args, opts)], None))[0]
+
+    async def insert_tx(
+        self, tx: Transaction, args: Any, opts: InsertOpts | None = None
+    ) -> JobInsertResult[Any]:
+        """Insert one job inside ``tx``: it exists only if ``tx`` commits."""
+        return (await self._insert_many([(args, opts)], tx))[0]
+
+    async def insert_many(self, jobs: Sequence[InsertItem]) -> list[JobInsertResult[Any]]:
+        """Insert a batch in one statement; results are in input order."""
+        return await self._insert_many(jobs, None)
+
+    async def insert_many_tx(
+        self, tx: Transaction, jobs: Sequence[InsertItem]
+    ) -> list[JobInsertResult[Any]]:
+        """Insert a batch inside ``tx``."""
+        return await self._insert_many(jobs, tx)
+
+    async def _insert_fast(self, jobs: Sequence[InsertItem], tx: Transaction | None) -> int:
+        params, now = self._prepare(jobs)
+        return await self._driver.job_insert_fast(
+            params,
+            self._notify_queues(params),
+            now,
+            ex=tx.connection if tx is not None else None,
+        )
+
+    async def insert_many_fast(self, jobs: Sequence[InsertItem]) -> int:
+        """Insert a batch with COPY, the fastest way; returns how many were inserted.
+
+        No jobs come back. A unique job that collides with a live one fails the whole
+        batch with DatabaseError (nothing is inserted); use ``insert_many`` for batches
+        of unique jobs.
+        """
+        return await self._insert_fast(jobs, None)
+
+    async def insert_many_fast_tx(self, tx: Transaction, jobs: Sequence[InsertItem]) -> int:
+        """``insert_many_fast`` inside ``tx``."""
+        return await self._insert_fast(jobs, tx)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Open a transaction on a pooled connection for the block.
+
+        Commits when the block exits normally; rolls back (shielded, with a deadline) on
+        an exception or cancellation.
+        """
+        async with self._driver.transaction() as conn:
+            yield Transaction(conn)
+
+    # ---------------------------------------------------------------- managing jobs
+
+    @staticmethod
+    def _check_id(job_id: object) -> int:
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise ValidationError("job_id", "must be an integer")
+        return job_id
+
+    async def job_get(self, job_id: int) -> Job[Any]:
+        """The job with this id. Raises JobNotFoundError."""
+        row = await self._driver.job_get(self._check_id(job_id))
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return self._job(row)
+
+    async def job_get_tx(self, tx: Transaction, job_id: int) -> Job[Any]:
+        row = await self._driver.job_get(self._check_id(job_id), ex=tx.connection)
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return self._job(row)
+
+    async def job_list(self, params: JobListParams | None = None) -> JobListResult:
+        """One page of jobs matching ``params``, ordered by id."""
+        params = params or JobListParams()
+        if not isinstance(params, JobListParams):
+            raise ValidationError("params", "must be a JobListParams")
+        rows = await self._driver.job_list(params)
+        jobs = [self._job(r) for r in rows]
+        return JobListResult(jobs, jobs[-1].id if jobs else None)
+
+    async def job_cancel(self, job_id: int) -> Job[Any]:
+        """Cancel a job. Queued jobs become ``cancelled`` now; a running job is cancelled
+        by the client running it (its worker's scope is cancelled) and ends
+        ``cancelled``; a finalized job is returned unchanged. Raises JobNotFoundError."""
+        row = await self._driver.job_cancel(self._check_id(job_id), self._now())
+        if row is None:
+            raise JobNotFoundError(job_id)
+        job = self._job(row)
+        if job.state is JobState.RUNNING and self._runtime is not None:
+            self._runtime.cancel_running_job(job.id, job.queue)
+        return job
+
+    async def job_retry(self, job_id: int) -> Job[Any]:
+        """Make a job available to run now (a running job is left alone and returned).
+        A job that used all its attempts gets one more. Raises JobNotFoundError."""
+        row = await self._driver.job_retry(self._check_id(job_id), self._now())
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return self._job(row)
+
+    async def job_delete(self, job_id: int) -> Job[Any]:
+        """Delete a job; returns it as it was. Raises JobNotFoundError, or
+        JobRunningError for a running job."""
+        row = await self._driver.job_delete(self._check_id(job_id))
+        if row is None:
+            state = await self._driver.job_state(job_id)
+            if state is None:
+                raise JobNotFoundError(job_id)
+            raise JobRunningError(job_id, "delete")
+        return self._job(row)
+
+    # ---------------------------------------------------------------- queues
+
+    def _check_queue(self, name: object) -> str:
+        if name == "*":
+            return "*"
+        return validate_queue_name("queue", name)
+
+    async def queue_pause(self, name: str) -> None:
+        """Pause a queue (``"*"``: every known queue): no client fetches from it until it
+        is resumed. Running jobs carry on. Survives restarts."""
+        changed = await self._driver.queue_pause(self._check_queue(name), self._now())
+        if self._runtime is not None and self._config.poll_only:
+            for queue in changed:
+                self._runtime.queue_changed("pause", queue)
+
+    async def queue_resume(self, name: str) -> None:
+        """Resume a paused queue (``"*"``: every paused queue)."""
+        changed = await self._driver.queue_resume(self._check_queue(name), self._now())
+        if self._runtime is not None and self._config.poll_only:
+            for queue in changed:
+                self._runtime.queue_changed("resume", queue)
+
+    # ---------------------------------------------------------------- events and stopping
+
+    @asynccontextmanager
+    async def subscribe(self, *kinds: EventKind, buffer: int = 1000) -> AsyncIterator[Subscription]:
+        """Receive events of ``kinds`` for the block, as an async iterator that ends when
+        the client stops. A full buffer drops events for this subscriber only (counted in
+        ``subscription.dropped``); the client never waits for a subscriber."""
+        if self._runtime is None:
+            raise TrioqueueError("an insert-only client (no queues) has no events to subscribe to")
+        async with self._runtime.dispatcher.subscribe(kinds, buffer) as sub:
+            yield sub
+
+    async def stop(self, *, cancel: bool = False) -> None:
+        """Stop working jobs and wait until the client has stopped.
+
+        Soft stop: no more fetching, running jobs finish, outcomes are written,
+        subscriptions end. ``cancel=True`` (hard stop): running jobs are cancelled and go
+        back to ``available``. The client can still insert and manage jobs afterwards,
+        until its ``async with`` block ends. If this call is cancelled, the stop goes on.
+        """
+        if self._runtime is None:
+            await trio.lowlevel.checkpoint()
+            return
+        if cancel:
+            self._runtime.hard_stop()
+        else:
+            self._runtime.soft_stop()
+        await self._runtime.done.wait()
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters of the running parts, for logs and dashboards."""
+        rt = self._runtime
+        if rt is None:
+            return {}
+        return {
+            "producers": {q: p.statistics() for q, p in rt.producers.items()},
+            "completer": rt.completer.statistics() if rt.completer else None,
+            "dispatcher": rt.dispatcher.statistics(),
+        }
+
+
+@asynccontextmanager
+async def open_client(
+    database_url: str | None = None,
+    *,
+    workers: Workers | None = None,
+    queues: Mapping[str, QueueConfig] | None = None,
+    **config: Any,
+) -> AsyncIterator[Client]:
+    """Open a client for the block; with ``queues`` it also works jobs until the block ends.
+
+    ``database_url`` ``None`` means ``$TRIOQUEUE_DATABASE_URL``, else a private PostgreSQL
+    server started for the block (and migrated). Leaving the block is a soft stop (running
+    jobs finish); cancellation from outside is a hard stop whose final writes are shielded
+    for up to ``shutdown_timeout`` seconds. Config errors raise ValidationError before
+    anything starts.
+    """
+    cfg = ClientConfig(**config)
+    queue_configs = validate_queues(queues)
+    if workers is not None and not isinstance(workers, Workers):
+        raise ValidationError("workers", "must be a trioqueue.Workers")
+    if queue_configs and (workers is None or not len(workers)):
+        raise ValidationError("workers", "a client with queues needs at least one worker")
+
+    from .embedded import open_embedded_server, resolve_database_url
+
+    url = resolve_database_url(database_url)
+    if url is None:
+        async with open_embedded_server() as embedded_url:
+            from .migrations import migrate
+
+            await migrate(embedded_url)
+            async with _open(embedded_url, cfg, workers, queue_configs) as client:
+                yield client
+        return
+    async with _open(url, cfg, workers, queue_configs) as client:
+        yield client
+
+
+@asynccontextmanager
+async def _open(
+    url: str,
+    cfg: ClientConfig,
+    workers: Workers | None,
+    queues: Mapping[str, QueueConfig],
+) -> AsyncIterator[Client]:
+    from .migrations import latest_version, schema_version
+
+    pool_size = int(os.environ.get("TRIOQUEUE_POOL_SIZE", "0")) or 8 + 2 * len(queues)
+    try:
+        pool_cm = open_pool(url, max_size=pool_size)
+        pool = await pool_cm.__aenter__()
+    except psycopg.Error as exc:
+        raise DatabaseError("connecting to the database", exc) from exc
+    try:
+        driver = PostgresDriver(pool, url)
+        try:
+            async with pool.acquire() as conn:
+                version = await schema_version(conn)
+        except psycopg.Error as exc:
+            raise DatabaseError("checking the schema version", exc) from exc
+        if version < latest_version():
+            raise TrioqueueError(
+                f"the database schema is at version {version}, this trioqueue needs "
+                f"{latest_version()}: run `trioqueue migrate` (or `await trioqueue.migrate(url)`)"
+            )
+        client = Client(driver, cfg, workers, queues, _utc_now)
+        if client._runtime is None:
+            yield client
+            return
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._runtime.run)
+            try:
+                yield client
+            finally:
+                client._runtime.soft_stop()
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool_cm.__aexit__(None, None, None)

@@ -1,0 +1,158 @@
+"""Client and queue configuration, validated when built (River's defaults)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, final
+
+import attrs
+
+from .errors import ErrorHandlerResult, ValidationError
+from .job import Job, validate_queue_name
+
+__all__ = ["ClientConfig", "ErrorHandler", "QueueConfig", "RetryPolicy", "default_client_id"]
+
+RetryPolicy = Callable[[Job[Any]], float]
+ErrorHandler = Callable[
+    [Job[Any], BaseException],
+    "ErrorHandlerResult | None | Awaitable[ErrorHandlerResult | None]",
+]
+
+MAX_WORKERS_LIMIT = 10_000
+
+
+def _positive(field: str, value: object, *, allow_none: bool = False, minimum: float = 0) -> None:
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= minimum
+    ):
+        rule = f"must be a number greater than {minimum:g}"
+        raise ValidationError(field, rule + (" or None" if allow_none else ""))
+
+
+@final
+@attrs.frozen
+class QueueConfig:
+    """How one queue is worked by this client: at most ``max_workers`` jobs at once."""
+
+    max_workers: int = 100
+
+    def __attrs_post_init__(self) -> None:
+        if (
+            isinstance(self.max_workers, bool)
+            or not isinstance(self.max_workers, int)
+            or not 1 <= self.max_workers <= MAX_WORKERS_LIMIT
+        ):
+            raise ValidationError(
+                "QueueConfig.max_workers", f"must be an integer from 1 to {MAX_WORKERS_LIMIT}"
+            )
+
+
+def default_client_id() -> str:
+    """``<hostname>_<UTC start time>``, like River's."""
+    host = socket.gethostname().replace(".", "_")[:60]
+    return f"{host}_{datetime.now(UTC).strftime('%Y_%m_%dT%H_%M_%S_%f')}"
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    """Every keyword option of ``open_client`` other than workers and queues.
+
+    Times are seconds. See the README's configuration table for what each one does.
+    """
+
+    id: str = attrs.field(factory=default_client_id)
+    job_timeout: float | None = 60.0
+    max_attempts: int = 25
+    retry_policy: RetryPolicy | None = None
+    fetch_cooldown: float = 0.1
+    fetch_poll_interval: float = 1.0
+    poll_only: bool = False
+    scheduler_interval: float = 5.0
+    rescuer_interval: float = 30.0
+    rescue_stuck_jobs_after: float = 3600.0
+    cleaner_interval: float = 30.0
+    completed_job_retention: float | None = 86400.0
+    cancelled_job_retention: float | None = 86400.0
+    discarded_job_retention: float | None = 604800.0
+    leader_interval: float = 5.0
+    periodic_jobs: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    error_handler: ErrorHandler | None = None
+    soft_stop_timeout: float | None = None
+    shutdown_timeout: float = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.id, str) or not 1 <= len(self.id) <= 100:
+            raise ValidationError("id", "must be a string of 1-100 characters")
+        _positive("job_timeout", self.job_timeout, allow_none=True)
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or not 1 <= self.max_attempts <= 32767
+        ):
+            raise ValidationError("max_attempts", "must be an integer from 1 to 32767")
+        if self.retry_policy is not None and not callable(self.retry_policy):
+            raise ValidationError("retry_policy", "must be a function (job) -> seconds")
+        _positive("fetch_cooldown", self.fetch_cooldown, minimum=0.0009)
+        _positive("fetch_poll_interval", self.fetch_poll_interval, minimum=0.0099)
+        if self.fetch_poll_interval < self.fetch_cooldown:
+            raise ValidationError("fetch_poll_interval", "must be at least fetch_cooldown")
+        for name in (
+            "scheduler_interval",
+            "rescuer_interval",
+            "rescue_stuck_jobs_after",
+            "cleaner_interval",
+            "leader_interval",
+            "shutdown_timeout",
+        ):
+            _positive(name, getattr(self, name))
+        for name in (
+            "completed_job_retention",
+            "cancelled_job_retention",
+            "discarded_job_retention",
+            "soft_stop_timeout",
+        ):
+            _positive(name, getattr(self, name), allow_none=True)
+        if self.error_handler is not None and not callable(self.error_handler):
+            raise ValidationError("error_handler", "must be a function (job, exception)")
+        if self.periodic_jobs:
+            raise ValidationError(
+                "periodic_jobs",
+                "periodic jobs need leader election, which this version does not have yet",
+            )
+
+
+def validate_queues(queues: Mapping[str, QueueConfig] | None) -> dict[str, QueueConfig]:
+    """Check the ``queues`` argument of ``open_client``."""
+    if queues is None:
+        return {}
+    if not isinstance(queues, Mapping):
+        raise ValidationError("queues", "must be a mapping of queue name to QueueConfig")
+    result: dict[str, QueueConfig] = {}
+    for name, cfg in queues.items():
+        validate_queue_name("queues", name)
+        if not isinstance(cfg, QueueConfig):
+            raise ValidationError(f"queues[{name!r}]", "must be a QueueConfig")
+        result[name] = cfg
+    return result
+
+
+async def call_error_handler(
+    handler: ErrorHandler, job: Job[Any], exc: BaseException
+) -> ErrorHandlerResult | None:
+    """Call a sync or async error handler; its own failures are the caller's to log."""
+    result = handler(job, exc)
+    if inspect.isawaitable(result):
+        result = await result
+    if result is not None and not isinstance(result, ErrorHandlerResult):
+        return None
+    return result

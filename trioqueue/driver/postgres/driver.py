@@ -1,0 +1,315 @@
+"""The PostgreSQL driver: the Driver protocol over a pool of trio-native connections."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
+from typing import Any, final
+
+import psycopg
+import trio
+
+from ...errors import DatabaseError
+from ...job import JobListParams
+from ..protocol import (
+    CONTROL_CHANNEL,
+    JobInsertParams,
+    JobOutcome,
+    Notification,
+    Row,
+)
+from .connection import PgConnection
+from .pool import PgPool
+from .queries import QUERIES
+
+__all__ = ["PgListener", "PostgresDriver"]
+
+_INSERT_COLUMNS = (
+    "args, kind, max_attempts, metadata, priority, queue, scheduled_at, state, tags, "
+    "unique_key, unique_states, created_at"
+)
+
+
+@contextmanager
+def _wrapped(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise DatabaseError(doing, exc) from exc
+
+
+def _insert_arrays(params: Sequence[JobInsertParams]) -> list[Any]:
+    return [
+        [p.args_json for p in params],
+        [p.kind for p in params],
+        [p.max_attempts for p in params],
+        [p.metadata_json for p in params],
+        [p.priority for p in params],
+        [p.queue for p in params],
+        [p.scheduled_at for p in params],
+        [p.state.value for p in params],
+        [",".join(p.tags) for p in params],
+        [p.unique_key for p in params],
+        [p.unique_states for p in params],
+    ]
+
+
+@final
+class PgListener:
+    """A LISTEN connection of its own (never from the pool)."""
+
+    def __init__(self, conn: PgConnection) -> None:
+        self._conn = conn
+
+    async def wait(self) -> list[Notification]:
+        with _wrapped("waiting for notifications"):
+            notes = await self._conn.wait_notifies()
+        return [Notification(n.channel, n.payload) for n in notes]
+
+
+@final
+class PostgresDriver:
+    """Every storage operation trioqueue needs, as one SQL statement where possible.
+
+    Operations that take ``ex`` run on that connection (the caller's transaction);
+    otherwise they borrow a pooled connection for the one statement. Cancellation of an
+    operation cancels its statement on the server; a statement outside a transaction is
+    then either fully applied or not at all.
+    """
+
+    def __init__(self, pool: PgPool, conninfo: str) -> None:
+        self._pool = pool
+        self._conninfo = conninfo
+
+    @property
+    def pool(self) -> PgPool:
+        return self._pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PgConnection]:
+        async with self._pool.acquire() as conn:
+            with _wrapped("running a transaction"):
+                async with conn.transaction():
+                    yield conn
+
+    async def _fetch(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> list[Row]:
+        with _wrapped(doing):
+            if ex is not None:
+                return await ex.fetch(QUERIES[name], params)  # type: ignore[no-any-return]
+            return await self._pool.fetch(QUERIES[name], params)
+
+    async def _fetchrow(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> Row | None:
+        rows = await self._fetch(doing, name, params, ex)
+        return rows[0] if rows else None
+
+    async def job_insert_many(
+        self,
+        params: Sequence[JobInsertParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> list[tuple[Row, bool]]:
+        args = [*_insert_arrays(params), now, list(notify_queues)]
+        rows = await self._fetch("inserting jobs", "job_insert_many", args, ex)
+        if len(rows) != len(params):
+            raise DatabaseError(
+                "inserting jobs",
+                RuntimeError(f"expected {len(params)} rows back, got {len(rows)}"),
+            )
+        return [(r[:16], bool(r[16])) for r in rows]
+
+    async def job_insert_fast(
+        self,
+        params: Sequence[JobInsertParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> int:
+        rows = (
+            (
+                p.args_json,
+                p.kind,
+                p.max_attempts,
+                p.metadata_json,
+                p.priority,
+                p.queue,
+                p.scheduled_at,
+                p.state.value,
+                list(p.tags),
+                p.unique_key,
+                p.unique_states,
+                now,
+            )
+            for p in params
+        )
+        query = f"COPY tq_job ({_INSERT_COLUMNS}) FROM STDIN"
+
+        async def run(conn: PgConnection) -> int:
+            count = await conn.copy_in(query, rows)
+            if notify_queues:
+                await conn.execute(QUERIES["job_notify_insert"], [list(notify_queues)])
+            return count
+
+        with _wrapped("inserting jobs with COPY"):
+            if ex is not None:
+                return await run(ex)
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await run(conn)
+
+    async def job_get_available(
+        self, queue: str, now: datetime, limit: int, client_id: str
+    ) -> list[Row]:
+        return await self._fetch(
+            f"fetching jobs of queue {queue!r}",
+            "job_get_available",
+            [queue, now, limit, client_id],
+            None,
+        )
+
+    async def job_set_state_if_running_many(
+        self, outcomes: Sequence[JobOutcome], now: datetime
+    ) -> list[Row]:
+        args = [
+            [o.id for o in outcomes],
+            [o.state.value for o in outcomes],
+            [o.finalized_at for o in outcomes],
+            [o.scheduled_at for o in outcomes],
+            [o.give_back_attempt for o in outcomes],
+            [o.error_json for o in outcomes],
+            [o.metadata_json for o in outcomes],
+            now,
+        ]
+        return await self._fetch(
+            "writing job outcomes", "job_set_state_if_running_many", args, None
+        )
+
+    async def job_get(self, job_id: int, *, ex: Any = None) -> Row | None:
+        return await self._fetchrow(f"getting job {job_id}", "job_get", [job_id], ex)
+
+    async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[Row]:
+        args = [
+            list(params.ids) if params.ids is not None else None,
+            list(params.kinds) if params.kinds is not None else None,
+            list(params.queues) if params.queues is not None else None,
+            [s.value for s in params.states] if params.states is not None else None,
+            list(params.priorities) if params.priorities is not None else None,
+            list(params.tags) if params.tags is not None else None,
+            params.after,
+            params.limit,
+        ]
+        return await self._fetch("listing jobs", "job_list", args, ex)
+
+    async def job_cancel(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None:
+        doing = f"cancelling job {job_id}"
+
+        async def run(conn: PgConnection) -> Row | None:
+            row = await conn.fetchrow(QUERIES["job_cancel"], [job_id, now])
+            if row is None:
+                return await conn.fetchrow(QUERIES["job_get"], [job_id])
+            if row[4] == "running":
+                payload = json.dumps({"action": "cancel", "job_id": job_id, "queue": row[3]})
+                await conn.execute(QUERIES["notify_many"], [CONTROL_CHANNEL, [payload]])
+            return row
+
+        with _wrapped(doing):
+            if ex is not None:
+                return await run(ex)
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await run(conn)
+
+    async def job_retry(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None:
+        doing = f"retrying job {job_id}"
+
+        async def run(conn: PgConnection) -> Row | None:
+            row = await conn.fetchrow(QUERIES["job_retry"], [job_id, now])
+            if row is None:
+                return await conn.fetchrow(QUERIES["job_get"], [job_id])
+            await conn.execute(QUERIES["job_notify_insert"], [[row[3]]])
+            return row
+
+        with _wrapped(doing):
+            if ex is not None:
+                return await run(ex)
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await run(conn)
+
+    async def job_delete(self, job_id: int, *, ex: Any = None) -> Row | None:
+        return await self._fetchrow(f"deleting job {job_id}", "job_delete", [job_id], ex)
+
+    async def job_state(self, job_id: int, *, ex: Any = None) -> str | None:
+        row = await self._fetchrow(f"reading job {job_id}", "job_state", [job_id], ex)
+        return None if row is None else str(row[0])
+
+    async def job_cancel_requested(self, job_ids: Sequence[int]) -> list[int]:
+        rows = await self._fetch(
+            "checking for cancel requests", "job_cancel_requested", [list(job_ids)], None
+        )
+        return [int(r[0]) for r in rows]
+
+    async def job_schedule(self, horizon: datetime, now: datetime, limit: int) -> dict[str, int]:
+        rows = await self._fetch("scheduling due jobs", "job_schedule", [horizon, limit, now], None)
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def queue_upsert(self, name: str, now: datetime) -> bool:
+        row = await self._fetchrow(f"registering queue {name!r}", "queue_upsert", [name, now], None)
+        return bool(row and row[0])
+
+    async def _queue_change(
+        self, action: str, name: str, now: datetime, ex: Any
+    ) -> list[str]:
+        doing = f"{'pausing' if action == 'pause' else 'resuming'} queue {name!r}"
+
+        async def run(conn: PgConnection) -> list[str]:
+            if name == "*":
+                rows = await conn.fetch(QUERIES[f"queue_{action}_all"], [now])
+            else:
+                rows = await conn.fetch(QUERIES[f"queue_{action}"], [name, now])
+            names = [str(r[0]) for r in rows]
+            if names:
+                payloads = [json.dumps({"action": action, "queue": n}) for n in names]
+                await conn.execute(QUERIES["notify_many"], [CONTROL_CHANNEL, payloads])
+            return names
+
+        with _wrapped(doing):
+            if ex is not None:
+                return await run(ex)
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await run(conn)
+
+    async def queue_pause(self, name: str, now: datetime, *, ex: Any = None) -> list[str]:
+        return await self._queue_change("pause", name, now, ex)
+
+    async def queue_resume(self, name: str, now: datetime, *, ex: Any = None) -> list[str]:
+        return await self._queue_change("resume", name, now, ex)
+
+    async def queue_paused(self, names: Sequence[str]) -> set[str]:
+        rows = await self._fetch("reading queue state", "queue_paused", [list(names)], None)
+        return {str(r[0]) for r in rows}
+
+    async def notify_many(self, channel: str, payloads: Sequence[str]) -> None:
+        if payloads:
+            await self._fetch("sending notifications", "notify_many", [channel, list(payloads)], None)
+
+    @asynccontextmanager
+    async def open_listener(self, channels: Sequence[str]) -> AsyncIterator[PgListener]:
+        with _wrapped("opening the LISTEN connection"):
+            conn = await PgConnection.connect(self._conninfo)
+        try:
+            with _wrapped("subscribing to notifications"):
+                for channel in channels:
+                    await conn.listen(channel)
+            yield PgListener(conn)
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    async def ping(self) -> None:
+        with _wrapped("checking the database connection"):
+            await self._pool.fetchval("SELECT 1")
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()

@@ -1,0 +1,210 @@
+-- Job queries. Every job-returning query lists the columns in this order:
+-- id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
+-- attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+-- `now` is always a parameter (the client's clock), never the database's now().
+
+-- name: job_insert_many
+-- One statement for a whole batch: parallel arrays unnested into rows. A row whose unique
+-- key collides with a live job returns that job, flagged as skipped. Insert notifications
+-- for the queues in $13 go out when the surrounding transaction commits.
+WITH notified AS (
+    SELECT count(pg_notify('tq_insert', json_build_object('queue', q)::text)) AS n
+    FROM unnest($13::text[]) AS q
+),
+inserted AS (
+    INSERT INTO tq_job (args, kind, max_attempts, metadata, priority, queue, scheduled_at,
+                        state, tags, unique_key, unique_states, created_at)
+    SELECT i.args::jsonb, i.kind, i.max_attempts, i.metadata::jsonb, i.priority, i.queue,
+           i.scheduled_at, i.state::tq_job_state,
+           CASE WHEN i.tags = '' THEN '{}'::varchar(255)[]
+                ELSE string_to_array(i.tags, ',')::varchar(255)[] END,
+           i.unique_key, i.unique_states::bit(8), $12
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::smallint[],
+                $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[],
+                $11::text[])
+         AS i(args, kind, max_attempts, metadata, priority, queue, scheduled_at, state, tags,
+              unique_key, unique_states)
+    ON CONFLICT (unique_key)
+        WHERE unique_key IS NOT NULL
+          AND unique_states IS NOT NULL
+          AND tq_job_state_in_bitmask(unique_states, state)
+        DO UPDATE SET kind = EXCLUDED.kind
+    RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts,
+              attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
+              metadata, tags, (xmax <> 0) AS skipped
+)
+SELECT inserted.*, (SELECT n FROM notified) AS notified FROM inserted;
+
+-- name: job_notify_insert
+SELECT count(pg_notify('tq_insert', json_build_object('queue', q)::text))
+FROM unnest($1::text[]) AS q;
+
+-- name: job_get_available
+-- Claim up to $3 available jobs of queue $1 that are due at $2, in priority order, skipping
+-- rows other clients hold, unless the queue is paused. One statement, so a claim is atomic.
+WITH locked AS (
+    SELECT id
+    FROM tq_job
+    WHERE state = 'available'
+      AND queue = $1
+      AND scheduled_at <= $2
+      AND NOT EXISTS (SELECT 1 FROM tq_queue WHERE name = $1 AND paused_at IS NOT NULL)
+    ORDER BY priority, scheduled_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tq_job j
+SET state = 'running',
+    attempt = j.attempt + 1,
+    attempted_at = $2,
+    attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98, 1):] || $4::text
+FROM locked
+WHERE j.id = locked.id
+RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
+          j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
+          j.errors, j.metadata, j.tags;
+
+-- name: job_set_state_if_running_many
+-- Write a batch of outcomes. Only rows still `running` change. A job whose cancellation was
+-- requested while it ran ends `cancelled` instead of going back to be retried or snoozed.
+-- SET expressions read the row as locked, so a cancel request that lands first is seen.
+UPDATE tq_job j
+SET state = CASE WHEN j.metadata ? 'cancel_attempted_at'
+                      AND i.state IN ('retryable', 'scheduled', 'available')
+                 THEN 'cancelled'::tq_job_state
+                 ELSE i.state::tq_job_state END,
+    finalized_at = CASE WHEN j.metadata ? 'cancel_attempted_at'
+                             AND i.state IN ('retryable', 'scheduled', 'available')
+                        THEN $8 ELSE i.finalized_at END,
+    scheduled_at = coalesce(i.scheduled_at, j.scheduled_at),
+    attempt = CASE WHEN i.give_back_attempt THEN greatest(j.attempt - 1, 0)
+                   ELSE j.attempt END,
+    errors = CASE WHEN i.error IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(i.error::jsonb) END,
+    metadata = CASE WHEN i.metadata IS NULL THEN j.metadata
+                    ELSE j.metadata || i.metadata::jsonb END
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+            $5::boolean[], $6::text[], $7::text[])
+     AS i(id, state, finalized_at, scheduled_at, give_back_attempt, error, metadata)
+WHERE j.id = i.id
+  AND j.state = 'running'
+RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
+          j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
+          j.errors, j.metadata, j.tags;
+
+-- name: job_get
+SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+FROM tq_job
+WHERE id = $1;
+
+-- name: job_list
+-- Every filter is optional: a NULL array means "any". Ordered by id for cursor paging.
+SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+FROM tq_job
+WHERE ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
+  AND ($2::text[] IS NULL OR kind = ANY($2::text[]))
+  AND ($3::text[] IS NULL OR queue = ANY($3::text[]))
+  AND ($4::text[] IS NULL OR state = ANY($4::text[]::tq_job_state[]))
+  AND ($5::smallint[] IS NULL OR priority = ANY($5::smallint[]))
+  AND ($6::text[] IS NULL OR tags @> $6::text[]::varchar(255)[])
+  AND ($7::bigint IS NULL OR id > $7::bigint)
+ORDER BY id
+LIMIT $8;
+
+-- name: job_cancel
+-- Queued jobs are cancelled at once; a running job is marked so that its owner cancels it
+-- (the caller then sends a control notification); finalized jobs are left as they are.
+UPDATE tq_job
+SET state = CASE WHEN state = 'running' THEN state ELSE 'cancelled'::tq_job_state END,
+    finalized_at = CASE WHEN state = 'running' THEN NULL ELSE $2 END,
+    metadata = CASE WHEN state = 'running'
+                    THEN metadata || jsonb_build_object('cancel_attempted_at', $2::timestamptz)
+                    ELSE metadata END
+WHERE id = $1
+  AND state NOT IN ('cancelled', 'completed', 'discarded')
+RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
+          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags;
+
+-- name: job_retry
+-- Make a job available now. A running job is left alone. A job out of attempts gets one more.
+UPDATE tq_job
+SET state = 'available',
+    finalized_at = NULL,
+    scheduled_at = CASE WHEN state = 'available' AND scheduled_at < $2 THEN scheduled_at
+                        ELSE $2 END,
+    max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END,
+    metadata = metadata - 'cancel_attempted_at'
+WHERE id = $1
+  AND state <> 'running'
+RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
+          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags;
+
+-- name: job_delete
+DELETE FROM tq_job
+WHERE id = $1
+  AND state <> 'running'
+RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
+          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags;
+
+-- name: job_state
+SELECT state::text FROM tq_job WHERE id = $1;
+
+-- name: job_cancel_requested
+-- Which of these running jobs has somebody asked to cancel? (The poll-mode path.)
+SELECT id
+FROM tq_job
+WHERE id = ANY($1::bigint[])
+  AND state = 'running'
+  AND metadata ? 'cancel_attempted_at';
+
+-- name: job_schedule
+-- Move due scheduled/retryable jobs (due by $1) to available, at most $2 of them, and return
+-- how many became available per queue. A job whose unique key is taken by another live job
+-- (or by an earlier job of the same batch) is discarded instead, with the reason in metadata.
+WITH due AS (
+    SELECT id, unique_key, unique_states, priority, scheduled_at
+    FROM tq_job
+    WHERE state IN ('retryable', 'scheduled')
+      AND scheduled_at <= $1
+    ORDER BY priority, scheduled_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+),
+ranked AS (
+    SELECT id, unique_key, unique_states,
+           row_number() OVER (PARTITION BY unique_key ORDER BY priority, scheduled_at, id) AS rn
+    FROM due
+    WHERE unique_key IS NOT NULL AND unique_states IS NOT NULL
+      AND tq_job_state_in_bitmask(unique_states, 'available')
+),
+conflicting AS (
+    SELECT r.id
+    FROM ranked r
+    WHERE r.rn > 1
+       OR EXISTS (
+           SELECT 1 FROM tq_job o
+           WHERE o.unique_key = r.unique_key
+             AND o.id <> r.id
+             AND o.unique_states IS NOT NULL
+             AND tq_job_state_in_bitmask(o.unique_states, o.state)
+       )
+),
+updated AS (
+    UPDATE tq_job j
+    SET state = CASE WHEN c.id IS NULL THEN 'available'::tq_job_state
+                     ELSE 'discarded'::tq_job_state END,
+        finalized_at = CASE WHEN c.id IS NULL THEN NULL ELSE $3::timestamptz END,
+        metadata = CASE WHEN c.id IS NULL THEN j.metadata
+                        ELSE j.metadata || '{"unique_key_conflict": "scheduler_discarded"}'
+                   END
+    FROM due
+    LEFT JOIN conflicting c ON c.id = due.id
+    WHERE j.id = due.id
+    RETURNING j.queue, j.state
+)
+SELECT queue, count(*)::int
+FROM updated
+WHERE state = 'available'
+GROUP BY queue;

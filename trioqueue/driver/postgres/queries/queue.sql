@@ -1,0 +1,39 @@
+-- Queue queries. A queue row exists once a producer has run it or somebody paused it.
+
+-- name: queue_upsert
+-- A producer announces its queue; returns whether the queue is paused.
+INSERT INTO tq_queue (name, created_at, updated_at)
+VALUES ($1, $2, $2)
+ON CONFLICT (name) DO UPDATE SET updated_at = EXCLUDED.updated_at
+RETURNING paused_at IS NOT NULL;
+
+-- name: queue_pause
+-- Pause one queue, creating its row if need be; returns its name if it was not paused yet.
+INSERT INTO tq_queue (name, created_at, updated_at, paused_at)
+VALUES ($1, $2, $2, $2)
+ON CONFLICT (name) DO UPDATE
+    SET paused_at = coalesce(tq_queue.paused_at, EXCLUDED.paused_at),
+        updated_at = EXCLUDED.updated_at
+RETURNING name;
+
+-- name: queue_pause_all
+UPDATE tq_queue SET paused_at = $1, updated_at = $1
+WHERE paused_at IS NULL
+RETURNING name;
+
+-- name: queue_resume
+UPDATE tq_queue SET paused_at = NULL, updated_at = $2
+WHERE name = $1
+RETURNING name;
+
+-- name: queue_resume_all
+UPDATE tq_queue SET paused_at = NULL, updated_at = $1
+WHERE paused_at IS NOT NULL
+RETURNING name;
+
+-- name: queue_paused
+-- Which of these queues are paused?
+SELECT name FROM tq_queue WHERE name = ANY($1::text[]) AND paused_at IS NOT NULL;
+
+-- name: notify_many
+SELECT count(pg_notify($1, p)) FROM unnest($2::text[]) AS p;

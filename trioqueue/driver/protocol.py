@@ -1,0 +1,134 @@
+"""The seam between the runtime and storage: named operations, no SQL.
+
+Runtime code and the client call only these methods. A driver raises
+``trioqueue.DatabaseError`` (naming the operation) for storage failures. This protocol is
+internal and may change between releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any, Protocol
+
+import attrs
+
+from ..job import JobListParams, JobState
+
+__all__ = ["Driver", "JobInsertParams", "JobOutcome", "Listener", "Notification", "Row"]
+
+Row = tuple[Any, ...]
+"""A job row: id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
+attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags."""
+
+INSERT_CHANNEL = "tq_insert"
+CONTROL_CHANNEL = "tq_control"
+LEADERSHIP_CHANNEL = "tq_leadership"
+
+
+@attrs.frozen
+class JobInsertParams:
+    """One job to insert, with every default already applied and JSON already encoded."""
+
+    args_json: str
+    kind: str
+    max_attempts: int
+    metadata_json: str
+    priority: int
+    queue: str
+    scheduled_at: datetime
+    state: JobState
+    tags: tuple[str, ...]
+    unique_key: bytes | None
+    unique_states: str | None
+
+
+@attrs.frozen
+class JobOutcome:
+    """What a finished run does to its job row (applied only while the row is running)."""
+
+    id: int
+    state: JobState
+    finalized_at: datetime | None
+    scheduled_at: datetime | None
+    give_back_attempt: bool
+    error_json: str | None
+    metadata_json: str | None
+
+
+@attrs.frozen
+class Notification:
+    channel: str
+    payload: str
+
+
+class Listener(Protocol):
+    async def wait(self) -> list[Notification]:
+        """Wait for at least one notification; return all that are pending."""
+        ...
+
+
+class Driver(Protocol):
+    """Storage operations. ``ex`` is an executor from :meth:`transaction` (the operation
+    then runs inside that transaction), or ``None`` to run on its own."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+
+    async def job_insert_many(
+        self,
+        params: Sequence[JobInsertParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> list[tuple[Row, bool]]: ...
+
+    async def job_insert_fast(
+        self,
+        params: Sequence[JobInsertParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> int: ...
+
+    async def job_get_available(
+        self, queue: str, now: datetime, limit: int, client_id: str
+    ) -> list[Row]: ...
+
+    async def job_set_state_if_running_many(
+        self, outcomes: Sequence[JobOutcome], now: datetime
+    ) -> list[Row]: ...
+
+    async def job_get(self, job_id: int, *, ex: Any = None) -> Row | None: ...
+
+    async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[Row]: ...
+
+    async def job_cancel(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None: ...
+
+    async def job_retry(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None: ...
+
+    async def job_delete(self, job_id: int, *, ex: Any = None) -> Row | None: ...
+
+    async def job_state(self, job_id: int, *, ex: Any = None) -> str | None: ...
+
+    async def job_cancel_requested(self, job_ids: Sequence[int]) -> list[int]: ...
+
+    async def job_schedule(self, horizon: datetime, now: datetime, limit: int) -> dict[str, int]: ...
+
+    async def queue_upsert(self, name: str, now: datetime) -> bool: ...
+
+    async def queue_pause(self, name: str, now: datetime, *, ex: Any = None) -> list[str]: ...
+
+    async def queue_resume(self, name: str, now: datetime, *, ex: Any = None) -> list[str]: ...
+
+    async def queue_paused(self, names: Sequence[str]) -> set[str]: ...
+
+    async def notify_many(self, channel: str, payloads: Sequence[str]) -> None: ...
+
+    def open_listener(self, channels: Sequence[str]) -> AbstractAsyncContextManager[Listener]: ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...

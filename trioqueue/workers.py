@@ -1,0 +1,117 @@
+"""The worker registry: which async function works which args type."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Generic, TypeVar, final
+
+import attrs
+
+from .errors import ValidationError
+from .job import Job, validate_kind
+
+__all__ = ["DEFAULT_TIMEOUT", "WorkerEntry", "Workers", "args_kind"]
+
+A = TypeVar("A")
+
+WorkFn = Callable[[Job[A]], Awaitable[None]]
+NextRetryFn = Callable[[Job[Any]], float]
+
+
+@final
+class _DefaultTimeout:
+    def __repr__(self) -> str:
+        return "DEFAULT_TIMEOUT"
+
+
+DEFAULT_TIMEOUT: Final = _DefaultTimeout()
+"""A worker's timeout when none is given: the client's ``job_timeout``."""
+
+
+def args_kind(args_type: type[Any]) -> str:
+    """The ``kind`` class attribute of an args type, validated."""
+    kind = getattr(args_type, "kind", None)
+    if kind is None:
+        raise ValidationError(
+            "kind", f"{args_type!r} has no `kind` class attribute (kind: ClassVar[str] = ...)"
+        )
+    return validate_kind(kind)
+
+
+@final
+@attrs.frozen
+class WorkerEntry(Generic[A]):
+    """A registered worker: its args type, function and per-worker settings."""
+
+    args_type: type[A]
+    fn: WorkFn[A]
+    timeout: float | None | _DefaultTimeout = DEFAULT_TIMEOUT
+    next_retry: NextRetryFn | None = None
+
+    @property
+    def kind(self) -> str:
+        return args_kind(self.args_type)
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is DEFAULT_TIMEOUT or timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ValidationError("timeout", "must be a positive number of seconds or None")
+
+
+@final
+class Workers:
+    """Maps job kinds to workers. Register with :meth:`add` or the :meth:`worker` decorator."""
+
+    def __init__(self) -> None:
+        self._by_kind: dict[str, WorkerEntry[Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"Workers({sorted(self._by_kind)!r})"
+
+    def add(
+        self,
+        args_type: type[A],
+        fn: WorkFn[A],
+        *,
+        timeout: float | None | _DefaultTimeout = DEFAULT_TIMEOUT,
+        next_retry: NextRetryFn | None = None,
+    ) -> None:
+        """Register ``fn`` to work jobs of ``args_type``.
+
+        ``timeout`` overrides the client's ``job_timeout`` (``None``: no timeout);
+        ``next_retry(job)`` returns seconds until the retry, overriding the client's policy.
+        Raises ValidationError for a bad kind or timeout, or a kind registered twice.
+        """
+        kind = args_kind(args_type)
+        _check_timeout(timeout)
+        if not callable(fn):
+            raise ValidationError("fn", "the worker must be an async function")
+        if kind in self._by_kind:
+            raise ValidationError("kind", f"a worker for kind {kind!r} is already registered")
+        self._by_kind[kind] = WorkerEntry(args_type, fn, timeout, next_retry)
+
+    def worker(
+        self,
+        args_type: type[A],
+        *,
+        timeout: float | None | _DefaultTimeout = DEFAULT_TIMEOUT,
+        next_retry: NextRetryFn | None = None,
+    ) -> Callable[[WorkFn[A]], WorkFn[A]]:
+        """Decorator form of :meth:`add`; returns the function unchanged."""
+
+        def register(fn: WorkFn[A]) -> WorkFn[A]:
+            self.add(args_type, fn, timeout=timeout, next_retry=next_retry)
+            return fn
+
+        return register
+
+    def get(self, kind: str) -> WorkerEntry[Any] | None:
+        return self._by_kind.get(kind)
+
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self._by_kind)
+
+    def __len__(self) -> int:
+        return len(self._by_kind)
