@@ -19,7 +19,7 @@ __all__ = ["ClientConfig", "ErrorHandler", "QueueConfig", "RetryPolicy", "defaul
 RetryPolicy = Callable[[Job[Any]], float]
 ErrorHandler = Callable[
     [Job[Any], BaseException],
-    "ErrorHandlerResult | None | Awaitable[ErrorHandlerResult | None]",
+    "ErrorHandlerResult | Awaitable[ErrorHandlerResult | None] | None",
 ]
 
 MAX_WORKERS_LIMIT = 10_000

@@ -72,12 +72,12 @@ class DatabaseError(TrioqueueError):
 
 
 @final
-class JobCancel(Exception):  # noqa: N818 - the name is the public contract
+class JobCancel(Exception):
     """Raise from a worker to cancel its job for good, whatever attempts remain."""
 
 
 @final
-class JobSnooze(Exception):  # noqa: N818 - the name is the public contract
+class JobSnooze(Exception):
     """Raise from a worker to run the job again after ``seconds``, without using an attempt."""
 
     def __init__(self, seconds: float) -> None:

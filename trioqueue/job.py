@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Generic, TypeVar, final
 
@@ -146,6 +146,15 @@ _REQUIRED_UNIQUE_STATES = frozenset(
 DEFAULT_UNIQUE_STATES = frozenset(JobState) - {JobState.CANCELLED, JobState.DISCARDED}
 
 
+def _state_set(value: Iterable[JobState | str] | None) -> frozenset[JobState] | None:
+    if value is None:
+        return None
+    try:
+        return frozenset(JobState(s) for s in value)
+    except (TypeError, ValueError):
+        raise ValidationError("UniqueOpts.by_state", "must be JobState values") from None
+
+
 @final
 @attrs.frozen
 class UniqueOpts:
@@ -158,10 +167,7 @@ class UniqueOpts:
     by_args: bool = False
     by_period: float | None = None
     by_queue: bool = False
-    by_state: frozenset[JobState] | None = attrs.field(
-        default=None,
-        converter=lambda v: None if v is None else frozenset(JobState(s) for s in v),
-    )
+    by_state: frozenset[JobState] | None = attrs.field(default=None, converter=_state_set)
 
     def __attrs_post_init__(self) -> None:
         if self.by_period is not None and (
@@ -255,7 +261,9 @@ class JobListParams:
             or not 1 <= self.limit <= MAX_LIST_LIMIT
         ):
             raise ValidationError("JobListParams.limit", f"must be from 1 to {MAX_LIST_LIMIT}")
-        if self.after is not None and (isinstance(self.after, bool) or not isinstance(self.after, int)):
+        if self.after is not None and (
+            isinstance(self.after, bool) or not isinstance(self.after, int)
+        ):
             raise ValidationError("JobListParams.after", "must be a cursor from last_cursor")
         if self.ids is not None and not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.ids

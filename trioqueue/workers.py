@@ -45,7 +45,7 @@ class WorkerEntry(Generic[A]):
 
     args_type: type[A]
     fn: WorkFn[A]
-    timeout: float | None | _DefaultTimeout = DEFAULT_TIMEOUT
+    timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT
     next_retry: NextRetryFn | None = None
 
     @property
@@ -75,7 +75,7 @@ class Workers:
         args_type: type[A],
         fn: WorkFn[A],
         *,
-        timeout: float | None | _DefaultTimeout = DEFAULT_TIMEOUT,
+        timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT,
         next_retry: NextRetryFn | None = None,
     ) -> None:
         """Register ``fn`` to work jobs of ``args_type``.
@@ -96,7 +96,7 @@ class Workers:
         self,
         args_type: type[A],
         *,
-        timeout: float | None | _DefaultTimeout = DEFAULT_TIMEOUT,
+        timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT,
         next_retry: NextRetryFn | None = None,
     ) -> Callable[[WorkFn[A]], WorkFn[A]]:
         """Decorator form of :meth:`add`; returns the function unchanged."""

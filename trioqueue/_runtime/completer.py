@@ -18,9 +18,9 @@ import attrs
 import trio
 
 from .._codec import row_to_job
+from ..driver.protocol import Driver, JobOutcome
 from ..errors import DatabaseError
 from ..events import Event, EventKind
-from ..driver.protocol import Driver, JobOutcome
 
 __all__ = ["Completer", "CompleterStatistics", "Finished"]
 
@@ -217,4 +217,3 @@ class Completer:
                 self.events.send_nowait(events)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 log.warning("event dispatcher not keeping up: %d events dropped", len(events))
-

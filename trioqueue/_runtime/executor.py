@@ -112,7 +112,9 @@ class Executor:
                     else:
                         result = JobTimeoutError(f"job timed out after {timeout} s")
                 failure = result
-            return await self._decide(job, entry, done, failure, trio.current_time() - start, handle)
+            return await self._decide(
+                job, entry, done, failure, trio.current_time() - start, handle
+            )
         except BaseException:
             self.completer.complete_nowait(self.interrupted(job, start), force=True)
             raise

@@ -153,9 +153,7 @@ class Runtime:
     async def _run_dispatch(self, task_status: trio.TaskStatus[None]) -> None:
         event_send, event_receive = trio.open_memory_channel[list[Event]](EVENT_CHANNEL_SIZE)
         async with trio.open_nursery() as dispatch:
-            dispatch.start_soon(
-                self.dispatcher.run, event_receive, self.config.shutdown_timeout
-            )
+            dispatch.start_soon(self.dispatcher.run, event_receive, self.config.shutdown_timeout)
             self.completer = Completer(
                 self.driver,
                 self.now,

@@ -122,7 +122,8 @@ async def migrate_connection(
         raise ValidationError("direction", "must be 'up' or 'down'")
     available = migrations()
     if target_version is not None and (
-        target_version < 0 or (target_version > 0 and target_version not in {m.version for m in available})
+        target_version < 0
+        or (target_version > 0 and target_version not in {m.version for m in available})
     ):
         raise ValidationError("target_version", f"no migration {target_version}")
     done: list[int] = []
@@ -149,7 +150,9 @@ async def migrate_connection(
                 if floor is not None and migration.version <= floor:
                     break
                 await conn.execute_script(migration.down)
-                await conn.execute("DELETE FROM tq_migration WHERE version = $1", [migration.version])
+                await conn.execute(
+                    "DELETE FROM tq_migration WHERE version = $1", [migration.version]
+                )
         done.append(migration.version)
         if direction == "down" and target_version is None:
             break

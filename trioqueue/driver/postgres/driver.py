@@ -258,9 +258,7 @@ class PostgresDriver:
         row = await self._fetchrow(f"registering queue {name!r}", "queue_upsert", [name, now], None)
         return bool(row and row[0])
 
-    async def _queue_change(
-        self, action: str, name: str, now: datetime, ex: Any
-    ) -> list[str]:
+    async def _queue_change(self, action: str, name: str, now: datetime, ex: Any) -> list[str]:
         doing = f"{'pausing' if action == 'pause' else 'resuming'} queue {name!r}"
 
         async def run(conn: PgConnection) -> list[str]:
@@ -292,7 +290,9 @@ class PostgresDriver:
 
     async def notify_many(self, channel: str, payloads: Sequence[str]) -> None:
         if payloads:
-            await self._fetch("sending notifications", "notify_many", [channel, list(payloads)], None)
+            await self._fetch(
+                "sending notifications", "notify_many", [channel, list(payloads)], None
+            )
 
     @asynccontextmanager
     async def open_listener(self, channels: Sequence[str]) -> AsyncIterator[PgListener]:
