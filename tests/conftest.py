@@ -1,0 +1,149 @@
+"""Test database fixtures (DESIGN.md §5).
+
+Tests talk to a real PostgreSQL server: ``$TRIOQUEUE_TEST_DATABASE_URL`` when set, otherwise a
+temporary embedded server started once for the session.  On that server the session creates one
+migrated *template* database; every test that asks for ``database_url`` gets its own copy
+(``CREATE DATABASE ... TEMPLATE``), dropped afterwards, so tests never see each other's rows.
+
+All fixtures here are sync: pytest-trio only allows function-scoped async fixtures, and a
+session-scoped server must outlive every test's ``trio.run``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import urllib.parse
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import trio
+from psycopg import sql
+
+from trioqueue.embedded import DATABASE_URL_ENV, EmbeddedServer
+
+TEST_DATABASE_URL_ENV = "TRIOQUEUE_TEST_DATABASE_URL"
+
+# pid + random: unique across concurrent sessions (xdist workers, CI jobs sharing a server)
+# and across a crashed session's leftovers.
+_SESSION_TAG = f"{os.getpid()}_{secrets.token_hex(3)}"
+_database_numbers = itertools.count()
+
+
+def _external_url() -> str | None:
+    return os.environ.get(TEST_DATABASE_URL_ENV) or None
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    """``url`` (a URL or a ``key=value`` conninfo) pointing at database ``dbname`` instead."""
+    if url.startswith(("postgresql://", "postgres://")):
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(dbname)))
+    return psycopg.conninfo.make_conninfo(url, dbname=dbname)
+
+
+def _admin(url: str, *statements: sql.Composed) -> None:
+    """Run statements on their own autocommit connection (CREATE/DROP DATABASE need that)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def _create_database(server_url: str, name: str, template: str | None) -> str:
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        statement = sql.SQL("{} TEMPLATE {}").format(statement, sql.Identifier(template))
+    _admin(server_url, statement)
+    return with_dbname(server_url, name)
+
+
+def _drop_database(server_url: str, name: str) -> None:
+    # FORCE (PostgreSQL 13+) disconnects whatever the test left connected.
+    _admin(
+        server_url,
+        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _external_url() is not None:
+        return f"trioqueue tests use ${TEST_DATABASE_URL_ENV}"
+    return "trioqueue tests use a temporary embedded PostgreSQL server"
+
+
+@pytest.fixture(autouse=True)
+def _no_user_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Code under test must never fall back to the developer's own $TRIOQUEUE_DATABASE_URL."""
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[EmbeddedServer | None]:
+    """The session's embedded server, or None when ``$TRIOQUEUE_TEST_DATABASE_URL`` is set.
+
+    For fault tests (``restart()``); most tests want ``database_url``.
+    """
+    if _external_url() is not None:
+        yield None
+        return
+    with EmbeddedServer(temporary=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(pg_server: EmbeddedServer | None) -> str:
+    """A URL on the test server with rights to create databases (its own database: hands off)."""
+    external = _external_url()
+    if external is not None:
+        return external
+    assert pg_server is not None
+    return pg_server.url
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server_url: str) -> Iterator[str]:
+    """Name of a database migrated to the latest schema, used only as a template.
+
+    After migrating, connections to it are disallowed and any left are terminated, because
+    CREATE DATABASE ... TEMPLATE fails while the template has connections.
+    """
+    from trioqueue.migrations import migrate
+
+    name = f"tq_tpl_{_SESSION_TAG}"
+    url = _create_database(pg_server_url, name, template=None)
+    try:
+        trio.run(migrate, url)
+        _admin(
+            pg_server_url,
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(name)),
+            sql.SQL(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {}"
+            ).format(sql.Literal(name)),
+        )
+        yield name
+    finally:
+        _drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
+    """URL of a fresh, migrated database for this test alone; dropped afterwards."""
+    name = f"tq_t_{_SESSION_TAG}_{next(_database_numbers)}"
+    url = _create_database(pg_server_url, name, template=template_database)
+    try:
+        yield url
+    finally:
+        _drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+def empty_database_url(pg_server_url: str) -> Iterator[str]:
+    """URL of a fresh database with no trioqueue schema (for migration tests); dropped after."""
+    name = f"tq_e_{_SESSION_TAG}_{next(_database_numbers)}"
+    url = _create_database(pg_server_url, name, template="template0")
+    try:
+        yield url
+    finally:
+        _drop_database(pg_server_url, name)
