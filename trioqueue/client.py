@@ -140,9 +140,14 @@ class Client:
         args_dict = args_to_dict(args)
         try:
             args_json = dumps(args_dict)
-            metadata_json = dumps(dict(opts.metadata or {}))
         except (TypeError, ValueError) as exc:
             raise ValidationError("args", f"must be JSON-serialisable: {exc}") from None
+        try:
+            metadata_json = dumps(dict(opts.metadata or {}))
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(
+                "InsertOpts.metadata", f"must be JSON-serialisable: {exc}"
+            ) from None
         scheduled_at = opts.scheduled_at.astimezone(UTC) if opts.scheduled_at else now
         if opts.pending:
             state = JobState.PENDING
