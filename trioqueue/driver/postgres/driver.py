@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
-from typing import Any, final
+from typing import Any, TypeVar, final
 
 import psycopg
 import trio
@@ -25,6 +25,8 @@ from .pool import PgPool
 from .queries import QUERIES
 
 __all__ = ["PgListener", "PostgresDriver"]
+
+T = TypeVar("T")
 
 _INSERT_COLUMNS = (
     "args, kind, max_attempts, metadata, priority, queue, scheduled_at, state, tags, "
@@ -94,6 +96,16 @@ class PostgresDriver:
                 async with conn.transaction():
                     yield conn
 
+    async def _in_transaction(
+        self, doing: str, run: Callable[[PgConnection], Awaitable[T]], ex: Any
+    ) -> T:
+        """``run(conn)`` inside ``ex``'s transaction, or else a transaction of its own."""
+        with _wrapped(doing):
+            if ex is not None:
+                return await run(ex)
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await run(conn)
+
     async def _fetch(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> list[Row]:
         with _wrapped(doing):
             if ex is not None:
@@ -154,11 +166,7 @@ class PostgresDriver:
                 await conn.execute(QUERIES["job_notify_insert"], [list(notify_queues)])
             return count
 
-        with _wrapped("inserting jobs with COPY"):
-            if ex is not None:
-                return await run(ex)
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await run(conn)
+        return await self._in_transaction("inserting jobs with COPY", run, ex)
 
     async def job_get_available(
         self, queue: str, now: datetime, limit: int, client_id: str
@@ -215,11 +223,7 @@ class PostgresDriver:
                 await conn.execute(QUERIES["notify_many"], [CONTROL_CHANNEL, [payload]])
             return row
 
-        with _wrapped(doing):
-            if ex is not None:
-                return await run(ex)
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await run(conn)
+        return await self._in_transaction(doing, run, ex)
 
     async def job_retry(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None:
         doing = f"retrying job {job_id}"
@@ -231,11 +235,7 @@ class PostgresDriver:
             await conn.execute(QUERIES["job_notify_insert"], [[row[3]]])
             return row
 
-        with _wrapped(doing):
-            if ex is not None:
-                return await run(ex)
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await run(conn)
+        return await self._in_transaction(doing, run, ex)
 
     async def job_delete(self, job_id: int, *, ex: Any = None) -> Row | None:
         return await self._fetchrow(f"deleting job {job_id}", "job_delete", [job_id], ex)
@@ -272,11 +272,7 @@ class PostgresDriver:
                 await conn.execute(QUERIES["notify_many"], [CONTROL_CHANNEL, payloads])
             return names
 
-        with _wrapped(doing):
-            if ex is not None:
-                return await run(ex)
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await run(conn)
+        return await self._in_transaction(doing, run, ex)
 
     async def queue_pause(self, name: str, now: datetime, *, ex: Any = None) -> list[str]:
         return await self._queue_change("pause", name, now, ex)
