@@ -107,9 +107,9 @@ class Client:
 
     @property
     def is_leader(self) -> bool:
-        """Whether this client runs the maintenance services. Always False until leader
-        election exists; every client then runs the scheduler."""
-        return False
+        """Whether this client is the leader, which runs the maintenance services
+        (scheduler, rescuer, cleaners). Insert-only clients never lead."""
+        return self._runtime is not None and self._runtime.is_leader
 
     # ---------------------------------------------------------------- inserting
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import final
 
 import attrs
-import trio
 
 from ..driver.protocol import INSERT_CHANNEL, Driver
-from ..errors import DatabaseError, ValidationError
+from ..errors import ValidationError
+from .loop import run_every
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerResult"]
 
@@ -66,17 +65,10 @@ class Scheduler:
                 payloads = [json.dumps({"queue": q}) for q in sorted(moved)]
                 await self.driver.notify_many(INSERT_CHANNEL, payloads)
             if sum(moved.values()) < self.config.batch_size:
+                if total:
+                    log.debug("scheduler made jobs available: %s", total)
                 return SchedulerResult(total)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self) -> None:
         """Run every ``interval`` (after a 0-1 s jitter) until cancelled."""
-        task_status.started()
-        await trio.sleep(random.uniform(0, min(1.0, self.config.interval)))
-        while True:
-            try:
-                result = await self.run_once()
-                if result.made_available:
-                    log.debug("scheduler made jobs available: %s", result.made_available)
-            except DatabaseError as exc:
-                log.warning("scheduler run failed: %s", exc)
-            await trio.sleep(self.config.interval)
+        await run_every(self.config.interval, self.run_once, "scheduler")

@@ -14,7 +14,7 @@ import attrs
 import trio
 
 from .._codec import decode_args, dumps
-from ..config import ClientConfig, call_error_handler
+from ..config import ClientConfig, RetryPolicy, call_error_handler
 from ..driver.protocol import JobOutcome
 from ..errors import JobCancel, JobSnooze
 from ..events import EventKind
@@ -22,7 +22,7 @@ from ..job import Job, JobState
 from ..workers import DEFAULT_TIMEOUT, WorkerEntry, Workers
 from .completer import Completer, Finished
 
-__all__ = ["Executor", "JobHandle", "default_retry_delay"]
+__all__ = ["Executor", "JobHandle", "default_retry_delay", "next_retry_delay"]
 
 log = logging.getLogger("trioqueue.executor")
 
@@ -31,6 +31,27 @@ def default_retry_delay(job: Job[Any]) -> float:
     """``(errors + 1) ** 4`` seconds, ±10% jitter; ``job.errors`` holds earlier errors."""
     base = float((len(job.errors) + 1) ** 4)
     return base * random.uniform(0.9, 1.1)
+
+
+MAX_RETRY_DELAY = 10 * 365 * 86400.0
+
+
+def next_retry_delay(
+    job: Job[Any], entry: WorkerEntry[Any] | None, retry_policy: RetryPolicy | None
+) -> float:
+    """Seconds until ``job``'s retry: the worker's ``next_retry``, else the client's
+    ``retry_policy``, else the default. A policy that raises or returns a negative or
+    non-finite number is logged and the default used instead."""
+    policy = (entry.next_retry if entry is not None else None) or retry_policy
+    if policy is not None:
+        try:
+            delay = float(policy(job))
+            if math.isfinite(delay) and delay >= 0:
+                return min(delay, MAX_RETRY_DELAY)
+            log.warning("retry policy gave %r for job %s; using the default", delay, job.id)
+        except Exception:
+            log.exception("retry policy raised for job %s; using the default", job.id)
+    return min(default_retry_delay(job), MAX_RETRY_DELAY)
 
 
 class JobTimeoutError(Exception):
@@ -197,7 +218,7 @@ class Executor:
                 EventKind.JOB_FAILED,
                 duration,
             )
-        delay = self._retry_delay(job, entry)
+        delay = next_retry_delay(job, entry, self.config.retry_policy)
         soon = delay <= self.config.scheduler_interval
         return Finished(
             JobOutcome(
@@ -212,15 +233,3 @@ class Executor:
             EventKind.JOB_FAILED,
             duration,
         )
-
-    def _retry_delay(self, job: Job[Any], entry: WorkerEntry[Any] | None) -> float:
-        policy = (entry.next_retry if entry is not None else None) or self.config.retry_policy
-        if policy is not None:
-            try:
-                delay = float(policy(job))
-                if math.isfinite(delay) and delay >= 0:
-                    return min(delay, 10 * 365 * 86400.0)
-                log.warning("retry policy gave %r for job %s; using the default", delay, job.id)
-            except Exception:
-                log.exception("retry policy raised for job %s; using the default", job.id)
-        return min(default_retry_delay(job), 10 * 365 * 86400.0)

@@ -4,7 +4,9 @@
 Runtime.run
 └── nursery "services"
     ├── notifier         one LISTEN connection → callbacks (unless poll_only)
-    ├── scheduler        due scheduled/retryable jobs → available
+    ├── elector          leader election; while leader, its nursery runs maintenance:
+    │   └── scheduler, rescuer, cleaner, queue cleaner
+    ├── queue keeper     re-announces our queues; in poll_only mode, polls pause state
     ├── stop watcher     soft_stop_timeout → hard stop
     └── dispatcher       receives event batches from the completer, fans out
         └── nursery "completion"
@@ -30,14 +32,19 @@ from typing import Any, final
 import attrs
 import trio
 
+from .._maintenance.cleaner import Cleaner, CleanerConfig, QueueCleaner
+from .._maintenance.elector import Elector
+from .._maintenance.rescuer import Rescuer, RescuerConfig
 from .._maintenance.scheduler import Scheduler, SchedulerConfig
 from ..config import ClientConfig, QueueConfig
 from ..driver.protocol import CONTROL_CHANNEL, INSERT_CHANNEL, LEADERSHIP_CHANNEL, Driver
+from ..errors import DatabaseError
 from ..events import Event, EventKind
+from ..job import Job
 from ..workers import Workers
 from .completer import Completer
 from .dispatcher import Dispatcher
-from .executor import Executor
+from .executor import Executor, next_retry_delay
 from .notifier import Notifier
 from .producer import Producer
 
@@ -47,6 +54,10 @@ log = logging.getLogger("trioqueue.runtime")
 
 EVENT_CHANNEL_SIZE = 1024
 """Batches of events in flight from the completer to the dispatcher."""
+
+QUEUE_ANNOUNCE_INTERVAL = 600.0
+"""Seconds between re-announcements of this client's queues (so the queue cleaner, which
+deletes rows not announced for a day, leaves them alone)."""
 
 
 @final
@@ -63,10 +74,12 @@ class Runtime:
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher, init=False)
     producers: dict[str, Producer] = attrs.field(factory=dict, init=False)
     notifier: Notifier | None = attrs.field(default=None, init=False)
+    elector: Elector | None = attrs.field(default=None, init=False)
     completer: Completer | None = attrs.field(default=None, init=False)
     done: trio.Event = attrs.field(factory=trio.Event, init=False)
     _stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     _hard: bool = attrs.field(default=False, init=False)
+    _paused: dict[str, bool] = attrs.field(factory=dict, init=False)
 
     def _args_type_for(self, kind: str) -> type[Any] | None:
         entry = self.workers.get(kind)
@@ -91,10 +104,13 @@ class Runtime:
         return any(p.cancel_job(job_id) for p in producers)
 
     def queue_changed(self, action: str, queue: str) -> None:
-        """A queue was paused or resumed (seen through a control message)."""
-        if queue not in self.producers:
+        """A queue was paused or resumed (seen through a control message or a poll).
+        Emits an event only when this client runs the queue and its state changed."""
+        paused = action == "pause"
+        if queue not in self.producers or self._paused.get(queue) == paused:
             return
-        kind = EventKind.QUEUE_PAUSED if action == "pause" else EventKind.QUEUE_RESUMED
+        self._paused[queue] = paused
+        kind = EventKind.QUEUE_PAUSED if paused else EventKind.QUEUE_RESUMED
         self.dispatcher.publish([Event(kind, queue=queue)])
         if action == "resume":
             self.producers[queue].wake()
@@ -112,6 +128,61 @@ class Runtime:
                 self.cancel_running_job(job_id, payload.get("queue"))
         elif action in ("pause", "resume"):
             self.queue_changed(str(action), str(payload.get("queue")))
+
+    @property
+    def is_leader(self) -> bool:
+        return self.elector is not None and self.elector.is_leader
+
+    def _retry_delay(self, job: Job[Any]) -> float:
+        return next_retry_delay(job, self.workers.get(job.kind), self.config.retry_policy)
+
+    def _maintenance_services(self) -> list[Callable[[], Any]]:
+        cfg = self.config
+        scheduler = Scheduler(
+            self.driver, self.now, SchedulerConfig(interval=cfg.scheduler_interval)
+        )
+        rescuer = Rescuer(
+            self.driver,
+            self.now,
+            self.workers,
+            self._retry_delay,
+            RescuerConfig(
+                interval=cfg.rescuer_interval,
+                rescue_after=cfg.rescue_stuck_jobs_after,
+                scheduler_interval=cfg.scheduler_interval,
+            ),
+        )
+        cleaner = Cleaner(
+            self.driver,
+            self.now,
+            CleanerConfig(
+                interval=cfg.cleaner_interval,
+                completed_retention=cfg.completed_job_retention,
+                cancelled_retention=cfg.cancelled_job_retention,
+                discarded_retention=cfg.discarded_job_retention,
+            ),
+        )
+        queue_cleaner = QueueCleaner(self.driver, self.now)
+        return [scheduler.run, rescuer.run, cleaner.run, queue_cleaner.run]
+
+    async def _queue_keeper(self) -> None:
+        """Re-announce our queues now and then; in poll_only mode also poll their pause
+        state, since no control notifications arrive."""
+        poll = max(self.config.fetch_poll_interval, 1.0)
+        announce_at = trio.current_time() + QUEUE_ANNOUNCE_INTERVAL
+        while True:
+            await trio.sleep(poll if self.config.poll_only else QUEUE_ANNOUNCE_INTERVAL)
+            try:
+                if trio.current_time() >= announce_at:
+                    announce_at = trio.current_time() + QUEUE_ANNOUNCE_INTERVAL
+                    for name in self.producers:
+                        await self.driver.queue_upsert(name, self.now())
+                if self.config.poll_only:
+                    paused = await self.driver.queue_paused(list(self.producers))
+                    for name in self.producers:
+                        self.queue_changed("pause" if name in paused else "resume", name)
+            except DatabaseError as exc:
+                log.warning("queue upkeep failed: %s", exc)
 
     def _wake_all(self) -> None:
         for producer in self.producers.values():
@@ -133,10 +204,17 @@ class Runtime:
                     self.notifier.subscribe(CONTROL_CHANNEL, self._on_control)
                     self.notifier.on_connect(self._wake_all)
                     await services.start(self.notifier.run)
-                scheduler = Scheduler(
-                    self.driver, self.now, SchedulerConfig(interval=self.config.scheduler_interval)
+                self.elector = Elector(
+                    self.driver,
+                    self.config.id,
+                    self.config.leader_interval,
+                    self.now,
+                    self._maintenance_services(),
                 )
-                services.start_soon(scheduler.run)
+                if self.notifier is not None:
+                    self.notifier.subscribe(LEADERSHIP_CHANNEL, self.elector.on_notification)
+                services.start_soon(self.elector.run)
+                services.start_soon(self._queue_keeper)
                 services.start_soon(self._stop_watcher)
                 await self._run_dispatch(task_status)
                 services.cancel_scope.cancel()
@@ -185,7 +263,7 @@ class Runtime:
                 check_cancels=self.config.poll_only,
             )
         for name in self.producers:
-            await self.driver.queue_upsert(name, self.now())
+            self._paused[name] = await self.driver.queue_upsert(name, self.now())
         async with trio.open_nursery() as work:
             for producer in self.producers.values():
                 await work.start(producer.run)

@@ -16,7 +16,15 @@ import attrs
 
 from ..job import JobListParams, JobState
 
-__all__ = ["Driver", "JobInsertParams", "JobOutcome", "Listener", "Notification", "Row"]
+__all__ = [
+    "Driver",
+    "JobInsertParams",
+    "JobOutcome",
+    "JobRescue",
+    "Listener",
+    "Notification",
+    "Row",
+]
 
 Row = tuple[Any, ...]
 """A job row: id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
@@ -55,6 +63,19 @@ class JobOutcome:
     give_back_attempt: bool
     error_json: str | None
     metadata_json: str | None
+
+
+@attrs.frozen
+class JobRescue:
+    """The rescuer's decision for one stuck job (applied only if it still runs the same
+    attempt, identified by ``attempted_at``)."""
+
+    id: int
+    state: JobState
+    finalized_at: datetime | None
+    scheduled_at: datetime | None
+    error_json: str
+    attempted_at: datetime
 
 
 @attrs.frozen
@@ -128,6 +149,24 @@ class Driver(Protocol):
     async def queue_paused(self, names: Sequence[str]) -> set[str]: ...
 
     async def notify_many(self, channel: str, payloads: Sequence[str]) -> None: ...
+
+    async def leader_attempt_elect(
+        self, leader_id: str, now: datetime, expires_at: datetime
+    ) -> bool: ...
+
+    async def leader_resign(self, leader_id: str) -> bool: ...
+
+    async def leader_get(self) -> tuple[str, datetime, datetime] | None: ...
+
+    async def job_get_stuck(self, attempted_before: datetime, limit: int) -> list[Row]: ...
+
+    async def job_rescue_many(self, rescues: Sequence[JobRescue]) -> list[tuple[int, str, str]]: ...
+
+    async def job_delete_finalized(
+        self, state: JobState, finalized_before: datetime, limit: int
+    ) -> int: ...
+
+    async def queue_delete_stale(self, updated_before: datetime) -> list[str]: ...
 
     def open_listener(self, channels: Sequence[str]) -> AbstractAsyncContextManager[Listener]: ...
 

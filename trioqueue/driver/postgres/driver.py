@@ -12,11 +12,12 @@ import psycopg
 import trio
 
 from ...errors import DatabaseError
-from ...job import JobListParams
+from ...job import JobListParams, JobState
 from ..protocol import (
     CONTROL_CHANNEL,
     JobInsertParams,
     JobOutcome,
+    JobRescue,
     Notification,
     Row,
 )
@@ -289,6 +290,56 @@ class PostgresDriver:
             await self._fetch(
                 "sending notifications", "notify_many", [channel, list(payloads)], None
             )
+
+    async def leader_attempt_elect(
+        self, leader_id: str, now: datetime, expires_at: datetime
+    ) -> bool:
+        rows = await self._fetch(
+            "electing a leader", "leader_attempt_elect", [leader_id, now, expires_at], None
+        )
+        return bool(rows)
+
+    async def leader_resign(self, leader_id: str) -> bool:
+        row = await self._fetchrow("resigning leadership", "leader_resign", [leader_id], None)
+        return bool(row and row[0])
+
+    async def leader_get(self) -> tuple[str, datetime, datetime] | None:
+        row = await self._fetchrow("reading the leader", "leader_get", [], None)
+        return None if row is None else (str(row[0]), row[1], row[2])
+
+    async def job_get_stuck(self, attempted_before: datetime, limit: int) -> list[Row]:
+        return await self._fetch(
+            "looking for stuck jobs", "job_get_stuck", [attempted_before, limit], None
+        )
+
+    async def job_rescue_many(self, rescues: Sequence[JobRescue]) -> list[tuple[int, str, str]]:
+        args = [
+            [r.id for r in rescues],
+            [r.state.value for r in rescues],
+            [r.finalized_at for r in rescues],
+            [r.scheduled_at for r in rescues],
+            [r.error_json for r in rescues],
+            [r.attempted_at for r in rescues],
+        ]
+        rows = await self._fetch("rescuing stuck jobs", "job_rescue_many", args, None)
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    async def job_delete_finalized(
+        self, state: JobState, finalized_before: datetime, limit: int
+    ) -> int:
+        row = await self._fetchrow(
+            f"deleting old {state.value} jobs",
+            "job_delete_finalized",
+            [state.value, finalized_before, limit],
+            None,
+        )
+        return int(row[0]) if row else 0
+
+    async def queue_delete_stale(self, updated_before: datetime) -> list[str]:
+        rows = await self._fetch(
+            "deleting stale queues", "queue_delete_stale", [updated_before], None
+        )
+        return [str(r[0]) for r in rows]
 
     @asynccontextmanager
     async def open_listener(self, channels: Sequence[str]) -> AsyncIterator[PgListener]:

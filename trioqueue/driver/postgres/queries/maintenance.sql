@@ -1,0 +1,51 @@
+-- Queries of the leader-only maintenance services.
+
+-- name: job_get_stuck
+-- Running jobs attempted before $1: candidates for the rescuer (it decides per job).
+SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+FROM tq_job
+WHERE state = 'running'
+  AND attempted_at < $1
+ORDER BY id
+LIMIT $2;
+
+-- name: job_rescue_many
+-- Apply the rescuer's decisions, only to rows still running the same attempt.
+UPDATE tq_job j
+SET state = i.state::tq_job_state,
+    finalized_at = i.finalized_at,
+    scheduled_at = coalesce(i.scheduled_at, j.scheduled_at),
+    errors = j.errors || jsonb_build_array(i.error::jsonb),
+    metadata = j.metadata || jsonb_build_object(
+        'rescue_count', coalesce((j.metadata ->> 'rescue_count')::int, 0) + 1)
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[],
+            $6::timestamptz[])
+     AS i(id, state, finalized_at, scheduled_at, error, attempted_at)
+WHERE j.id = i.id
+  AND j.state = 'running'
+  AND j.attempted_at = i.attempted_at
+RETURNING j.id, j.queue, j.state::text;
+
+-- name: job_delete_finalized
+-- Delete up to $3 jobs in state $1 finalized before $2; returns how many.
+WITH doomed AS (
+    SELECT id
+    FROM tq_job
+    WHERE state = $1::text::tq_job_state
+      AND finalized_at < $2
+    ORDER BY finalized_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+),
+deleted AS (
+    DELETE FROM tq_job WHERE id IN (SELECT id FROM doomed) RETURNING 1
+)
+SELECT count(*) FROM deleted;
+
+-- name: queue_delete_stale
+-- Queue rows nobody has announced since $1, unless paused (a pause must survive).
+DELETE FROM tq_queue
+WHERE updated_at < $1
+  AND paused_at IS NULL
+RETURNING name;
