@@ -108,12 +108,11 @@ class Rescuer:
         """
         rescued: dict[str, int] = {}
         skipped = 0
-        after = -1
+        after = 0
         while True:
             now = self.now()
             cutoff = now - timedelta(seconds=self.config.rescue_after)
-            rows = await self.driver.job_get_stuck(cutoff, self.config.batch_size)
-            rows = [r for r in rows if r[0] > after]
+            rows = await self.driver.job_get_stuck(cutoff, self.config.batch_size, after)
             if not rows:
                 break
             decisions = []

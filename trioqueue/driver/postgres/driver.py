@@ -307,9 +307,11 @@ class PostgresDriver:
         row = await self._fetchrow("reading the leader", "leader_get", [], None)
         return None if row is None else (str(row[0]), row[1], row[2])
 
-    async def job_get_stuck(self, attempted_before: datetime, limit: int) -> list[Row]:
+    async def job_get_stuck(
+        self, attempted_before: datetime, limit: int, after_id: int
+    ) -> list[Row]:
         return await self._fetch(
-            "looking for stuck jobs", "job_get_stuck", [attempted_before, limit], None
+            "looking for stuck jobs", "job_get_stuck", [attempted_before, limit, after_id], None
         )
 
     async def job_rescue_many(self, rescues: Sequence[JobRescue]) -> list[tuple[int, str, str]]:

@@ -1,12 +1,14 @@
 -- Queries of the leader-only maintenance services.
 
 -- name: job_get_stuck
--- Running jobs attempted before $1: candidates for the rescuer (it decides per job).
+-- Running jobs attempted before $1 with ids above $3: candidates for the rescuer (it
+-- decides per job, and pages by id past the ones it leaves alone).
 SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
        attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
 FROM tq_job
 WHERE state = 'running'
   AND attempted_at < $1
+  AND id > $3
 ORDER BY id
 LIMIT $2;
 
