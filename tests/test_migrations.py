@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import urllib.parse
@@ -15,8 +16,11 @@ import trio
 
 import trioqueue as tq
 from trioqueue.driver.postgres import PgConnection
+from trioqueue.migrations import migrations
 
-TABLES = ("tq_job", "tq_queue", "tq_leader", "tq_migration")
+TABLES = ("tq_job", "tq_queue", "tq_leader", "tq_migration", "tq_periodic_job")
+ALL = [m.version for m in migrations()]
+"""Every shipped migration's version, oldest first."""
 
 
 @attrs.frozen
@@ -62,12 +66,12 @@ async def test_migrate_empty_database_then_idempotent(empty_database_url: str) -
     url = empty_database_url
     with trio.fail_after(30):
         assert await _tables(url) == dict.fromkeys(TABLES, False)
-        assert await tq.migrate(url) == [1]
+        assert await tq.migrate(url) == ALL
         assert await _tables(url) == dict.fromkeys(TABLES, True)
-        assert await _recorded_versions(url) == [1]
+        assert await _recorded_versions(url) == ALL
         assert await tq.migrate(url) == []
         assert await tq.migrate(url) == []
-        assert await _recorded_versions(url) == [1]
+        assert await _recorded_versions(url) == ALL
         await _client_works(url)
 
 
@@ -86,23 +90,24 @@ async def test_migration_list(empty_database_url: str) -> None:
     url = empty_database_url
     with trio.fail_after(30):
         before = await tq.migration_list(url)
-        assert _statuses(before) == [(1, False)]
+        assert _statuses(before) == [(v, False) for v in ALL]
         assert all(isinstance(s.name, str) and s.name for s in before)
         # Listing changes nothing.
         assert await _tables(url) == dict.fromkeys(TABLES, False)
 
         await tq.migrate(url)
         after = await tq.migration_list(url)
-        assert _statuses(after) == [(1, True)]
+        assert _statuses(after) == [(v, True) for v in ALL]
         assert [s.name for s in after] == [s.name for s in before]
 
+        # Down without a target reverts only the newest.
         await tq.migrate(url, direction="down")
-        assert _statuses(await tq.migration_list(url)) == [(1, False)]
+        assert _statuses(await tq.migration_list(url)) == [(v, v != ALL[-1]) for v in ALL]
 
 
 async def test_migration_list_on_migrated_fixture(database_url: str) -> None:
     with trio.fail_after(30):
-        assert _statuses(await tq.migration_list(database_url)) == [(1, True)]
+        assert _statuses(await tq.migration_list(database_url)) == [(v, True) for v in ALL]
 
 
 async def test_concurrent_migrate_in_one_process(empty_database_url: str) -> None:
@@ -117,8 +122,8 @@ async def test_concurrent_migrate_in_one_process(empty_database_url: str) -> Non
             for _ in range(4):
                 nursery.start_soon(run)
         # Each migration is applied by exactly one caller; the others find it done.
-        assert sorted(results) == [[], [], [], [1]]
-        assert await _recorded_versions(url) == [1]
+        assert sorted(v for done in results for v in done) == ALL
+        assert await _recorded_versions(url) == ALL
         assert await _tables(url) == dict.fromkeys(TABLES, True)
         await _client_works(url)
 
@@ -142,8 +147,9 @@ async def test_concurrent_migrate_in_separate_processes(empty_database_url: str)
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(run)
-        assert sorted(outputs) == ["[1]", "[]", "[]"]
-        assert await _recorded_versions(url) == [1]
+        applied = [v for out in outputs for v in json.loads(out)]
+        assert sorted(applied) == ALL
+        assert await _recorded_versions(url) == ALL
         await _client_works(url)
 
 
@@ -153,7 +159,7 @@ async def test_migrate_down_and_up_again(empty_database_url: str) -> None:
         await tq.migrate(url)
         await _client_works(url)
 
-        assert await tq.migrate(url, direction="down") == [1]
+        assert await tq.migrate(url, direction="down", target_version=0) == ALL[::-1]
         tables = await _tables(url)
         assert tables["tq_job"] is False
         assert tables["tq_queue"] is False
@@ -168,7 +174,7 @@ async def test_migrate_down_and_up_again(empty_database_url: str) -> None:
         # Nothing left to revert.
         assert await tq.migrate(url, direction="down") == []
 
-        assert await tq.migrate(url) == [1]
+        assert await tq.migrate(url) == ALL
         assert await _tables(url) == dict.fromkeys(TABLES, True)
         async with tq.open_client(url) as client:
             assert (await client.job_list()).jobs == []  # the old jobs went with the tables
@@ -179,8 +185,8 @@ async def test_migrate_down_to_zero(empty_database_url: str) -> None:
     url = empty_database_url
     with trio.fail_after(30):
         await tq.migrate(url)
-        assert await tq.migrate(url, direction="down", target_version=0) == [1]
-        assert (await _tables(url))["tq_job"] is False
+        assert await tq.migrate(url, direction="down", target_version=0) == ALL[::-1]
+        assert await _tables(url) == dict.fromkeys(TABLES, False) | {"tq_migration": True}
         assert await tq.migrate(url, target_version=1) == [1]
         assert (await _tables(url))["tq_job"] is True
 
@@ -241,5 +247,5 @@ def test_migrate_from_a_plain_script(empty_database_url: str) -> None:
         timeout=60,
         check=True,
     )
-    assert first.stdout.strip() == "[1]"
+    assert first.stdout.strip() == str(ALL)
     assert second.stdout.strip() == "[]"

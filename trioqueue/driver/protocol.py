@@ -23,6 +23,7 @@ __all__ = [
     "JobRescue",
     "Listener",
     "Notification",
+    "PeriodicJobState",
     "Row",
 ]
 
@@ -76,6 +77,17 @@ class JobRescue:
     scheduled_at: datetime | None
     error_json: str
     attempted_at: datetime
+
+
+@attrs.frozen
+class PeriodicJobState:
+    """The durable schedule state of one periodic job (a ``tq_periodic_job`` row)."""
+
+    id: str
+    schedule: str | None
+    """The schedule this state was computed for (``every=60``, ``cron=...``); None: unknown."""
+    next_run_at: datetime
+    last_run_at: datetime | None
 
 
 @attrs.frozen
@@ -169,6 +181,22 @@ class Driver(Protocol):
     ) -> int: ...
 
     async def queue_delete_stale(self, updated_before: datetime) -> list[str]: ...
+
+    async def periodic_job_get_many(
+        self, ids: Sequence[str], *, ex: Any = None
+    ) -> dict[str, PeriodicJobState]: ...
+
+    async def periodic_job_save(
+        self,
+        state: PeriodicJobState,
+        expected: PeriodicJobState | None,
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> bool:
+        """Write ``state`` only if the stored row still equals ``expected`` (None: no row);
+        False when it did not (another leader moved it)."""
+        ...
 
     def open_listener(self, channels: Sequence[str]) -> AbstractAsyncContextManager[Listener]: ...
 

@@ -19,6 +19,7 @@ from ..protocol import (
     JobOutcome,
     JobRescue,
     Notification,
+    PeriodicJobState,
     Row,
 )
 from .connection import PgConnection
@@ -342,6 +343,39 @@ class PostgresDriver:
             "deleting stale queues", "queue_delete_stale", [updated_before], None
         )
         return [str(r[0]) for r in rows]
+
+    async def periodic_job_get_many(
+        self, ids: Sequence[str], *, ex: Any = None
+    ) -> dict[str, PeriodicJobState]:
+        rows = await self._fetch(
+            "reading periodic job state", "periodic_job_get_many", [list(ids)], ex
+        )
+        return {
+            str(r[0]): PeriodicJobState(str(r[0]), None if r[1] is None else str(r[1]), r[2], r[3])
+            for r in rows
+        }
+
+    async def periodic_job_save(
+        self,
+        state: PeriodicJobState,
+        expected: PeriodicJobState | None,
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> bool:
+        args = [
+            state.id,
+            state.schedule,
+            state.next_run_at,
+            state.last_run_at,
+            now,
+            expected.next_run_at if expected is not None else None,
+            expected.schedule if expected is not None else None,
+        ]
+        rows = await self._fetch(
+            f"saving periodic job state of {state.id!r}", "periodic_job_save", args, ex
+        )
+        return bool(rows)
 
     @asynccontextmanager
     async def open_listener(self, channels: Sequence[str]) -> AsyncIterator[PgListener]:
