@@ -22,6 +22,7 @@ API_NAMES = {
     "JobRunningError",
     "JobSnooze",
     "JobState",
+    "PeriodicJob",
     "QueueConfig",
     "UniqueOpts",
     "UnknownJobKindError",

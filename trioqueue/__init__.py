@@ -31,6 +31,7 @@ from .job import JobState as JobState
 from .job import UniqueOpts as UniqueOpts
 from .migrations import migrate as migrate
 from .migrations import migration_list as migration_list
+from .periodic import PeriodicJob as PeriodicJob
 from .transaction import Transaction as Transaction
 from .workers import Workers as Workers
 
@@ -54,6 +55,7 @@ __all__ = [
     "JobRunningError",
     "JobSnooze",
     "JobState",
+    "PeriodicJob",
     "QueueConfig",
     "Subscription",
     "Transaction",

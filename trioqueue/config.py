@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, final
 
@@ -13,6 +13,7 @@ import attrs
 
 from .errors import ErrorHandlerResult, ValidationError
 from .job import Job, validate_queue_name
+from .periodic import PeriodicJob, check_periodic_jobs
 
 __all__ = ["ClientConfig", "ErrorHandler", "QueueConfig", "RetryPolicy", "default_client_id"]
 
@@ -56,6 +57,12 @@ class QueueConfig:
             )
 
 
+def _periodic_tuple(value: object) -> tuple[Any, ...]:
+    if isinstance(value, str | bytes | PeriodicJob) or not isinstance(value, Iterable):
+        raise ValidationError("periodic_jobs", "must be a list of trioqueue.PeriodicJob")
+    return tuple(value)
+
+
 def default_client_id() -> str:
     """``<hostname>_<UTC start time>``, like River's."""
     host = socket.gethostname().replace(".", "_")[:60]
@@ -85,7 +92,7 @@ class ClientConfig:
     cancelled_job_retention: float | None = 86400.0
     discarded_job_retention: float | None = 604800.0
     leader_interval: float = 5.0
-    periodic_jobs: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    periodic_jobs: tuple[PeriodicJob, ...] = attrs.field(default=(), converter=_periodic_tuple)
     error_handler: ErrorHandler | None = None
     soft_stop_timeout: float | None = None
     shutdown_timeout: float = 10.0
@@ -124,11 +131,7 @@ class ClientConfig:
             _positive(name, getattr(self, name), allow_none=True)
         if self.error_handler is not None and not callable(self.error_handler):
             raise ValidationError("error_handler", "must be a function (job, exception)")
-        if self.periodic_jobs:
-            raise ValidationError(
-                "periodic_jobs",
-                "periodic jobs need leader election, which this version does not have yet",
-            )
+        check_periodic_jobs(self.periodic_jobs)
 
 
 def validate_queues(queues: Mapping[str, QueueConfig] | None) -> dict[str, QueueConfig]:
