@@ -45,6 +45,7 @@ from .job import (
     JobState,
     validate_queue_name,
 )
+from .periodic import PeriodicJobs
 from .transaction import Transaction
 from .workers import Workers, args_kind
 
@@ -86,9 +87,20 @@ class Client:
         self._now = now
         self._notify_limiter = NotifyLimiter(config.fetch_cooldown)
         self._runtime: Runtime | None = None
+        self._periodic_jobs = PeriodicJobs(config.periodic_jobs)
+        if config.periodic_jobs and not queues:
+            log.warning("periodic_jobs are ignored: an insert-only client never leads")
         if queues:
             assert workers is not None
-            self._runtime = Runtime(driver, config, workers, self._queues, now)
+            self._runtime = Runtime(
+                driver,
+                config,
+                workers,
+                self._queues,
+                now,
+                periodic_jobs=self._periodic_jobs,
+                prepare_insert=self._params,
+            )
 
     def __repr__(self) -> str:
         return f"<trioqueue.Client id={self._config.id!r} queues={sorted(self._queues)!r}>"
@@ -104,6 +116,16 @@ class Client:
     @property
     def driver(self) -> Driver:
         return self._driver
+
+    @property
+    def periodic_jobs(self) -> PeriodicJobs:
+        """This client's periodic jobs: ``add(job) -> handle``, ``remove(handle)``,
+        ``clear()``, iteration and ``len``. Changes take effect at once on the leader.
+
+        Only the leader's list is used, so give every client that can lead the same
+        periodic jobs. An insert-only client never leads: its list is never used.
+        """
+        return self._periodic_jobs
 
     @property
     def is_leader(self) -> bool:

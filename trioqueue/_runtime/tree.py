@@ -5,7 +5,7 @@ Runtime.run
 └── nursery "services"
     ├── notifier         one LISTEN connection → callbacks (unless poll_only)
     ├── elector          leader election; while leader, its nursery runs maintenance:
-    │   └── scheduler, rescuer, cleaner, queue cleaner
+    │   └── scheduler, rescuer, cleaner, queue cleaner, periodic jobs
     ├── queue keeper     re-announces our queues; in poll_only mode, polls pause state
     ├── stop watcher     soft_stop_timeout → hard stop
     └── dispatcher       receives event batches from the completer, fans out
@@ -34,6 +34,7 @@ import trio
 
 from .._maintenance.cleaner import Cleaner, CleanerConfig, QueueCleaner
 from .._maintenance.elector import Elector
+from .._maintenance.periodic import PeriodicEnqueuer, PeriodicEnqueuerConfig, PrepareInsert
 from .._maintenance.rescuer import Rescuer, RescuerConfig
 from .._maintenance.scheduler import Scheduler, SchedulerConfig
 from ..config import ClientConfig, QueueConfig
@@ -41,6 +42,7 @@ from ..driver.protocol import CONTROL_CHANNEL, INSERT_CHANNEL, LEADERSHIP_CHANNE
 from ..errors import DatabaseError
 from ..events import Event, EventKind
 from ..job import Job
+from ..periodic import PeriodicJobs
 from ..workers import Workers
 from .completer import Completer
 from .dispatcher import Dispatcher
@@ -71,6 +73,10 @@ class Runtime:
     workers: Workers
     queues: Mapping[str, QueueConfig]
     now: Callable[[], datetime]
+    periodic_jobs: PeriodicJobs = attrs.field(factory=PeriodicJobs)
+    """The client's periodic jobs; the enqueuer uses them while this client leads."""
+    prepare_insert: PrepareInsert | None = None
+    """The client's insert-params builder; without it no periodic jobs are enqueued."""
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher, init=False)
     producers: dict[str, Producer] = attrs.field(factory=dict, init=False)
     notifier: Notifier | None = attrs.field(default=None, init=False)
@@ -163,7 +169,17 @@ class Runtime:
             ),
         )
         queue_cleaner = QueueCleaner(self.driver, self.now)
-        return [scheduler.run, rescuer.run, cleaner.run, queue_cleaner.run]
+        services = [scheduler.run, rescuer.run, cleaner.run, queue_cleaner.run]
+        if self.prepare_insert is not None:
+            periodic = PeriodicEnqueuer(
+                self.driver,
+                self.now,
+                self.periodic_jobs,
+                self.prepare_insert,
+                PeriodicEnqueuerConfig(max_sleep=cfg.leader_interval),
+            )
+            services.append(periodic.run)
+        return services
 
     async def _queue_keeper(self) -> None:
         """Re-announce our queues now and then; in poll_only mode also poll their pause

@@ -1,0 +1,557 @@
+"""Periodic jobs: validation, schedules, and the leader's enqueuer against PostgreSQL."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import attrs
+import pytest
+import trio
+
+import trioqueue as tq
+import trioqueue.periodic as periodic_module
+from trioqueue._maintenance.periodic import (
+    PeriodicEnqueuer,
+    _StateMoved,
+    plan_job,
+    run_unique_key,
+)
+from trioqueue.driver.postgres import open_pool
+from trioqueue.driver.postgres.driver import PostgresDriver
+from trioqueue.driver.protocol import PeriodicJobState
+from trioqueue.periodic import MISSED_RUNS_COUNT_LIMIT, PeriodicJobs, Schedule
+
+
+@attrs.frozen
+class TickArgs:
+    kind: ClassVar[str] = "tick"
+    n: int = 0
+
+
+def _workers() -> tq.Workers:
+    workers = tq.Workers()
+
+    async def tick(job: tq.Job[TickArgs]) -> None:
+        pass
+
+    workers.add(TickArgs, tick)
+    return workers
+
+
+FAST = {
+    "fetch_poll_interval": 0.1,
+    "fetch_cooldown": 0.01,
+    "leader_interval": 0.2,
+}
+QUEUES = {"default": tq.QueueConfig(max_workers=5)}
+
+
+def _tick() -> TickArgs:
+    return TickArgs()
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@asynccontextmanager
+async def _client(url: str, *jobs: tq.PeriodicJob, **extra: Any) -> AsyncIterator[tq.Client]:
+    config = {**FAST, **extra}
+    async with tq.open_client(
+        url, workers=_workers(), queues=QUEUES, periodic_jobs=jobs, **config
+    ) as client:
+        yield client
+
+
+async def _sql(client: tq.Client, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    async with client.transaction() as tx:
+        return await tx.fetch(query, *params)
+
+
+async def _runs(client: tq.Client, periodic_id: str) -> dict[str, int]:
+    """Jobs per run time of one periodic job, over every state."""
+    rows = await _sql(
+        client,
+        "SELECT metadata->>'periodic_run_at', count(*) FROM tq_job "
+        "WHERE metadata->>'periodic_job_id' = $1 GROUP BY 1",
+        periodic_id,
+    )
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+async def _wait_for(predicate: Callable[[], Any], seconds: float = 10.0) -> None:
+    """Poll ``predicate`` (sync, or returning an awaitable) until true, or fail."""
+    with trio.fail_after(seconds):
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await trio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({}, "every"),
+        ({"every": 5, "cron": "* * * * *"}, "cron"),
+        ({"every": 0}, "every"),
+        ({"every": -1}, "every"),
+        ({"every": float("nan")}, "every"),
+        ({"every": float("inf")}, "every"),
+        ({"every": True}, "every"),
+        ({"every": "5"}, "every"),
+        ({"cron": "* * * *"}, "cron"),
+        ({"cron": "0 * * * * *"}, "cron"),
+        ({"cron": "61 * * * *"}, "cron"),
+        ({"cron": "0 0 30 2 *"}, "cron"),
+        ({"cron": 5}, "cron"),
+        ({"every": 5, "args": "not callable"}, "args"),
+        ({"every": 5, "run_on_start": 1}, "run_on_start"),
+        ({"every": 5, "id": ""}, "id"),
+        ({"every": 5, "id": " padded"}, "id"),
+        ({"every": 5, "id": "x" * 129}, "id"),
+        ({"every": 5, "id": 7}, "id"),
+    ],
+)
+def test_periodic_job_validation(kwargs: dict[str, Any], field: str) -> None:
+    kwargs.setdefault("args", _tick)
+    with pytest.raises(tq.ValidationError) as info:
+        tq.PeriodicJob(**kwargs)
+    assert info.value.field == f"PeriodicJob.{field}"
+
+
+def test_cron_without_cronsim_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(periodic_module, "_cronsim", lambda: None)
+    with pytest.raises(tq.ValidationError, match=r"pip install 'trioqueue\[cron\]'"):
+        tq.PeriodicJob(cron="*/5 * * * *", args=_tick)
+    tq.PeriodicJob(every=60, args=_tick)  # every= needs nothing extra
+
+
+def test_client_config_checks_periodic_jobs() -> None:
+    job = tq.PeriodicJob(every=60, args=_tick)
+    assert tq.ClientConfig(periodic_jobs=[job]).periodic_jobs == (job,)
+    with pytest.raises(tq.ValidationError, match="periodic_jobs"):
+        tq.ClientConfig(periodic_jobs=job)
+    with pytest.raises(tq.ValidationError, match=r"periodic_jobs\[1\]"):
+        tq.ClientConfig(periodic_jobs=[job, "nope"])
+    with pytest.raises(tq.ValidationError, match="used twice"):
+        tq.ClientConfig(periodic_jobs=[job, tq.PeriodicJob(every=60, args=_tick)])
+    # Distinct ids (explicit, or derived from a different schedule) are fine.
+    tq.ClientConfig(
+        periodic_jobs=[
+            job,
+            tq.PeriodicJob(every=60, args=_tick, id="other"),
+            tq.PeriodicJob(every=30, args=_tick),
+        ]
+    )
+
+
+def test_ids_explicit_or_derived() -> None:
+    assert tq.PeriodicJob(every=60, args=_tick, id="nightly").effective_id == "nightly"
+    assert tq.PeriodicJob(every=60, args=_tick).effective_id == f"{__name__}._tick@every=60"
+    assert tq.PeriodicJob(every=0.25, args=_tick).effective_id.endswith("@every=0.25")
+    cron_job = tq.PeriodicJob(cron="*/5  *  * * *", args=_tick)
+    assert cron_job.effective_id == f"{__name__}._tick@cron=*/5 * * * *"
+
+    def long_named_function_to_push_the_derived_id_well_past_the_limit_of_characters() -> None:
+        return None
+
+    fn = long_named_function_to_push_the_derived_id_well_past_the_limit_of_characters
+    long_id = tq.PeriodicJob(every=60, args=fn).effective_id
+    assert len(long_id) <= 128
+    assert long_id == tq.PeriodicJob(every=60, args=fn).effective_id
+
+
+# ------------------------------------------------------------------ schedule arithmetic
+
+
+def test_every_runs_on_a_grid_since_the_epoch() -> None:
+    hourly = Schedule(interval_us=3600 * 10**6)
+    now = _at("2024-05-01T10:17:03.5")
+    assert hourly.next_after(now) == _at("2024-05-01T11:00:00")
+    assert hourly.next_after(_at("2024-05-01T11:00:00")) == _at("2024-05-01T12:00:00")
+    assert hourly.latest_at_or_before(now) == _at("2024-05-01T10:00:00")
+    assert hourly.latest_at_or_before(_at("2024-05-01T10:00:00")) == _at("2024-05-01T10:00:00")
+    assert hourly.count_between(_at("2024-05-01T05:00:00"), _at("2024-05-01T10:00:00")) == 6
+    assert hourly.count_between(_at("2024-05-01T05:30:00"), _at("2024-05-01T10:00:00")) == 5
+    assert hourly.count_between(_at("2024-05-01T10:30:00"), _at("2024-05-01T10:00:00")) == 0
+    far = hourly.count_between(_at("1990-01-01T00:00:00"), now)
+    assert far == MISSED_RUNS_COUNT_LIMIT
+
+    # A fractional interval is exact in microseconds: two leaders agree to the microsecond.
+    job = tq.PeriodicJob(every=0.3, args=_tick)
+    step = job.schedule
+    t = step.next_after(now)
+    assert t > now
+    assert t - now <= timedelta(seconds=0.3)
+    assert ((t - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)) % 300_000 == 0
+    assert step.next_after(t) - t == timedelta(seconds=0.3)
+    assert step.latest_at_or_before(t) == t
+
+
+def test_cron_schedule_in_utc() -> None:
+    five = tq.PeriodicJob(cron="*/5 * * * *", args=_tick).schedule
+    now = _at("2024-01-01T00:03:07")
+    assert five.next_after(now) == _at("2024-01-01T00:05:00")
+    assert five.next_after(_at("2024-01-01T00:05:00")) == _at("2024-01-01T00:10:00")
+    assert five.latest_at_or_before(now) == _at("2024-01-01T00:00:00")
+    assert five.latest_at_or_before(_at("2024-01-01T00:05:00")) == _at("2024-01-01T00:05:00")
+    assert five.latest_at_or_before(_at("2024-01-01T00:05:00.5")) == _at("2024-01-01T00:05:00")
+    assert five.count_between(_at("2024-01-01T00:00:00"), _at("2024-01-01T01:00:00")) == 13
+
+    mondays = tq.PeriodicJob(cron="30 9 * * MON", args=_tick).schedule
+    assert mondays.next_after(now) == _at("2024-01-01T09:30:00")  # 2024-01-01 is a Monday
+    assert mondays.next_after(_at("2024-01-01T09:30:00")) == _at("2024-01-08T09:30:00")
+    # Another offset in the input changes nothing: schedules are UTC.
+    east = now.astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo"))
+    assert mondays.next_after(east) == _at("2024-01-01T09:30:00")
+
+
+def _state(job: tq.PeriodicJob, next_run_at: str, last: str | None = None) -> PeriodicJobState:
+    return PeriodicJobState(
+        job.effective_id, job.schedule.key, _at(next_run_at), _at(last) if last else None
+    )
+
+
+def test_plan_first_sight_missed_runs_and_run_on_start() -> None:
+    job = tq.PeriodicJob(every=3600, args=_tick, id="h")
+    eager = tq.PeriodicJob(every=3600, args=_tick, id="h", run_on_start=True)
+    now = _at("2024-05-01T10:17:00")
+
+    # Never seen: no run now, the next one on the grid.
+    plan = plan_job(job, None, now, first_seen=True)
+    assert plan.run_at is None
+    assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T11:00:00")
+    # ... unless run_on_start: a run for the current slot.
+    plan = plan_job(eager, None, now, first_seen=True)
+    assert plan.run_at == _at("2024-05-01T10:00:00")
+
+    # On time (or merely late): one run, nothing missed.
+    plan = plan_job(job, _state(job, "2024-05-01T10:00:00"), now, first_seen=False)
+    assert (plan.run_at, plan.missed_runs) == (_at("2024-05-01T10:00:00"), 0)
+    assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T11:00:00")
+
+    # Down since 05:00: one catch-up run for 10:00; 05:00-09:00 (5 runs) were missed.
+    plan = plan_job(job, _state(job, "2024-05-01T05:00:00"), now, first_seen=True)
+    assert (plan.run_at, plan.missed_runs) == (_at("2024-05-01T10:00:00"), 5)
+    assert plan.missed_since == _at("2024-05-01T05:00:00")
+
+    # Not due yet: nothing to do, nothing to write.
+    plan = plan_job(job, _state(job, "2024-05-01T11:00:00"), now, first_seen=True)
+    assert plan.run_at is None and plan.state is None
+    # run_on_start when the current slot already ran: nothing either.
+    ran = _state(eager, "2024-05-01T11:00:00", last="2024-05-01T10:00:00")
+    assert plan_job(eager, ran, now, first_seen=True).state is None
+    # ... when it did not: a run for the current slot, the schedule unchanged.
+    not_ran = _state(eager, "2024-05-01T11:00:00", last="2024-05-01T09:00:00")
+    plan = plan_job(eager, not_ran, now, first_seen=True)
+    assert plan.run_at == _at("2024-05-01T10:00:00")
+    assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T11:00:00")
+    # ... and only the first time this leader sees the job.
+    assert plan_job(eager, not_ran, now, first_seen=False).state is None
+
+    # A changed schedule starts afresh: nothing counts as missed.
+    minutely = tq.PeriodicJob(every=60, args=_tick, id="h")
+    plan = plan_job(minutely, _state(job, "2024-05-01T05:00:00"), now, first_seen=True)
+    assert plan.run_at is None
+    assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T10:18:00")
+
+
+def test_periodic_jobs_collection() -> None:
+    jobs = PeriodicJobs()
+    a = tq.PeriodicJob(every=1, args=_tick, id="a")
+    b = tq.PeriodicJob(every=1, args=_tick, id="b")
+    ha = jobs.add(a)
+    jobs.add(b)
+    assert list(jobs) == [a, b] and len(jobs) == 2
+    with pytest.raises(tq.ValidationError, match="used twice"):
+        jobs.add(tq.PeriodicJob(every=5, args=_tick, id="a"))
+    with pytest.raises(tq.ValidationError):
+        jobs.add("nope")  # type: ignore[arg-type]
+    _, changed = jobs.watch()
+    assert jobs.remove(ha) is True
+    assert changed.is_set()
+    assert jobs.remove(ha) is False
+    assert list(jobs) == [b]
+    jobs.clear()
+    assert len(jobs) == 0
+    jobs.add(a)  # its id is free again
+
+
+# ------------------------------------------------------------------ the enqueuer, one pass
+
+
+@asynccontextmanager
+async def _enqueuer(
+    url: str, *jobs: tq.PeriodicJob
+) -> AsyncIterator[tuple[tq.Client, PeriodicEnqueuer, list[datetime]]]:
+    """An enqueuer over a real database with a clock the test sets (clock[0])."""
+    clock = [datetime.now(UTC)]
+    async with open_pool(url, max_size=4) as pool, tq.open_client(url) as client:
+        driver = PostgresDriver(pool, url)
+        enqueuer = PeriodicEnqueuer(driver, lambda: clock[0], PeriodicJobs(jobs), client._params)
+        yield client, enqueuer, clock
+
+
+async def test_enqueuer_passes_with_a_fixed_clock(database_url: str) -> None:
+    job = tq.PeriodicJob(every=3600, args=lambda: TickArgs(1), id="hourly", run_on_start=True)
+    with trio.fail_after(20):
+        async with _enqueuer(database_url, job) as (client, enqueuer, clock):
+            clock[0] = _at("2024-05-01T10:17:00")
+            result = await enqueuer.run_once()
+            [run] = result.runs
+            assert run.run_at == _at("2024-05-01T10:00:00") and not run.duplicate
+            assert run.job is not None
+            assert run.job.metadata == {
+                "periodic": True,
+                "periodic_job_id": "hourly",
+                "periodic_run_at": "2024-05-01T10:00:00+00:00",
+            }
+            assert result.next_run_at == _at("2024-05-01T11:00:00")
+
+            # Same instant again: nothing due.
+            assert (await enqueuer.run_once()).runs == []
+            # The next hour: one run.
+            clock[0] = _at("2024-05-01T11:00:00.2")
+            [run] = (await enqueuer.run_once()).runs
+            assert run.run_at == _at("2024-05-01T11:00:00") and run.missed_runs == 0
+            # Down until 15:30: one catch-up run for 15:00, 12:00-14:00 missed.
+            clock[0] = _at("2024-05-01T15:30:00")
+            [run] = (await enqueuer.run_once()).runs
+            assert run.run_at == _at("2024-05-01T15:00:00") and run.missed_runs == 3
+            assert run.job is not None
+            assert run.job.metadata["missed_runs"] == 3
+            assert run.job.metadata["missed_since"] == "2024-05-01T12:00:00+00:00"
+            assert await _runs(client, "hourly") == {
+                "2024-05-01T10:00:00+00:00": 1,
+                "2024-05-01T11:00:00+00:00": 1,
+                "2024-05-01T15:00:00+00:00": 1,
+            }
+            [state] = await _sql(
+                client, "SELECT schedule, next_run_at, last_run_at FROM tq_periodic_job"
+            )
+            assert state == ("every=3600", _at("2024-05-01T16:00:00"), _at("2024-05-01T15:00:00"))
+
+
+async def test_a_run_is_never_inserted_twice_even_once_finished(database_url: str) -> None:
+    job = tq.PeriodicJob(every=3600, args=_tick, id="once", run_on_start=True)
+    with trio.fail_after(20):
+        async with _enqueuer(database_url, job) as (client, enqueuer, clock):
+            clock[0] = _at("2024-05-01T10:17:00")
+            [run] = (await enqueuer.run_once()).runs
+            assert run.job is not None
+            await client.job_cancel(run.job.id)
+            # Lose the durable state: a new leader sees the job for the first time.
+            await _sql(client, "DELETE FROM tq_periodic_job")
+            fresh = PeriodicEnqueuer(enqueuer.driver, enqueuer.now, enqueuer.jobs, client._params)
+            [again] = (await fresh.run_once()).runs
+            assert again.duplicate and again.job is not None and again.job.id == run.job.id
+            assert await _runs(client, "once") == {"2024-05-01T10:00:00+00:00": 1}
+
+
+async def test_state_moved_by_another_leader_rolls_the_run_back(database_url: str) -> None:
+    job = tq.PeriodicJob(every=3600, args=_tick, id="race")
+    with trio.fail_after(20):
+        async with _enqueuer(database_url, job) as (client, enqueuer, clock):
+            clock[0] = _at("2024-05-01T10:17:00")
+            await enqueuer.run_once()  # state: next run 11:00
+            stale = (await enqueuer.driver.periodic_job_get_many(["race"]))["race"]
+            clock[0] = _at("2024-05-01T11:00:01")
+            await enqueuer.run_once()  # the 11:00 run; state: next run 12:00
+            assert await _runs(client, "race") == {"2024-05-01T11:00:00+00:00": 1}
+            # A stale leader, still believing the next run is 11:00, acts at 12:00:01.
+            clock[0] = _at("2024-05-01T12:00:01")
+            plan = plan_job(job, stale, clock[0], first_seen=False)
+            assert plan.run_at == _at("2024-05-01T12:00:00")
+            with pytest.raises(_StateMoved):
+                await enqueuer._apply(job, stale, plan, clock[0])
+            # Its job insert went with the failed state write.
+            assert await _runs(client, "race") == {"2024-05-01T11:00:00+00:00": 1}
+            # A pass with fresh state inserts the 12:00 run normally.
+            [run] = (await enqueuer.run_once()).runs
+            assert run.run_at == _at("2024-05-01T12:00:00") and run.missed_runs == 0
+    assert run_unique_key("a", _at("2024-05-01T12:00:00")) != run_unique_key(
+        "b", _at("2024-05-01T12:00:00")
+    )
+
+
+async def test_args_returning_none_or_failing_skips_the_run(database_url: str) -> None:
+    calls = itertools.count()
+
+    def sometimes() -> Any:
+        n = next(calls)
+        if n == 1:
+            return None
+        if n == 2:
+            raise RuntimeError("boom")
+        return TickArgs(n), tq.InsertOpts(priority=3, metadata={"mine": 1})
+
+    job = tq.PeriodicJob(every=60, args=sometimes, id="sometimes")
+    with trio.fail_after(20):
+        async with _enqueuer(database_url, job) as (client, enqueuer, clock):
+            clock[0] = _at("2024-05-01T10:00:30")
+            await enqueuer.run_once()
+            for minute in range(1, 5):
+                clock[0] = _at(f"2024-05-01T10:0{minute}:00")
+                await enqueuer.run_once()
+            jobs = (await client.job_list(tq.JobListParams(kinds=["tick"]))).jobs
+            # Calls 0..3 made runs for 10:01..10:04; call 1 returned None, call 2 raised.
+            assert [j.args["n"] for j in jobs] == [0, 3]
+            assert all(j.priority == 3 and j.metadata["mine"] == 1 for j in jobs)
+            assert [j.metadata["periodic_run_at"] for j in jobs] == [
+                "2024-05-01T10:01:00+00:00",
+                "2024-05-01T10:04:00+00:00",
+            ]
+
+
+# ------------------------------------------------------------------ running clients
+
+
+async def test_every_runs_repeatedly_on_the_leader(database_url: str) -> None:
+    job = tq.PeriodicJob(every=0.3, args=_tick, id="fast")
+    with trio.fail_after(20):
+        async with (
+            _client(database_url, job) as client,
+            client.subscribe(tq.EventKind.JOB_COMPLETED) as events,
+        ):
+            seen: list[tq.Job[Any]] = []
+            async for event in events:
+                assert event.job is not None
+                seen.append(event.job)
+                if len(seen) == 3:
+                    break
+            assert client.is_leader
+    run_times = [datetime.fromisoformat(j.metadata["periodic_run_at"]) for j in seen]
+    assert len(set(run_times)) == 3
+    for job_done, at in zip(seen, run_times, strict=True):
+        assert job_done.metadata["periodic"] is True
+        assert job_done.metadata["periodic_job_id"] == "fast"
+        assert (at - datetime(1970, 1, 1, tzinfo=UTC)) % timedelta(seconds=0.3) == timedelta(0)
+
+
+async def test_cron_job_in_a_running_client_stores_its_next_run(database_url: str) -> None:
+    job = tq.PeriodicJob(cron="*/5 * * * *", args=_tick, id="five")
+    started = datetime.now(UTC)
+    async with _client(database_url, job) as client:
+
+        async def stored() -> bool:
+            return bool(await _sql(client, "SELECT 1 FROM tq_periodic_job WHERE id = 'five'"))
+
+        await _wait_for(stored)
+        [(schedule, next_run_at)] = await _sql(
+            client, "SELECT schedule, next_run_at FROM tq_periodic_job"
+        )
+        assert schedule == "cron=*/5 * * * *"
+        # Computed from the client's clock at some instant between start and now.
+        candidates = {job.schedule.next_after(started), job.schedule.next_after(datetime.now(UTC))}
+        assert next_run_at in candidates
+        assert next_run_at.minute % 5 == 0 and next_run_at.second == 0
+        assert await _runs(client, "five") == {}  # no run_on_start: nothing yet
+
+
+async def test_run_on_start_inserts_once_per_slot(database_url: str) -> None:
+    job = tq.PeriodicJob(every=3600, args=_tick, id="boot", run_on_start=True)
+    slot = job.schedule.latest_at_or_before(datetime.now(UTC)).isoformat()
+    for _ in range(2):  # a restart within the slot does not run it again
+        async with _client(database_url, job) as client:
+
+            async def inserted(c: tq.Client = client) -> bool:
+                return bool(await _runs(c, "boot"))
+
+            await _wait_for(inserted)
+            runs = await _runs(client, "boot")
+    if slot in runs:  # the hour did not turn meanwhile
+        assert runs == {slot: 1}
+    assert all(n == 1 for n in runs.values())
+
+
+async def test_missed_runs_give_one_catch_up_job(database_url: str) -> None:
+    job = tq.PeriodicJob(every=3600, args=_tick, id="hourly")
+    seeded = job.schedule.latest_at_or_before(datetime.now(UTC)) - timedelta(hours=5)
+    async with tq.open_client(database_url) as admin:
+        await _sql(
+            admin,
+            "INSERT INTO tq_periodic_job (id, next_run_at) VALUES ('hourly', $1)",
+            seeded,
+        )
+    async with _client(database_url, job) as client:
+
+        async def inserted() -> bool:
+            return bool(await _runs(client, "hourly"))
+
+        await _wait_for(inserted)
+        await trio.sleep(0.5)  # a few more passes: still one job
+        [caught_up] = (await client.job_list(tq.JobListParams(kinds=["tick"]))).jobs
+    run_at = datetime.fromisoformat(caught_up.metadata["periodic_run_at"])
+    assert caught_up.metadata["missed_runs"] == (run_at - seeded) // timedelta(hours=1)
+    assert caught_up.metadata["missed_runs"] >= 5
+    assert caught_up.metadata["missed_since"] == seeded.isoformat()
+    assert caught_up.metadata["periodic"] is True
+    # A restart finds the schedule up to date: no second catch-up.
+    async with _client(database_url, job) as client:
+        await _wait_for(lambda: client.is_leader)
+        await trio.sleep(0.5)
+        assert len((await client.job_list(tq.JobListParams(kinds=["tick"]))).jobs) == 1
+        [(schedule, next_run_at)] = await _sql(
+            client, "SELECT schedule, next_run_at FROM tq_periodic_job"
+        )
+        assert (schedule, next_run_at) == ("every=3600", run_at + timedelta(hours=1))
+
+
+async def test_no_run_twice_across_clients_and_a_leader_change(database_url: str) -> None:
+    job = tq.PeriodicJob(every=0.2, args=_tick, id="shared")
+    async with _client(database_url, job, id="a") as a, _client(database_url, job, id="b") as b:
+        await _wait_for(lambda: a.is_leader or b.is_leader)
+        leader, follower = (a, b) if a.is_leader else (b, a)
+
+        async def enough(n: int) -> bool:
+            return len(await _runs(follower, "shared")) >= n
+
+        await _wait_for(lambda: enough(4))
+        assert not follower.is_leader
+        before = len(await _runs(follower, "shared"))
+        await leader.stop()
+        await _wait_for(lambda: follower.is_leader, seconds=5)
+        await _wait_for(lambda: enough(before + 4))
+        runs = await _runs(follower, "shared")
+    # Every run time has exactly one job, whichever leader inserted it.
+    assert all(n == 1 for n in runs.values()), runs
+
+
+async def test_add_and_remove_at_runtime(database_url: str) -> None:
+    async with _client(database_url) as client:
+        assert len(client.periodic_jobs) == 0
+        await _wait_for(lambda: client.is_leader)
+        handle = client.periodic_jobs.add(tq.PeriodicJob(every=0.2, args=_tick, id="live"))
+        assert [j.effective_id for j in client.periodic_jobs] == ["live"]
+
+        async def runs_at_least(n: int) -> bool:
+            return sum((await _runs(client, "live")).values()) >= n
+
+        await _wait_for(lambda: runs_at_least(2))
+        assert client.periodic_jobs.remove(handle)
+        assert len(client.periodic_jobs) == 0
+        await trio.sleep(0.3)  # a pass that had already started may finish
+        settled = await _runs(client, "live")
+        await trio.sleep(0.8)
+        assert await _runs(client, "live") == settled
+
+        # Adding back (same id) resumes from the stored state; clear() stops everything.
+        client.periodic_jobs.add(tq.PeriodicJob(every=0.2, args=_tick, id="live"))
+        await _wait_for(lambda: runs_at_least(sum(settled.values()) + 1))
+        client.periodic_jobs.clear()
+        await trio.sleep(0.3)
+        settled = await _runs(client, "live")
+        await trio.sleep(0.6)
+        assert await _runs(client, "live") == settled
+        assert all(n == 1 for n in settled.values())

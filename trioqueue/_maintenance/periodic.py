@@ -1,0 +1,293 @@
+"""The periodic job enqueuer: the leader inserts each run of each periodic job, once.
+
+Each run time of a periodic job (see :mod:`trioqueue.periodic`) is inserted as a job whose
+unique key is derived from the periodic job's id and that run time, unique over every job
+state: a completed or cancelled run still blocks a second insert of the same run. Beside
+it, ``tq_periodic_job`` keeps each periodic job's next run time, written in the same
+transaction as the run's job with a compare-and-set, so a new leader or a restarted
+process carries on where the last one stopped.
+
+Missed runs. When the leader finds that more than one run time of a job has passed since
+its stored ``next_run_at`` (no leader was running, or the process was down for longer than
+an interval), it inserts **one** catch-up job for the latest run time, with
+``metadata.missed_runs`` = how many earlier run times got no job of their own (counted up
+to 10,000) and ``metadata.missed_since`` = the first of them, then goes on with the normal
+schedule. A run that is merely late (one run time passed) is inserted as a normal run.
+
+The enqueuer sleeps until the earliest next run time, at most ``max_sleep`` seconds, and
+wakes early when the client's list of periodic jobs changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, final
+
+import attrs
+import trio
+
+from .._codec import row_to_job
+from ..driver.protocol import Driver, JobInsertParams, PeriodicJobState
+from ..errors import DatabaseError, ValidationError
+from ..job import InsertOpts, Job, JobState
+from ..periodic import PeriodicJob, PeriodicJobs
+
+__all__ = [
+    "PeriodicEnqueuer",
+    "PeriodicEnqueuerConfig",
+    "PeriodicEnqueuerResult",
+    "PeriodicRun",
+    "run_unique_key",
+]
+
+log = logging.getLogger("trioqueue.periodic")
+
+PrepareInsert = Callable[[Any, datetime], JobInsertParams]
+"""Builds validated insert params from ``(args, opts)`` at ``now`` (the client's own)."""
+
+ALL_STATES = "11111111"
+"""A run's unique key holds in every state: a finished run is never inserted again."""
+
+
+def run_unique_key(periodic_job_id: str, run_at: datetime) -> bytes:
+    """The unique key of one run of a periodic job."""
+    text = f"periodic&id={periodic_job_id}&at={run_at.isoformat()}"
+    return hashlib.sha256(text.encode()).digest()
+
+
+class _StateMoved(Exception):
+    """Another enqueuer changed a job's stored state since we read it."""
+
+
+@final
+@attrs.frozen
+class PeriodicEnqueuerConfig:
+    max_sleep: float = 5.0
+    """Longest sleep between passes, even when no run is due sooner: bounds the effect of
+    a wall-clock jump and of state changed by another leader."""
+    retry_delay: float = 1.0
+    """Sleep after a failed pass (a database error, or a state another leader moved)."""
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("max_sleep", "retry_delay"):
+            if getattr(self, name) <= 0:
+                raise ValidationError(f"PeriodicEnqueuerConfig.{name}", "must be greater than 0")
+
+
+@final
+@attrs.frozen
+class PeriodicRun:
+    """One run the enqueuer handled."""
+
+    periodic_job_id: str
+    run_at: datetime
+    job: Job[Any] | None
+    """The inserted job (or the one already there); None when the run was skipped."""
+    duplicate: bool = False
+    """The run's job already existed (inserted earlier, by this or another leader)."""
+    missed_runs: int = 0
+
+
+@final
+@attrs.frozen
+class PeriodicEnqueuerResult:
+    runs: list[PeriodicRun]
+    """Runs inserted, found already inserted, or skipped (``job`` None) in this pass."""
+    conflicts: int
+    """Jobs whose stored state another leader moved meanwhile; retried next pass."""
+    next_run_at: datetime | None
+    """The earliest upcoming run time over all jobs; None when there are none."""
+
+
+@attrs.frozen
+class _Plan:
+    run_at: datetime | None
+    missed_runs: int
+    missed_since: datetime | None
+    state: PeriodicJobState | None
+    """The state to write; None: nothing to write."""
+
+
+def plan_job(
+    job: PeriodicJob, stored: PeriodicJobState | None, now: datetime, first_seen: bool
+) -> _Plan:
+    """What to do for ``job`` at ``now``, given its stored state. Pure: no I/O."""
+    schedule = job.schedule
+    on_start = job.run_on_start and first_seen
+    if stored is None or stored.schedule not in (None, schedule.key):
+        # Never seen (or its schedule changed): start afresh, nothing counts as missed.
+        run_at = schedule.latest_at_or_before(now) if on_start else None
+        last = run_at if run_at is not None else (stored.last_run_at if stored else None)
+        state = PeriodicJobState(job.effective_id, schedule.key, schedule.next_after(now), last)
+        return _Plan(run_at, 0, None, state)
+    if stored.next_run_at <= now:
+        latest = schedule.latest_at_or_before(now)
+        due = schedule.count_between(stored.next_run_at, latest)
+        run_at = latest if due >= 1 or on_start else None
+        missed = max(due - 1, 0)
+        state = PeriodicJobState(
+            job.effective_id,
+            schedule.key,
+            schedule.next_after(now),
+            run_at if run_at is not None else stored.last_run_at,
+        )
+        return _Plan(run_at, missed, stored.next_run_at if missed else None, state)
+    if on_start:
+        latest = schedule.latest_at_or_before(now)
+        if stored.last_run_at is None or latest > stored.last_run_at:
+            state = attrs.evolve(stored, schedule=schedule.key, last_run_at=latest)
+            return _Plan(latest, 0, None, state)
+    return _Plan(None, 0, None, None)
+
+
+@final
+@attrs.define(eq=False)
+class PeriodicEnqueuer:
+    driver: Driver
+    now: Callable[[], datetime]
+    jobs: PeriodicJobs
+    prepare: PrepareInsert
+    config: PeriodicEnqueuerConfig = PeriodicEnqueuerConfig()
+    _seen: set[str] = attrs.field(factory=set, init=False)
+    """Ids of jobs this leadership term has handled (for ``run_on_start``)."""
+
+    def _build(self, job: PeriodicJob, plan: _Plan, now: datetime) -> JobInsertParams | None:
+        """The insert params for a planned run, or None to skip it (logged)."""
+        assert plan.run_at is not None
+        jid = job.effective_id
+        try:
+            built = job.args()
+            if built is None:
+                log.debug("periodic job %r: args returned None, run skipped", jid)
+                return None
+            if isinstance(built, tuple) and len(built) == 2:
+                args, opts = built
+            else:
+                args, opts = built, None
+            if opts is None:
+                own = getattr(args, "insert_opts", None)
+                opts = own() if callable(own) else InsertOpts()
+            if not isinstance(opts, InsertOpts):
+                raise ValidationError("opts", "must be an InsertOpts")
+            metadata: dict[str, Any] = dict(opts.metadata or {})
+            metadata.update(
+                periodic=True, periodic_job_id=jid, periodic_run_at=plan.run_at.isoformat()
+            )
+            if plan.missed_runs:
+                assert plan.missed_since is not None
+                metadata.update(
+                    missed_runs=plan.missed_runs, missed_since=plan.missed_since.isoformat()
+                )
+            opts = attrs.evolve(opts, metadata=metadata, unique=None)
+            params = self.prepare((args, opts), now)
+        except Exception:
+            log.exception(
+                "periodic job %r: building the run for %s failed, run skipped",
+                jid,
+                plan.run_at.isoformat(),
+            )
+            return None
+        return attrs.evolve(
+            params, unique_key=run_unique_key(jid, plan.run_at), unique_states=ALL_STATES
+        )
+
+    async def _apply(
+        self,
+        job: PeriodicJob,
+        stored: PeriodicJobState | None,
+        plan: _Plan,
+        now: datetime,
+    ) -> PeriodicRun | None:
+        """Insert the planned run (if any) and write the new state, in one transaction.
+
+        Raises _StateMoved (everything rolled back) if another enqueuer got there first.
+        """
+        assert plan.state is not None
+        params = self._build(job, plan, now) if plan.run_at is not None else None
+        if params is None:
+            if not await self.driver.periodic_job_save(plan.state, stored, now):
+                raise _StateMoved
+            if plan.run_at is None:
+                return None
+            return PeriodicRun(job.effective_id, plan.run_at, None, False, plan.missed_runs)
+        assert plan.run_at is not None
+        notify = [params.queue] if params.state is JobState.AVAILABLE else []
+        async with self.driver.transaction() as tx:
+            [(row, duplicate)] = await self.driver.job_insert_many([params], notify, now, ex=tx)
+            if not await self.driver.periodic_job_save(plan.state, stored, now, ex=tx):
+                raise _StateMoved
+        if plan.missed_runs and not duplicate:
+            log.warning(
+                "periodic job %r missed %d run(s) since %s; inserted one catch-up run",
+                job.effective_id,
+                plan.missed_runs,
+                plan.missed_since.isoformat() if plan.missed_since else "?",
+            )
+        return PeriodicRun(
+            job.effective_id, plan.run_at, row_to_job(row, None), duplicate, plan.missed_runs
+        )
+
+    async def run_once(self, jobs: Sequence[PeriodicJob] | None = None) -> PeriodicEnqueuerResult:
+        """One pass over ``jobs`` (default: the client's list): insert every due run.
+
+        On cancellation: each job's run and state are written in one transaction, so a
+        job is either fully handled or not at all; the next pass picks up the rest.
+        Raises DatabaseError when the state cannot be read.
+        """
+        if jobs is None:
+            jobs, _ = self.jobs.watch()
+        ids = [j.effective_id for j in jobs]
+        self._seen &= set(ids)
+        states = await self.driver.periodic_job_get_many(ids) if ids else {}
+        runs: list[PeriodicRun] = []
+        conflicts = 0
+        upcoming: list[datetime] = []
+        for job in jobs:
+            jid = job.effective_id
+            stored = states.get(jid)
+            now = self.now()
+            plan = plan_job(job, stored, now, jid not in self._seen)
+            if plan.state is None:
+                assert stored is not None
+                self._seen.add(jid)
+                upcoming.append(stored.next_run_at)
+                continue
+            try:
+                run = await self._apply(job, stored, plan, now)
+            except _StateMoved:
+                conflicts += 1
+                log.info("periodic job %r: state moved by another leader; will re-read", jid)
+                continue
+            self._seen.add(jid)
+            upcoming.append(plan.state.next_run_at)
+            if run is not None:
+                runs.append(run)
+        return PeriodicEnqueuerResult(runs, conflicts, min(upcoming, default=None))
+
+    async def run(self) -> None:
+        """Insert runs as they fall due until cancelled (run by the leader only).
+
+        Sleeps until the earliest next run time (at most ``max_sleep``), waking early when
+        the list of periodic jobs changes. A DatabaseError is logged and retried after
+        ``retry_delay``.
+        """
+        self._seen = set()
+        while True:
+            jobs, changed = self.jobs.watch()
+            delay = self.config.max_sleep
+            try:
+                result = await self.run_once(jobs)
+            except DatabaseError as exc:
+                log.warning("periodic job enqueuer pass failed: %s", exc)
+                delay = self.config.retry_delay
+            else:
+                if result.conflicts:
+                    delay = self.config.retry_delay
+                if result.next_run_at is not None:
+                    until = (result.next_run_at - self.now()).total_seconds()
+                    delay = min(delay, max(until, 0.0))
+            with trio.move_on_after(delay):
+                await changed.wait()
