@@ -242,17 +242,10 @@ async def test_several_worker_processes_share_one_database(database_url: str) ->
     assert len(worked) > 1, f"only one process did any work: {worked}"
 
 
-COMMIT_KILLED_REASON = (
-    "BUG: PgConnection._exec (trioqueue/driver/postgres/connection.py) returns results[0] and "
-    "ignores an error result that follows it. A statement outside a transaction commits at "
-    "Sync, after its rows and CommandComplete were sent; a backend terminated (or a commit "
-    "failing) at that point yields [TUPLES_OK, FATAL_ERROR]: the caller gets the rows, no "
-    "error, and nothing was committed"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=COMMIT_KILLED_REASON)
 async def test_a_statement_whose_commit_is_killed_raises(database_url: str) -> None:
+    # Regression: the driver handed back the rows of a statement whose commit failed
+    # (results [TUPLES_OK, FATAL_ERROR]), so fetched jobs ran twice and written outcomes
+    # were silently rolled back.
     # A deferred trigger sleeps at commit time, so the backend can be terminated after the
     # INSERT sent its row back but before the transaction committed.
     with trio.fail_after(20):
@@ -286,11 +279,6 @@ async def test_a_statement_whose_commit_is_killed_raises(database_url: str) -> N
     assert isinstance(outcome, psycopg.OperationalError), f"returned {outcome!r}, no error"
 
 
-@pytest.mark.xfail(
-    strict=False,  # the kills hit the commit window in about 1 run of 4
-    reason=COMMIT_KILLED_REASON + " (jobs fetched but left available run twice; outcomes "
-    "reported written but rolled back leave jobs running)",
-)
 async def test_client_survives_killed_connections(database_url: str) -> None:
     # A 5 s poll: after the kills, only a re-established LISTEN (or a full fetch) wakes
     # the producer quickly, which the final check relies on.

@@ -484,6 +484,12 @@ class PgConnection:
         except psycopg.OperationalError:
             raise self._broke("sending the query failed") from None
         results: list[PGresult] = await self._run(generators.execute(pgconn))
+        # A statement outside a transaction commits after its rows were sent: if the
+        # commit fails (or the backend is killed meanwhile) an error result follows the
+        # rows, and nothing was applied. Never hand back rows of a rolled-back statement.
+        for later in results[1:]:
+            if later.status == _FATAL_ERROR:
+                raise errors.error_from_result(later, encoding=_ENCODING)
         res = results[0]
         status = res.status
         if status == _TUPLES_OK or status == _COMMAND_OK or status == _EMPTY_QUERY:
