@@ -59,10 +59,6 @@ InsertItem = Any
 """An args object, or an ``(args, InsertOpts | None)`` pair."""
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @final
 class Client:
     """A connection to the job queue; made by :func:`open_client`, never directly.
@@ -425,15 +421,19 @@ async def open_client(
     *,
     workers: Workers | None = None,
     queues: Mapping[str, QueueConfig] | None = None,
+    driver: Driver | None = None,
     **config: Any,
 ) -> AsyncIterator[Client]:
     """Open a client for the block; with ``queues`` it also works jobs until the block ends.
 
-    ``database_url`` ``None`` means ``$TRIOQUEUE_DATABASE_URL``, else a private PostgreSQL
-    server started for the block (and migrated). Leaving the block is a soft stop (running
-    jobs finish); cancellation from outside is a hard stop whose final writes are shielded
-    for up to ``shutdown_timeout`` seconds. Config errors raise ValidationError before
-    anything starts.
+    Storage: ``driver`` when given (for example ``trioqueue.MemoryDriver()``); else
+    ``database_url`` — a PostgreSQL URL, or ``memory://NAME`` for the in-process memory
+    store of that name; ``None`` means ``$TRIOQUEUE_DATABASE_URL``, else a private
+    PostgreSQL server started (and migrated) for the block.
+
+    Leaving the block is a soft stop (running jobs finish); cancellation from outside is a
+    hard stop whose final writes are shielded for up to ``shutdown_timeout`` seconds.
+    Config errors raise ValidationError before anything starts.
     """
     cfg = ClientConfig(**config)
     queue_configs = validate_queues(queues)
@@ -441,31 +441,41 @@ async def open_client(
         raise ValidationError("workers", "must be a trioqueue.Workers")
     if queue_configs and (workers is None or not len(workers)):
         raise ValidationError("workers", "a client with queues needs at least one worker")
+    if driver is not None:
+        if database_url is not None:
+            raise ValidationError("driver", "give a driver or a database_url, not both")
+        async with _run_client(driver, cfg, workers, queue_configs) as client:
+            yield client
+        return
 
     from .embedded import open_embedded_server, resolve_database_url
 
     url = resolve_database_url(database_url)
+    if url is not None and url.startswith("memory://"):
+        from .driver.memory import memory_driver_for_url
+
+        async with _run_client(memory_driver_for_url(url), cfg, workers, queue_configs) as client:
+            yield client
+        return
     if url is None:
         async with open_embedded_server() as embedded_url:
             from .migrations import migrate
 
             await migrate(embedded_url)
-            async with _open(embedded_url, cfg, workers, queue_configs) as client:
+            async with _open_postgres(embedded_url, cfg, workers, queue_configs) as client:
                 yield client
         return
-    async with _open(url, cfg, workers, queue_configs) as client:
+    async with _open_postgres(url, cfg, workers, queue_configs) as client:
         yield client
 
 
 @asynccontextmanager
-async def _open(
+async def _open_postgres(
     url: str,
     cfg: ClientConfig,
     workers: Workers | None,
     queues: Mapping[str, QueueConfig],
 ) -> AsyncIterator[Client]:
-    from .migrations import latest_version, schema_version
-
     pool_size = int(os.environ.get("TRIOQUEUE_POOL_SIZE", "0")) or 8 + 2 * len(queues)
     try:
         pool_cm = open_pool(url, max_size=pool_size)
@@ -473,27 +483,36 @@ async def _open(
     except psycopg.Error as exc:
         raise DatabaseError("connecting to the database", exc) from exc
     try:
-        driver = PostgresDriver(pool, url)
-        try:
-            async with pool.acquire() as conn:
-                version = await schema_version(conn)
-        except psycopg.Error as exc:
-            raise DatabaseError("checking the schema version", exc) from exc
-        if version < latest_version():
-            raise TrioqueueError(
-                f"the database schema is at version {version}, this trioqueue needs "
-                f"{latest_version()}: run `trioqueue migrate` (or `await trioqueue.migrate(url)`)"
-            )
-        client = Client(driver, cfg, workers, queues, _utc_now)
-        if client._runtime is None:
+        async with _run_client(PostgresDriver(pool, url), cfg, workers, queues) as client:
             yield client
-            return
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client._runtime.run)
-            try:
-                yield client
-            finally:
-                client._runtime.soft_stop()
     finally:
         with trio.CancelScope(shield=True):
             await pool_cm.__aexit__(None, None, None)
+
+
+@asynccontextmanager
+async def _run_client(
+    driver: Driver,
+    cfg: ClientConfig,
+    workers: Workers | None,
+    queues: Mapping[str, QueueConfig],
+) -> AsyncIterator[Client]:
+    """Check the schema, then run the client (and its runtime, if it has queues)."""
+    from .migrations import latest_version
+
+    version = await driver.schema_version()
+    if version < latest_version():
+        raise TrioqueueError(
+            f"the database schema is at version {version}, this trioqueue needs "
+            f"{latest_version()}: run `trioqueue migrate` (or `await trioqueue.migrate(url)`)"
+        )
+    client = Client(driver, cfg, workers, queues, driver.clock)
+    if client._runtime is None:
+        yield client
+        return
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client._runtime.run)
+        try:
+            yield client
+        finally:
+            client._runtime.soft_stop()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, final
 
-from .driver.postgres import PgConnection
-
 __all__ = ["Transaction"]
 
 
@@ -19,25 +17,28 @@ class Transaction:
     between tasks.
     """
 
-    def __init__(self, conn: PgConnection) -> None:
-        self._conn = conn
+    def __init__(self, executor: Any) -> None:
+        self._conn = executor
 
     @property
-    def connection(self) -> PgConnection:
+    def connection(self) -> Any:
+        """The driver's executor for this transaction (a ``PgConnection`` on PostgreSQL)."""
         return self._conn
 
     async def execute(self, query: str, *params: Any) -> str:
         """Run a statement; return its command status (such as ``"INSERT 0 1"``)."""
         result = await self._conn.execute(query, params)
-        return result.status
+        return str(result.status)
 
     async def fetch(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         """Run a query; return every row."""
-        return await self._conn.fetch(query, params)
+        rows: list[tuple[Any, ...]] = await self._conn.fetch(query, params)
+        return rows
 
     async def fetchrow(self, query: str, *params: Any) -> tuple[Any, ...] | None:
         """Run a query; return its first row, or None."""
-        return await self._conn.fetchrow(query, params)
+        row: tuple[Any, ...] | None = await self._conn.fetchrow(query, params)
+        return row
 
     async def fetchval(self, query: str, *params: Any) -> Any:
         """Run a query; return the first column of its first row, or None."""

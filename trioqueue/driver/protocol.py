@@ -106,7 +106,19 @@ class Driver(Protocol):
     """Storage operations. ``ex`` is an executor from :meth:`transaction` (the operation
     then runs inside that transaction), or ``None`` to run on its own."""
 
-    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+    def clock(self) -> datetime:
+        """The time every statement is given as ``now`` (timezone-aware UTC)."""
+        ...
+
+    async def schema_version(self) -> int:
+        """The newest migration the storage has applied (0: none)."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        """A transaction for the block; the executor it yields goes in ``ex=``. It must
+        offer ``execute/fetch/fetchrow/fetchval(query, params)`` for the application's
+        own statements (a driver without SQL raises ``TrioqueueError`` from them)."""
+        ...
 
     async def job_insert_many(
         self,

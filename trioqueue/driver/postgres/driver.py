@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar, final
 
 import psycopg
@@ -90,6 +90,18 @@ class PostgresDriver:
     @property
     def pool(self) -> PgPool:
         return self._pool
+
+    def clock(self) -> datetime:
+        """The wall clock: clients in several processes share the database's notion of
+        time through it (keep their clocks in sync)."""
+        return datetime.now(UTC)
+
+    async def schema_version(self) -> int:
+        from ...migrations import schema_version
+
+        with _wrapped("checking the schema version"):
+            async with self._pool.acquire() as conn:
+                return await schema_version(conn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgConnection]:
