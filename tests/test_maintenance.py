@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import attrs
 import trio
+from support import eventually
 
 import trioqueue as tq
 from trioqueue._maintenance.cleaner import (
@@ -84,15 +85,6 @@ async def _sql(client: tq.Client, query: str, *params: Any) -> list[tuple[Any, .
 # ------------------------------------------------------------------ leader election
 
 
-async def _wait_for(predicate: Any, seconds: float = 10.0) -> None:
-    """Poll ``predicate`` (leadership has no event to wait on) until true, or fail."""
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await trio.sleep(0.02)
-    raise AssertionError(f"not reached within {seconds} s")
-
-
 async def test_two_clients_elect_exactly_one_leader_and_fail_over(database_url: str) -> None:
     workers = _workers()
     queues = {"default": tq.QueueConfig(max_workers=2)}
@@ -100,7 +92,7 @@ async def test_two_clients_elect_exactly_one_leader_and_fail_over(database_url: 
         tq.open_client(database_url, workers=workers, queues=queues, id="client-a", **FAST) as a,
         tq.open_client(database_url, workers=workers, queues=queues, id="client-b", **FAST) as b,
     ):
-        await _wait_for(lambda: a.is_leader or b.is_leader)
+        await eventually(lambda: a.is_leader or b.is_leader)
         # Several terms pass; never two leaders at once.
         for _ in range(20):
             assert not (a.is_leader and b.is_leader)
@@ -111,7 +103,7 @@ async def test_two_clients_elect_exactly_one_leader_and_fail_over(database_url: 
         await leader.stop()
         assert not leader.is_leader
         # The resignation is announced: the follower takes over well within a term.
-        await _wait_for(lambda: follower.is_leader, seconds=3.0)
+        await eventually(lambda: follower.is_leader, seconds=3.0)
         rows = await _sql(follower, "SELECT leader_id FROM tq_leader")
         assert rows == [(follower.id,)]
 
@@ -121,12 +113,12 @@ async def test_poll_only_follower_takes_over_after_the_leader_stops(database_url
     queues = {"default": tq.QueueConfig(max_workers=2)}
     config = {**FAST, "poll_only": True}
     async with tq.open_client(database_url, workers=workers, queues=queues, **config) as a:
-        await _wait_for(lambda: a.is_leader)
+        await eventually(lambda: a.is_leader)
         async with tq.open_client(database_url, workers=workers, queues=queues, **config) as b:
             await trio.sleep(0.5)
             assert not b.is_leader
             await a.stop()
-            await _wait_for(lambda: b.is_leader, seconds=3.0)
+            await eventually(lambda: b.is_leader, seconds=3.0)
 
 
 async def test_leadership_expires_when_the_leader_vanishes(database_url: str) -> None:
@@ -145,7 +137,7 @@ async def test_leadership_expires_when_the_leader_vanishes(database_url: str) ->
     async with tq.open_client(database_url, workers=workers, queues=queues, **FAST) as client:
         await trio.sleep(0.2)
         assert not client.is_leader
-        await _wait_for(lambda: client.is_leader, seconds=5.0)
+        await eventually(lambda: client.is_leader, seconds=5.0)
 
 
 async def test_insert_only_client_is_never_leader(database_url: str) -> None:

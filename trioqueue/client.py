@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar, final
 
-import psycopg
 import trio
 
 from ._codec import (
@@ -24,11 +23,9 @@ from ._runtime.dispatcher import Subscription
 from ._runtime.notifier import NotifyLimiter
 from ._runtime.tree import Runtime
 from .config import ClientConfig, QueueConfig, validate_queues
-from .driver.postgres import open_pool
-from .driver.postgres.driver import PostgresDriver
+from .driver.postgres.driver import open_postgres_driver
 from .driver.protocol import Driver, JobInsertParams, Row
 from .errors import (
-    DatabaseError,
     JobNotFoundError,
     JobRunningError,
     TrioqueueError,
@@ -477,17 +474,11 @@ async def _open_postgres(
     queues: Mapping[str, QueueConfig],
 ) -> AsyncIterator[Client]:
     pool_size = int(os.environ.get("TRIOQUEUE_POOL_SIZE", "0")) or 8 + 2 * len(queues)
-    try:
-        pool_cm = open_pool(url, max_size=pool_size)
-        pool = await pool_cm.__aenter__()
-    except psycopg.Error as exc:
-        raise DatabaseError("connecting to the database", exc) from exc
-    try:
-        async with _run_client(PostgresDriver(pool, url), cfg, workers, queues) as client:
-            yield client
-    finally:
-        with trio.CancelScope(shield=True):
-            await pool_cm.__aexit__(None, None, None)
+    async with (
+        open_postgres_driver(url, max_size=pool_size) as driver,
+        _run_client(driver, cfg, workers, queues) as client,
+    ):
+        yield client
 
 
 @asynccontextmanager

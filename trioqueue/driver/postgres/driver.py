@@ -23,10 +23,10 @@ from ..protocol import (
     Row,
 )
 from .connection import PgConnection
-from .pool import PgPool
+from .pool import PgPool, open_pool
 from .queries import QUERIES
 
-__all__ = ["PgListener", "PostgresDriver"]
+__all__ = ["PgListener", "PostgresDriver", "open_postgres_driver"]
 
 T = TypeVar("T")
 
@@ -408,3 +408,24 @@ class PostgresDriver:
 
     async def aclose(self) -> None:
         await self._pool.aclose()
+
+
+@asynccontextmanager
+async def open_postgres_driver(
+    conninfo: str, *, max_size: int = 10
+) -> AsyncIterator[PostgresDriver]:
+    """A PostgresDriver over a pool of up to ``max_size`` connections, for the block.
+
+    Raises DatabaseError if the database cannot be reached. On exit the pool is closed
+    (shielded), whatever the block did.
+    """
+    try:
+        pool_cm = open_pool(conninfo, max_size=max_size)
+        pool = await pool_cm.__aenter__()
+    except psycopg.Error as exc:
+        raise DatabaseError("connecting to the database", exc) from exc
+    try:
+        yield PostgresDriver(pool, conninfo)
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool_cm.__aexit__(None, None, None)
