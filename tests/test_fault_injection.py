@@ -150,3 +150,15 @@ async def test_elector_gives_up_leadership_when_renewal_fails(database_url: str)
             await eventually(lambda: not client.is_leader)
             driver.faults.clear()
             await eventually(lambda: client.is_leader)
+
+
+async def test_an_outcome_write_whose_reply_is_lost_still_reports_each_job_once(
+    database_url: str,
+) -> None:
+    # The batch committed but the client was told it failed: the retry finds the jobs no
+    # longer running, recognises its own run by attempted_at, and still emits the events.
+    fault = Fault("job_set_state_if_running_many", "error_after", call=1)
+    async with _faulty(database_url, fault) as driver:
+        runs = await _work(driver, 25)
+    assert driver.injected["job_set_state_if_running_many"] == 1
+    assert len(runs) == 25 and set(runs.values()) == {1}

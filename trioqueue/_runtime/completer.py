@@ -18,9 +18,10 @@ import attrs
 import trio
 
 from .._codec import row_to_job
-from ..driver.protocol import Driver, JobOutcome
+from ..driver.protocol import Driver, JobOutcome, Row
 from ..errors import DatabaseError
 from ..events import Event, EventKind
+from ..job import JobListParams, JobState
 
 __all__ = ["Completer", "CompleterStatistics", "Finished"]
 
@@ -35,6 +36,8 @@ class Finished:
     outcome: JobOutcome
     event_kind: EventKind
     duration: float
+    attempted_at: datetime | None = None
+    """When the run began (the row's ``attempted_at``): identifies this run of the job."""
 
 
 @final
@@ -174,28 +177,36 @@ class Completer:
                 self._space.set()
                 self._space = trio.Event()
 
-    async def _write(self, batch: list[Finished]) -> None:
+    async def _write_with_retries(self, batch: list[Finished]) -> tuple[list[Row], bool]:
+        """Write the batch, retrying with backoff until it succeeds; return the rows
+        written and whether any attempt failed first."""
         delay = 0.5
+        failed_before = False
         while True:
             try:
                 rows = await self.driver.job_set_state_if_running_many(
                     [f.outcome for f in batch], self.now()
                 )
+                return rows, failed_before
             except DatabaseError as exc:
                 self._failed += 1
+                failed_before = True
                 log.warning(
                     "writing %d job outcomes failed, retrying in %.1f s: %s",
                     len(batch),
                     delay,
                     exc,
                 )
-                await trio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            break
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _write(self, batch: list[Finished]) -> None:
+        rows, failed_before = await self._write_with_retries(batch)
         self._batches += 1
         self._written += len(batch)
         by_id = {f.outcome.id: f for f in batch}
+        if failed_before and len(rows) < len(batch):
+            rows = rows + await self._written_by_lost_reply(batch, {r[0] for r in rows})
         events = []
         for row in rows:
             finished = by_id.get(row[0])
@@ -217,3 +228,30 @@ class Completer:
                 self.events.send_nowait(events)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 log.warning("event dispatcher not keeping up: %d events dropped", len(events))
+
+    async def _written_by_lost_reply(self, batch: list[Finished], seen: set[int]) -> list[Row]:
+        """After a write that failed, a retry finds some jobs no longer running: maybe the
+        failed attempt did commit and only its reply was lost. Those rows are ours if they
+        still carry the same run (``attempted_at``) and the state we wrote, so their
+        events are not lost. Best effort: a read failure just means no events for them."""
+        missing = [f for f in batch if f.outcome.id not in seen and f.attempted_at is not None]
+        if not missing:
+            return []
+        try:
+            rows = await self.driver.job_list(
+                JobListParams(ids=[f.outcome.id for f in missing], limit=len(missing))
+            )
+        except DatabaseError as exc:
+            log.warning("could not check %d possibly written outcomes: %s", len(missing), exc)
+            return []
+        wanted = {f.outcome.id: f for f in missing}
+        ours = []
+        for row in rows:
+            finished = wanted[row[0]]
+            state = row[4]
+            if row[8] == finished.attempted_at and state in (
+                finished.outcome.state.value,
+                JobState.CANCELLED.value,
+            ):
+                ours.append(row)
+        return ours

@@ -159,6 +159,7 @@ class Executor:
             ),
             EventKind.JOB_INTERRUPTED,
             trio.current_time() - start,
+            job.attempted_at,
         )
 
     async def _decide(
@@ -176,6 +177,7 @@ class Executor:
                 JobOutcome(job.id, JobState.COMPLETED, now, None, False, None, None),
                 EventKind.JOB_COMPLETED,
                 duration,
+                job.attempted_at,
             )
         assert failure is not None
         if isinstance(failure, JobSnooze):
@@ -194,6 +196,7 @@ class Executor:
                 ),
                 EventKind.JOB_SNOOZED,
                 duration,
+                job.attempted_at,
             )
         error_json = _error_entry(now, job.attempt, failure)
         cancel = isinstance(failure, JobCancel | JobCancelledRemotelyError) or (
@@ -211,12 +214,14 @@ class Executor:
                 JobOutcome(job.id, JobState.CANCELLED, now, None, False, error_json, None),
                 EventKind.JOB_CANCELLED,
                 duration,
+                job.attempted_at,
             )
         if job.attempt >= job.max_attempts:
             return Finished(
                 JobOutcome(job.id, JobState.DISCARDED, now, None, False, error_json, None),
                 EventKind.JOB_FAILED,
                 duration,
+                job.attempted_at,
             )
         delay = next_retry_delay(job, entry, self.config.retry_policy)
         soon = delay <= self.config.scheduler_interval
@@ -232,4 +237,5 @@ class Executor:
             ),
             EventKind.JOB_FAILED,
             duration,
+            job.attempted_at,
         )
