@@ -16,13 +16,25 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 from trioqueue.driver.postgres import Notify, PgConnection, QueryResult
+from trioqueue.embedded import EmbeddedServer
 
 UTC = dt.UTC
 SOCKET_DIR = "/var/run/postgresql"
 
 
+_URL: str | None = None
+
+
+@pytest.fixture(autouse=True)
+def _test_database(database_url: str) -> None:
+    """Every test here talks to the test session's server, in a database of its own."""
+    global _URL
+    _URL = database_url
+
+
 def _url() -> str:
-    return os.environ.get("TRIOQUEUE_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
+    assert _URL is not None, "the _test_database fixture sets this"
+    return _URL
 
 
 @pytest.fixture
@@ -80,13 +92,15 @@ async def test_connect_keyword_string() -> None:
             await c.aclose()
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(SOCKET_DIR, ".s.PGSQL.5432")),
-    reason=f"no PostgreSQL unix socket in {SOCKET_DIR}",
-)
-async def test_connect_unix_socket() -> None:
+async def test_connect_unix_socket(pg_server: EmbeddedServer | None) -> None:
+    if pg_server is not None and pg_server.socket_dir is not None:
+        socket_dir = str(pg_server.socket_dir)
+    elif os.path.exists(os.path.join(SOCKET_DIR, ".s.PGSQL.5432")):  # noqa: ASYNC240
+        socket_dir = SOCKET_DIR
+    else:
+        pytest.skip(f"the test server has no unix socket we know of (tried {SOCKET_DIR})")
     params = conninfo_to_dict(_url())
-    params["host"] = SOCKET_DIR
+    params["host"] = socket_dir
     params.pop("hostaddr", None)
     with trio.fail_after(10):
         c = await PgConnection.connect(make_conninfo("", **params))
@@ -699,3 +713,35 @@ async def test_copy_via_execute_is_refused(conn: PgConnection) -> None:
     with pytest.raises(psycopg.NotSupportedError):
         await conn.execute("COPY c (x) FROM STDIN")
     assert await conn.fetchval("SELECT 1") == 1
+
+
+# ---- prepared statements --------------------------------------------------------------------
+
+
+async def test_prepared_statements_match_unprepared(conn: PgConnection) -> None:
+    with trio.fail_after(10):
+        query = "SELECT $1::bigint + 1, $2::text"
+        for value in (1, 40_000, 2**40, -5):
+            expected = await conn.fetchrow(query, [value, "x"])
+            assert await conn.fetchrow(query, [value, "x"], prepare=True) == expected
+            assert await conn.fetchrow(query, [value, "x"], prepare=True) == expected
+        # One prepared statement per combination of parameter types (int2/int4/int8 here).
+        assert 1 <= len(conn._prepared) <= 4
+
+
+async def test_prepared_statement_error_is_raised_and_not_cached(conn: PgConnection) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(errors.SyntaxError):
+            await conn.fetch("SELEC $1::int", [1], prepare=True)
+        assert not conn._prepared
+        assert await conn.fetchval("SELECT $1::int", [3], prepare=True) == 3
+
+
+async def test_prepared_statement_cancelled_mid_run_keeps_the_connection(
+    conn: PgConnection,
+) -> None:
+    with trio.fail_after(15):
+        with trio.move_on_after(0.2):
+            await conn.fetch("SELECT pg_sleep($1::float8)", [10.0], prepare=True)
+        assert not conn.broken
+        assert await conn.fetchval("SELECT pg_sleep($1::float8)::text", [0.0], prepare=True) == ""

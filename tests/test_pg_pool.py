@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,9 +12,19 @@ import trio
 from trioqueue.driver.postgres import PgConnection, PgPool, open_pool
 from trioqueue.driver.postgres.pool import PoolStatistics
 
+_URL: str | None = None
+
+
+@pytest.fixture(autouse=True)
+def _test_database(database_url: str) -> None:
+    """Every test here talks to the test session's server, in a database of its own."""
+    global _URL
+    _URL = database_url
+
 
 def _url() -> str:
-    return os.environ.get("TRIOQUEUE_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
+    assert _URL is not None, "the _test_database fixture sets this"
+    return _URL
 
 
 @pytest.fixture

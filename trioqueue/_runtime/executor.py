@@ -13,7 +13,7 @@ from typing import Any, final
 import attrs
 import trio
 
-from .._codec import decode_args, dumps
+from .._codec import decode_args, dumps, with_args
 from ..config import ClientConfig, RetryPolicy, call_error_handler
 from ..driver.protocol import JobOutcome
 from ..errors import JobCancel, JobSnooze
@@ -114,7 +114,7 @@ class Executor:
                 )
             else:
                 try:
-                    job = attrs.evolve(job, args=decode_args(entry.args_type, job.args))
+                    job = with_args(job, decode_args(entry.args_type, job.args))
                 except Exception as exc:
                     failure = exc
             if entry is not None and failure is None:

@@ -24,6 +24,7 @@ Type notes:
 from __future__ import annotations
 
 import binascii
+import json
 import select
 import struct
 from collections.abc import Iterable, Sequence
@@ -81,6 +82,8 @@ _COPY_CHUNK: Final = 128 * 1024
 _HAS_CANCEL_CONN: Final = capabilities.has_cancel_safe()
 
 DEFAULT_CANCEL_TIMEOUT: Final = 5.0
+# Prepared statements kept per session; past this, statements run unprepared.
+_MAX_PREPARED: Final = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +118,28 @@ class _BytesHexTextDumper(Dumper):
         return b"\\x" + binascii.hexlify(obj)
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+class _JsonbBinaryLoader(Loader):
+    """Load ``jsonb`` (binary format: a version byte, then the JSON text) faster than
+    psycopg's generic loader: the server's output has no surrounding whitespace, so the
+    text goes straight to the decoder, and the empty object and array (most metadata and
+    errors) skip it altogether."""
+
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        text = bytes(data[1:])
+        if text == b"{}":
+            return {}
+        if text == b"[]":
+            return []
+        return _raw_decode(text.decode())[0]
+
+
 _ADAPTERS: Final = AdaptersMap(psycopg.adapters)
+_ADAPTERS.register_loader("jsonb", _JsonbBinaryLoader)
 _ADAPTERS.register_loader("bit", _BitBinaryLoader)
 _ADAPTERS.register_loader("varbit", _BitBinaryLoader)
 for _cls in (bytes, bytearray, memoryview):
@@ -245,6 +269,8 @@ class PgConnection:
         "_notify_scope",
         "_pgconn",
         "_poller",
+        "_prepare_seq",
+        "_prepared",
         "_tx",
         "_tx_depth",
     )
@@ -262,6 +288,8 @@ class PgConnection:
         self._notify_scope: trio.CancelScope | None = None
         self._listening: set[str] = set()
         self._poller: select.poll | None = None
+        self._prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._prepare_seq = 0
         pgconn.notify_handler = self._notifies_append
 
     def _notifies_append(self, n: PGnotify) -> None:
@@ -462,25 +490,58 @@ class PgConnection:
         if scope is not None:
             scope.cancel()
 
-    async def _exec(self, query: str, params: Sequence[Any] | None) -> PGresult:
+    async def _prepared_name(self, query: str, types: Sequence[int]) -> bytes | None:
+        """The name of ``query`` prepared for these parameter types on this session,
+        preparing it first if need be (one extra round trip, once); None once the cache
+        is full. The caller holds ``self._lock``."""
+        key = (query, tuple(types))
+        name = self._prepared.get(key)
+        if name is not None or len(self._prepared) >= _MAX_PREPARED:
+            return name
+        # A fresh name per attempt: a prepare cancelled midway may or may not exist.
+        self._prepare_seq += 1
+        name = b"tq_%d" % self._prepare_seq
+        pgconn = self._usable()
+        try:
+            pgconn.send_prepare(name, query.encode(_ENCODING), param_types=types)
+        except psycopg.OperationalError:
+            raise self._broke("sending the query failed") from None
+        results: list[PGresult] = await self._run(generators.execute(pgconn))
+        for res in results:
+            if res.status == _FATAL_ERROR:
+                raise errors.error_from_result(res, encoding=_ENCODING)
+        self._prepared[key] = name
+        return name
+
+    async def _exec(
+        self, query: str, params: Sequence[Any] | None, prepare: bool = False
+    ) -> PGresult:
         """Send one statement with the extended protocol; return its (successful) result.
+        With ``prepare``, a named prepared statement is used (and made on first use), which
+        saves the server parsing and planning it every time.
 
         The caller holds ``self._lock`` and must decode rows before releasing it.
         """
         pgconn = self._usable()
+        tx = self._tx
+        if params:
+            bufs = tx.dump_sequence(params, [_AUTO] * len(params))
+            types: Sequence[int] = tx.types or ()
+            formats: Sequence[pq.Format] | None = tx.formats
+        else:
+            bufs, types, formats = None, (), None
+        name = await self._prepared_name(query, types) if prepare else None
         try:
-            if params:
-                tx = self._tx
-                bufs = tx.dump_sequence(params, [_AUTO] * len(params))
+            if name is not None:
+                pgconn.send_query_prepared(name, bufs, param_formats=formats, result_format=_BINARY)
+            else:
                 pgconn.send_query_params(
                     query.encode(_ENCODING),
                     bufs,
-                    param_types=tx.types,
-                    param_formats=tx.formats,
+                    param_types=types or None,
+                    param_formats=formats,
                     result_format=_BINARY,
                 )
-            else:
-                pgconn.send_query_params(query.encode(_ENCODING), None, result_format=_BINARY)
         except psycopg.OperationalError:
             raise self._broke("sending the query failed") from None
         results: list[PGresult] = await self._run(generators.execute(pgconn))
@@ -537,8 +598,14 @@ class PgConnection:
 
     # ---- queries ---------------------------------------------------------------------------
 
-    async def execute(self, query: str, params: Sequence[Any] | None = None) -> QueryResult:
+    async def execute(
+        self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
+    ) -> QueryResult:
         """Run one statement with ``$1, $2`` placeholders in one round trip.
+
+        ``prepare=True`` runs it as a named prepared statement of this session (made on
+        first use, for each combination of parameter types): worth it for statements run
+        often. Not for servers behind a transaction-pooling proxy.
 
         On cancellation: the server is asked to cancel the statement and the connection waits
         (shielded, up to ``cancel_timeout``) until it has stopped; the connection stays usable,
@@ -546,26 +613,30 @@ class PgConnection:
         """
         self._wake_notify_waiter()
         async with self._lock:
-            res = await self._exec(query, params)
+            res = await self._exec(query, params, prepare)
             rows = self._rows(res)
         status = res.command_status
         return QueryResult(
             rows, res.command_tuples or 0, status.decode(_ENCODING) if status else ""
         )
 
-    async def fetch(self, query: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run one statement and return all its rows. Cancellation as in `execute`."""
+    async def fetch(
+        self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement and return all its rows. ``prepare`` and cancellation as in
+        `execute`."""
         self._wake_notify_waiter()
         async with self._lock:
-            return self._rows(await self._exec(query, params))
+            return self._rows(await self._exec(query, params, prepare))
 
     async def fetchrow(
-        self, query: str, params: Sequence[Any] | None = None
+        self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
     ) -> tuple[Any, ...] | None:
-        """Run one statement and return its first row, or None. Cancellation as in `execute`."""
+        """Run one statement and return its first row, or None. ``prepare`` and
+        cancellation as in `execute`."""
         self._wake_notify_waiter()
         async with self._lock:
-            res = await self._exec(query, params)
+            res = await self._exec(query, params, prepare)
             if res.status != _TUPLES_OK or not res.ntuples:
                 return None
             tx = self._tx
@@ -575,9 +646,12 @@ class PgConnection:
             finally:
                 tx.set_pgresult(None)
 
-    async def fetchval(self, query: str, params: Sequence[Any] | None = None) -> Any:
-        """Return the first column of the first row, or None. Cancellation as in `execute`."""
-        row = await self.fetchrow(query, params)
+    async def fetchval(
+        self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
+    ) -> Any:
+        """Return the first column of the first row, or None. ``prepare`` and cancellation
+        as in `execute`."""
+        row = await self.fetchrow(query, params, prepare=prepare)
         return None if row is None else row[0]
 
     async def execute_script(self, sql: str) -> None:

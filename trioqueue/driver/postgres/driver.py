@@ -123,8 +123,8 @@ class PostgresDriver:
     async def _fetch(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> list[Row]:
         with _wrapped(doing):
             if ex is not None:
-                return await ex.fetch(QUERIES[name], params)  # type: ignore[no-any-return]
-            return await self._pool.fetch(QUERIES[name], params)
+                return await ex.fetch(QUERIES[name], params, prepare=True)  # type: ignore[no-any-return]
+            return await self._pool.fetch(QUERIES[name], params, prepare=True)
 
     async def _fetchrow(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> Row | None:
         rows = await self._fetch(doing, name, params, ex)
@@ -138,8 +138,27 @@ class PostgresDriver:
         *,
         ex: Any = None,
     ) -> list[tuple[Row, bool]]:
-        args = [*_insert_arrays(params), now, list(notify_queues)]
-        rows = await self._fetch("inserting jobs", "job_insert_many", args, ex)
+        if len(params) == 1:
+            p = params[0]
+            one = [
+                p.args_json,
+                p.kind,
+                p.max_attempts,
+                p.metadata_json,
+                p.priority,
+                p.queue,
+                p.scheduled_at,
+                p.state.value,
+                list(p.tags),
+                p.unique_key,
+                p.unique_states,
+                now,
+                notify_queues[0] if notify_queues else None,
+            ]
+            rows = await self._fetch("inserting a job", "job_insert_one", one, ex)
+        else:
+            args = [*_insert_arrays(params), now, list(notify_queues)]
+            rows = await self._fetch("inserting jobs", "job_insert_many", args, ex)
         if len(rows) != len(params):
             raise DatabaseError(
                 "inserting jobs",

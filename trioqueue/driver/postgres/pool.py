@@ -141,9 +141,11 @@ class PgPool:
         async with self.acquire() as conn:
             return await conn.execute(query, params)
 
-    async def fetch(self, query: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+    async def fetch(
+        self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
+    ) -> list[tuple[Any, ...]]:
         async with self.acquire() as conn:
-            return await conn.fetch(query, params)
+            return await conn.fetch(query, params, prepare=prepare)
 
     async def fetchrow(
         self, query: str, params: Sequence[Any] | None = None
