@@ -1013,3 +1013,54 @@ async def test_client_opens_after_migrate(empty_database_url: str) -> None:
         async with tq.open_client(empty_database_url) as client:
             job = (await client.insert(SortArgs(["a"]))).job
             assert (await client.job_get(job.id)).id == job.id
+
+
+TRICKY = [
+    "back\\slash",
+    "tab\there",
+    "new\nline\r\n",
+    "quote \" and ' both",
+    "\\N",
+    "unicode é ✓ 😀",
+    "",
+    "{curly},[square]",
+]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_inserted_text_round_trips_exactly(typed_client: tq.Client, fast: bool) -> None:
+    # insert_many_fast formats COPY text by hand: every awkward character must survive.
+    items = [
+        (
+            SortArgs([text, text * 2]),
+            tq.InsertOpts(metadata={"note": text, text: [text]}, tags=["a-b", "c_d"]),
+        )
+        for text in TRICKY
+    ]
+    if fast:
+        assert await typed_client.insert_many_fast(items) == len(TRICKY)
+    else:
+        await typed_client.insert_many(items)
+    jobs = await _all_jobs(typed_client)
+    assert [j.args for j in jobs] == [SortArgs([t, t * 2]) for t in TRICKY]
+    assert [j.metadata for j in jobs] == [{"note": t, t: [t]} for t in TRICKY]
+    assert all(j.tags == ["a-b", "c_d"] for j in jobs)
+
+
+async def test_insert_many_fast_unique_jobs_and_schedule(typed_client: tq.Client) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    unique = tq.UniqueOpts(by_args=True)
+    count = await typed_client.insert_many_fast(
+        [
+            (SortArgs(["u"]), tq.InsertOpts(unique=unique)),
+            (SortArgs(["s"]), tq.InsertOpts(scheduled_at=later, priority=3, max_attempts=7)),
+        ]
+    )
+    assert count == 2
+    dup = await typed_client.insert(SortArgs(["u"]), tq.InsertOpts(unique=unique))
+    assert dup.unique_skipped_as_duplicate
+    jobs = await _all_jobs(typed_client)
+    scheduled = next(j for j in jobs if j.args == SortArgs(["s"]))
+    assert scheduled.state == tq.JobState.SCHEDULED
+    assert (scheduled.priority, scheduled.max_attempts) == (3, 7)
+    assert abs((scheduled.scheduled_at - later).total_seconds()) < 1e-3

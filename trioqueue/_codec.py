@@ -24,13 +24,31 @@ def dumps(value: Any) -> str:
     return _dumps(value)
 
 
+_SCALARS = (str, int, float, bool, type(None))
+_field_names: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _attrs_dict(args: Any) -> dict[str, Any]:
+    """``attrs.asdict(args)``, fast when every field holds a plain JSON scalar (the usual
+    case); anything else (nested attrs classes, collections) goes through attrs."""
+    cls = type(args)
+    names = _field_names.get(cls)
+    if names is None:
+        names = _field_names[cls] = tuple(f.name for f in attrs.fields(cls))
+    data = {name: getattr(args, name) for name in names}
+    for value in data.values():
+        if not isinstance(value, _SCALARS):
+            return attrs.asdict(args)
+    return data
+
+
 def args_to_dict(args: object) -> dict[str, Any]:
     """The JSON object for an args value: attrs and dataclass instances, or a mapping.
 
     Raises ValidationError when the args are not JSON-serialisable.
     """
     if attrs.has(type(args)):
-        data = attrs.asdict(args)  # type: ignore[arg-type]
+        data = _attrs_dict(args)
     elif dataclasses.is_dataclass(args) and not isinstance(args, type):
         data = dataclasses.asdict(args)
     elif isinstance(args, Mapping):

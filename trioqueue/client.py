@@ -12,8 +12,8 @@ from typing import Any, TypeVar, final
 import trio
 
 from ._codec import (
-    args_to_dict,
     dumps,
+    encode_args,
     row_to_job,
     sorted_args_json,
     unique_key,
@@ -55,6 +55,8 @@ A = TypeVar("A")
 InsertItem = Any
 """An args object, or an ``(args, InsertOpts | None)`` pair."""
 
+_DEFAULT_OPTS = InsertOpts()
+
 
 @final
 class Client:
@@ -79,6 +81,8 @@ class Client:
         self._queues = dict(queues)
         self._now = now
         self._notify_limiter = NotifyLimiter(config.fetch_cooldown)
+        self._kinds: dict[type[Any], str] = {}
+        """Args types already checked, with their kind: the insert path's cache."""
         self._runtime: Runtime | None = None
         self._periodic_jobs = PeriodicJobs(config.periodic_jobs)
         if config.periodic_jobs and not queues:
@@ -144,25 +148,28 @@ class Client:
             args, opts = item
         else:
             args, opts = item, None
-        kind = args_kind(type(args))
-        if self._workers is not None and len(self._workers) and self._workers.get(kind) is None:
-            raise UnknownJobKindError(kind)
+        args_type = type(args)
+        kind = self._kinds.get(args_type)
+        if kind is None:
+            kind = args_kind(args_type)
+            if self._workers is not None and len(self._workers) and not self._workers.get(kind):
+                raise UnknownJobKindError(kind)
+            self._kinds[args_type] = kind
         if opts is None:
             own = getattr(args, "insert_opts", None)
-            opts = own() if callable(own) else InsertOpts()
+            opts = own() if callable(own) else _DEFAULT_OPTS
         if not isinstance(opts, InsertOpts):
             raise ValidationError("opts", "must be an InsertOpts")
-        args_dict = args_to_dict(args)
-        try:
-            args_json = dumps(args_dict)
-        except (TypeError, ValueError) as exc:
-            raise ValidationError("args", f"must be JSON-serialisable: {exc}") from None
-        try:
-            metadata_json = dumps(dict(opts.metadata or {}))
-        except (TypeError, ValueError) as exc:
-            raise ValidationError(
-                "InsertOpts.metadata", f"must be JSON-serialisable: {exc}"
-            ) from None
+        args_json = encode_args(args)
+        if opts.metadata:
+            try:
+                metadata_json = dumps(dict(opts.metadata))
+            except (TypeError, ValueError) as exc:
+                raise ValidationError(
+                    "InsertOpts.metadata", f"must be JSON-serialisable: {exc}"
+                ) from None
+        else:
+            metadata_json = "{}"
         scheduled_at = opts.scheduled_at.astimezone(UTC) if opts.scheduled_at else now
         if opts.pending:
             state = JobState.PENDING

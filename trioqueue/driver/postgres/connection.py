@@ -702,12 +702,18 @@ class PgConnection:
 
     # ---- COPY ------------------------------------------------------------------------------
 
+    async def copy_in_data(self, query: str, chunks: Iterable[bytes]) -> int:
+        """Like `copy_in`, but the caller formats the data: ``chunks`` are sent as they
+        are (for instance text-format lines already escaped). Same guarantees."""
+        return await self.copy_in(query, chunks, raw=True)
+
     async def copy_in(
         self,
         query: str,
         rows: Iterable[Sequence[Any]],
         *,
         types: Sequence[int | str] | None = None,
+        raw: bool = False,
     ) -> int:
         """Stream ``rows`` into ``COPY tbl (cols) FROM STDIN``; return the number of rows copied.
 
@@ -741,14 +747,18 @@ class PgConnection:
                 )
 
             try:
-                formatter = self._copy_formatter(res.binary_tuples == 1, types)
-                for row in rows:
-                    buf = formatter.write_row(row)
+                if raw:
+                    for buf in rows:
+                        await self._copy_send(buf)  # type: ignore[arg-type]
+                else:
+                    formatter = self._copy_formatter(res.binary_tuples == 1, types)
+                    for row in rows:
+                        buf = formatter.write_row(row)
+                        if buf:
+                            await self._copy_send(buf)
+                    buf = formatter.end()
                     if buf:
                         await self._copy_send(buf)
-                buf = formatter.end()
-                if buf:
-                    await self._copy_send(buf)
             except BaseException as ex:
                 if isinstance(ex, trio.ClosedResourceError):
                     raise self._broke("the connection was closed") from ex

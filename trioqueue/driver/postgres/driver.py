@@ -60,6 +60,47 @@ def _insert_arrays(params: Sequence[JobInsertParams]) -> list[Any]:
     ]
 
 
+def _copy_text(value: str) -> str:
+    """Escape a value for COPY's text format. Our values never hold raw tabs, newlines or
+    carriage returns (JSON escapes them; names and tags are validated), only backslashes."""
+    return value.replace("\\", "\\\\") if "\\" in value else value
+
+
+_COPY_CHUNK_ROWS = 1000
+
+
+def _copy_text_chunks(params: Sequence[JobInsertParams], now: datetime) -> Iterator[bytes]:
+    """The rows of ``params`` in COPY text format (columns as in ``_INSERT_COLUMNS``), a
+    thousand rows to a chunk. Formatting by hand is several times faster than a generic
+    row formatter, which matters for ``insert_many_fast``."""
+    created = now.isoformat()
+    lines: list[str] = []
+    for p in params:
+        lines.append(
+            "\t".join(
+                (
+                    _copy_text(p.args_json),
+                    p.kind,
+                    str(p.max_attempts),
+                    _copy_text(p.metadata_json),
+                    str(p.priority),
+                    p.queue,
+                    p.scheduled_at.isoformat(),
+                    p.state.value,
+                    "{" + ",".join(p.tags) + "}",
+                    "\\\\x" + p.unique_key.hex() if p.unique_key is not None else "\\N",
+                    p.unique_states if p.unique_states is not None else "\\N",
+                    created,
+                )
+            )
+        )
+        if len(lines) >= _COPY_CHUNK_ROWS:
+            yield ("\n".join(lines) + "\n").encode()
+            lines = []
+    if lines:
+        yield ("\n".join(lines) + "\n").encode()
+
+
 @final
 class PgListener:
     """A LISTEN connection of its own (never from the pool)."""
@@ -174,27 +215,11 @@ class PostgresDriver:
         *,
         ex: Any = None,
     ) -> int:
-        rows = (
-            (
-                p.args_json,
-                p.kind,
-                p.max_attempts,
-                p.metadata_json,
-                p.priority,
-                p.queue,
-                p.scheduled_at,
-                p.state.value,
-                list(p.tags),
-                p.unique_key,
-                p.unique_states,
-                now,
-            )
-            for p in params
-        )
+        chunks = _copy_text_chunks(params, now)
         query = f"COPY tq_job ({_INSERT_COLUMNS}) FROM STDIN"
 
         async def run(conn: PgConnection) -> int:
-            count = await conn.copy_in(query, rows)
+            count = await conn.copy_in_data(query, chunks)
             if notify_queues:
                 await conn.execute(QUERIES["job_notify_insert"], [list(notify_queues)])
             return count
