@@ -10,6 +10,7 @@ from .client import Client as Client
 from .client import open_client as open_client
 from .config import ClientConfig as ClientConfig
 from .config import QueueConfig as QueueConfig
+from .driver.memory import MemoryDriver as MemoryDriver
 from .errors import DatabaseError as DatabaseError
 from .errors import ErrorHandlerResult as ErrorHandlerResult
 from .errors import JobCancel as JobCancel
@@ -55,6 +56,7 @@ __all__ = [
     "JobRunningError",
     "JobSnooze",
     "JobState",
+    "MemoryDriver",
     "PeriodicJob",
     "QueueConfig",
     "Subscription",
