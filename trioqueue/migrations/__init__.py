@@ -15,6 +15,7 @@ from typing import Literal, final
 
 import attrs
 import psycopg
+import trio
 
 from ..driver.postgres import PgConnection
 from ..errors import DatabaseError, ValidationError
@@ -80,6 +81,14 @@ async def _applied(conn: PgConnection) -> set[int]:
     if not exists:
         return set()
     return {int(r[0]) for r in await conn.fetch("SELECT version FROM tq_migration")}
+
+
+def _is_memory_url(database_url: str | None) -> bool:
+    from ..driver.memory import MEMORY_URL_PREFIX
+    from ..embedded import resolve_database_url
+
+    url = resolve_database_url(database_url)
+    return url is not None and url.startswith(MEMORY_URL_PREFIX)
 
 
 @asynccontextmanager
@@ -169,8 +178,12 @@ async def migrate(
 
     ``database_url`` ``None`` means ``$TRIOQUEUE_DATABASE_URL``, else the embedded server.
     Safe when several processes run it at once. Database errors are raised as
-    ``DatabaseError`` naming the migration step.
+    ``DatabaseError`` naming the migration step. A ``memory://`` URL has nothing to
+    migrate (the memory store always has the newest schema): returns ``[]``.
     """
+    if _is_memory_url(database_url):
+        await trio.lowlevel.checkpoint()
+        return []
     async with _connect(database_url) as conn:
         try:
             return await migrate_connection(
@@ -181,7 +194,10 @@ async def migrate(
 
 
 async def migration_list(database_url: str | None = None) -> list[MigrationStatus]:
-    """Every known migration and whether it is applied."""
+    """Every known migration and whether it is applied (all of them, for ``memory://``)."""
+    if _is_memory_url(database_url):
+        await trio.lowlevel.checkpoint()
+        return [MigrationStatus(m.version, m.name, True) for m in migrations()]
     async with _connect(database_url) as conn:
         try:
             applied = await _applied(conn)
