@@ -787,6 +787,33 @@ async def schedule_discards_unique_conflicts(driver: Driver) -> None:
     assert (await get(driver, twins[0][ID]))[STATE] == "discarded"
 
 
+@case
+async def schedule_lets_the_due_key_holder_through(driver: Driver) -> None:
+    # `first` released its key when it became retryable (minimal states); `second` took it
+    # and waits, scheduled. Both come due: `second` keeps its key and becomes available
+    # although `first` comes first in (priority, scheduled_at, id) order; `first` is
+    # discarded. Never both.
+    first = await running_job(driver, queue="u", unique_key=b"k", unique_states=MINIMAL_STATES)
+    await driver.job_set_state_if_running_many(
+        [outcome(first[ID], JobState.RETRYABLE, scheduled_at=at(1), error_json="{}")], NOW
+    )
+    second = await insert_one(
+        driver,
+        queue="u",
+        unique_key=b"k",
+        unique_states=MINIMAL_STATES,
+        scheduled_at=at(2),
+        state=JobState.SCHEDULED,
+    )
+    assert await driver.job_schedule(at(5), at(3), 100) == {"u": 1}
+    assert await driver.job_state(second[ID]) == "available"
+    row = await get(driver, first[ID])
+    assert (row[STATE], row[METADATA]) == (
+        "discarded",
+        {"unique_key_conflict": "scheduler_discarded"},
+    )
+
+
 # ---------------------------------------------------------------------------------- queues
 
 

@@ -1263,15 +1263,19 @@ class MemoryDriver:
             ]
             candidates.sort(key=lambda j: (j.priority, j.scheduled_at, j.id))
             due = candidates[:limit]
+            ranked = [
+                job
+                for job in due
+                if job.unique_key is not None
+                and job.unique_states is not None
+                and JobState.AVAILABLE in job.unique_states
+            ]
+            # Per key, the job holding it now ranks first, then (priority, scheduled_at, id).
+            ranked.sort(key=lambda j: not j.holds_key)
             first: set[bytes] = set()
             conflicting: set[int] = set()
-            for job in due:
-                if (
-                    job.unique_key is None
-                    or job.unique_states is None
-                    or JobState.AVAILABLE not in job.unique_states
-                ):
-                    continue
+            for job in ranked:
+                assert job.unique_key is not None
                 if job.unique_key in first:
                     conflicting.add(job.id)
                     continue

@@ -187,8 +187,11 @@ WHERE id = ANY($1::bigint[])
 -- Move due scheduled/retryable jobs (due by $1) to available, at most $2 of them, and return
 -- how many became available per queue. A job whose unique key is taken by another live job
 -- (or by an earlier job of the same batch) is discarded instead, with the reason in metadata.
+-- Among due jobs with one key, one that holds it now (being scheduled) ranks first and keeps
+-- it; otherwise the first in (priority, scheduled_at, id) order takes it. (Ranked by order
+-- alone, a later holder discarded the first job and was then discarded as its duplicate.)
 WITH due AS (
-    SELECT id, unique_key, unique_states, priority, scheduled_at
+    SELECT id, unique_key, unique_states, state, priority, scheduled_at
     FROM tq_job
     WHERE state IN ('retryable', 'scheduled')
       AND scheduled_at <= $1
@@ -198,7 +201,11 @@ WITH due AS (
 ),
 ranked AS (
     SELECT id, unique_key, unique_states,
-           row_number() OVER (PARTITION BY unique_key ORDER BY priority, scheduled_at, id) AS rn
+           row_number() OVER (
+               PARTITION BY unique_key
+               ORDER BY tq_job_state_in_bitmask(unique_states, state) DESC,
+                        priority, scheduled_at, id
+           ) AS rn
     FROM due
     WHERE unique_key IS NOT NULL AND unique_states IS NOT NULL
       AND tq_job_state_in_bitmask(unique_states, 'available')
