@@ -814,6 +814,31 @@ async def schedule_lets_the_due_key_holder_through(driver: Driver) -> None:
     )
 
 
+@case
+async def schedule_discards_a_conflict_even_if_discarded_jobs_hold_keys(driver: Driver) -> None:
+    # Unique states that include `discarded`: the conflicting job cannot be discarded and
+    # keep holding the key (the index refuses two holders); it must not stop the scheduler.
+    states = MINIMAL_STATES | {JobState.DISCARDED}
+    old = await running_job(driver, queue="v", unique_key=b"v", unique_states=states)
+    await driver.job_set_state_if_running_many(
+        [outcome(old[ID], JobState.RETRYABLE, scheduled_at=at(1), error_json="{}")], NOW
+    )
+    live = await insert_one(driver, queue="v", unique_key=b"v", unique_states=states)
+    other = await insert_one(driver, queue="w", scheduled_at=at(1), state=JobState.SCHEDULED)
+    assert await driver.job_schedule(at(5), at(3), 100) == {"w": 1}
+    row = await get(driver, old[ID])
+    assert (row[STATE], row[METADATA]) == (
+        "discarded",
+        {"unique_key_conflict": "scheduler_discarded"},
+    )
+    assert await driver.job_state(other[ID]) == "available"
+    # The live job keeps the key.
+    [(row, skipped)] = await driver.job_insert_many(
+        [params(unique_key=b"v", unique_states=states)], [], at(4)
+    )
+    assert skipped and row[ID] == live[ID]
+
+
 # ---------------------------------------------------------------------------------- queues
 
 

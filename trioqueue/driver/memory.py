@@ -1287,6 +1287,7 @@ class MemoryDriver:
             moved: dict[str, int] = {}
             for job in due:
                 if job.id in conflicting:
+                    assert job.unique_states is not None
                     new = attrs.evolve(
                         job,
                         state=JobState.DISCARDED,
@@ -1294,6 +1295,10 @@ class MemoryDriver:
                         metadata=_concat(
                             job.metadata, {"unique_key_conflict": "scheduler_discarded"}
                         ),
+                        # Discarded but still holding the key is what the index refuses.
+                        unique_states=None
+                        if JobState.DISCARDED in job.unique_states
+                        else job.unique_states,
                     )
                 else:
                     new = attrs.evolve(job, state=JobState.AVAILABLE, finalized_at=None)

@@ -190,6 +190,9 @@ WHERE id = ANY($1::bigint[])
 -- Among due jobs with one key, one that holds it now (being scheduled) ranks first and keeps
 -- it; otherwise the first in (priority, scheduled_at, id) order takes it. (Ranked by order
 -- alone, a later holder discarded the first job and was then discarded as its duplicate.)
+-- A discarded job whose unique_states include `discarded` would still hold the key, which the
+-- unique index refuses (failing every run of the scheduler): it leaves uniqueness instead
+-- (unique_states NULL), the live job keeping the key.
 WITH due AS (
     SELECT id, unique_key, unique_states, state, priority, scheduled_at
     FROM tq_job
@@ -229,7 +232,10 @@ updated AS (
         finalized_at = CASE WHEN c.id IS NULL THEN NULL ELSE $3::timestamptz END,
         metadata = CASE WHEN c.id IS NULL THEN j.metadata
                         ELSE j.metadata || '{"unique_key_conflict": "scheduler_discarded"}'
-                   END
+                   END,
+        unique_states = CASE WHEN c.id IS NOT NULL
+                                  AND tq_job_state_in_bitmask(j.unique_states, 'discarded')
+                             THEN NULL ELSE j.unique_states END
     FROM due
     LEFT JOIN conflicting c ON c.id = due.id
     WHERE j.id = due.id
