@@ -287,6 +287,20 @@ async def insert_fast_inserts_and_counts(driver: Driver) -> None:
 
 
 @case
+async def tags_round_trip_through_both_insert_paths(driver: Driver) -> None:
+    tags = ("null", "NULL", "a-b", "x_y")
+    [row] = await insert(driver, params(tags=tags))
+    assert row[TAGS] == list(tags)
+    assert await driver.job_insert_fast([params(tags=tags), params(tags=())], [], NOW) == 2
+    assert [r[TAGS] for r in await driver.job_list(tq.JobListParams())] == [
+        list(tags),
+        list(tags),
+        [],
+    ]
+    assert len(await driver.job_list(tq.JobListParams(tags=["null"]))) == 2
+
+
+@case
 async def insert_notifies_the_given_queues(driver: Driver) -> None:
     async with driver.open_listener(CHANNELS) as listener:
         await driver.job_insert_many([params(queue="a"), params(queue="b")], ["a", "b"], NOW)

@@ -66,6 +66,13 @@ def _copy_text(value: str) -> str:
     return value.replace("\\", "\\\\") if "\\" in value else value
 
 
+def _copy_text_array(values: Sequence[str]) -> str:
+    """A text[] literal for COPY's text format. Every element is quoted: unquoted, a tag
+    spelled ``null`` (any case) would be read as a NULL element."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return _copy_text("{" + ",".join(quoted) + "}")
+
+
 _COPY_CHUNK_ROWS = 1000
 
 
@@ -87,7 +94,7 @@ def _copy_text_chunks(params: Sequence[JobInsertParams], now: datetime) -> Itera
                     p.queue,
                     p.scheduled_at.isoformat(),
                     p.state.value,
-                    "{" + ",".join(p.tags) + "}",
+                    _copy_text_array(p.tags),
                     "\\\\x" + p.unique_key.hex() if p.unique_key is not None else "\\N",
                     p.unique_states if p.unique_states is not None else "\\N",
                     created,
