@@ -176,7 +176,12 @@ class Producer:
     async def _run_job(self, job: Job[Any], handle: JobHandle) -> None:
         try:
             finished = await self.executor.execute(job, handle)
-            await self.completer.complete(finished)
+            # The task ends right after: no need for complete()'s two scheduling points
+            # unless the completer's buffer is full (then wait, as backpressure).
+            try:
+                self.completer.complete_nowait(finished)
+            except trio.WouldBlock:
+                await self.completer.complete(finished)
         finally:
             del self._running[job.id]
             if self._last_fetch_full:
