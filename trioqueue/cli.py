@@ -1,4 +1,4 @@
-"""The ``trioqueue`` command: ``migrate`` and ``demo``.
+"""The ``trioqueue`` command: ``migrate``, ``demo`` and ``bench``.
 
 Every command takes ``--database-url`` (else ``$TRIOQUEUE_DATABASE_URL``, else a private
 PostgreSQL server). User errors print one line and exit 2; no tracebacks.
@@ -47,7 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=3000, help="how many jobs (default 3000)")
     demo.add_argument("--workers", type=int, default=200, help="max_workers (default 200)")
     _add_url(demo)
+
+    bench = commands.add_parser(
+        "bench", help="measure trioqueue's throughput and latency (no-op jobs)"
+    )
+    bench.add_argument("--jobs", type=_positive_int, default=20_000, help="(default 20000)")
+    bench.add_argument(
+        "--workers", type=_positive_int, default=1000, help="max_workers (default 1000)"
+    )
+    bench.add_argument("--latency-samples", type=_positive_int, default=200, help="(default 200)")
+    _add_url(bench)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 async def _migrate(args: argparse.Namespace) -> int:
@@ -79,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return trio.run(run_demo, args.database_url, args.jobs, args.workers)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            return trio.run(
+                run_bench, args.database_url, args.jobs, args.workers, args.latency_samples
+            )
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
