@@ -1,0 +1,1 @@
+"""The comparison benchmark harness: ``python -m benchmarks.run`` (see benchmarks/README.md)."""

@@ -1,0 +1,103 @@
+"""What the peer runners share: the command protocol, timing and process statistics.
+
+A runner is started as ``PYTHON runner.py '<json spec>'`` by ``benchmarks/run.py``, runs one
+command on an asyncio event loop (uvloop unless the spec says ``"loop": "asyncio"``) and
+prints one JSON object as the last line of stdout. Nothing here imports trioqueue: the
+peers run in their own virtual environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Spec = dict[str, Any]
+Command = Callable[[Spec], Awaitable[dict[str, Any]]]
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def chunks(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class Counter:
+    """Counts job starts in the job function; fires ``reached`` at the target."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self.first: float | None = None
+        self.reached = asyncio.Event()
+
+    def hit(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.count += 1
+        if self.count >= self.target:
+            self.reached.set()
+
+
+async def wait_until_zero(fetch_count: Callable[[], Awaitable[int]], limit: float) -> int:
+    """Poll ``fetch_count`` every 2 ms until it returns 0; returns how many polls ran."""
+    polls = 0
+    deadline = time.perf_counter() + limit
+    while True:
+        polls += 1
+        if await fetch_count() == 0:
+            return polls
+        if time.perf_counter() > deadline:
+            raise TimeoutError("jobs still unfinished")
+        await asyncio.sleep(0.002)
+
+
+async def latency_loop(
+    spec: Spec,
+    arrived: dict[int, asyncio.Event],
+    started: dict[int, float],
+    insert: Callable[[int], Awaitable[object]],
+) -> list[float]:
+    """One job at a time into an idle worker: seconds from just before the insert to the
+    job function's start. Same gaps, warm-up and seed as trioqueue's ``idle_latency``."""
+    rng = random.Random(spec.get("seed", 1))
+    low, high = spec.get("gap", (0.005, 0.015))
+    warmup = spec.get("warmup", 10)
+    samples: list[float] = []
+    for i in range(warmup + spec["samples"]):
+        await asyncio.sleep(rng.uniform(low, high))
+        arrived[i] = waiter = asyncio.Event()
+        before = time.perf_counter()
+        await insert(i)
+        await asyncio.wait_for(waiter.wait(), 30)
+        if i >= warmup:
+            samples.append(started[i] - before)
+    return samples
+
+
+def main(commands: dict[str, Command], versions: dict[str, str]) -> None:
+    spec: Spec = json.loads(sys.argv[1])
+    command = commands[spec["command"]]
+    loop = spec.get("loop", "uvloop")
+    if loop == "uvloop":
+        import uvloop
+
+        result = uvloop.run(command(spec))
+    else:
+        result = asyncio.run(command(spec))
+    result["loop"] = loop
+    result["versions"] = versions
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
