@@ -1,0 +1,149 @@
+"""Tiny-N smoke runs of the benchmark harness and of ``trioqueue bench``, so both keep working.
+
+Only trioqueue's side of the harness runs here (``--only trioqueue``: the peers' virtual
+environment is never created), on the test server. Nothing about speed is asserted; only
+that every measure ran and the JSON and markdown reports have their shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TRIOQUEUE_DATABASE_URL", None)
+    env.pop("TRIOQUEUE_BENCH_DATABASE_URL", None)
+    return env
+
+
+@pytest.mark.timeout(300)
+def test_harness_trioqueue_only_tiny_run(pg_server_url: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--only",
+            "trioqueue",
+            "--rounds",
+            "1",
+            "--jobs",
+            "200",
+            "--single-inserts",
+            "20",
+            "--latency-samples",
+            "20",
+            "--rss-jobs",
+            "300",
+            "--finalized-rows",
+            "1000",
+            "--database-url",
+            pg_server_url,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ".venv-peers" not in result.stderr  # no peers were installed
+
+    [json_path] = tmp_path.glob("*.json")
+    [md_path] = tmp_path.glob("*.md")
+    report = json.loads(json_path.read_text())
+    assert report["errors"] == []
+    assert [v["name"] for v in report["variants"]] == ["trioqueue"]
+    assert {t["key"] for t in report["targets"]} == {
+        "processing",
+        "batch_enqueue",
+        "single_enqueue",
+        "latency_p50",
+        "latency_p99",
+        "xact_per_job",
+        "rss",
+        "finalized",
+    }
+    stats = report["stats"]["trioqueue"]
+    for metric in (
+        "processing_jobs_per_s",
+        "batch_enqueue_jobs_per_s",
+        "single_enqueue_jobs_per_s",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "xact_per_job",
+        "rss_peak_mb",
+        "finalized_processing_jobs_per_s",
+        "ceiling_jobs_per_s",
+    ):
+        assert stats[metric]["n"] == 1, metric
+        assert stats[metric]["median"] >= 0, metric
+    measures = {r["measure"] for r in report["records"]}
+    assert measures == {"process", "finalized", "single", "latency", "ceiling", "rss"}
+    [latency] = [r for r in report["records"] if r["measure"] == "latency"]
+    assert len(latency["samples_ms"]) == 20
+    # Without peers the ratio targets have nothing to compare with.
+    ratios = {t["key"]: t for t in report["targets"]}
+    assert ratios["processing"]["value"] is None and ratios["processing"]["met"] is None
+    assert isinstance(ratios["xact_per_job"]["met"], bool)
+
+    markdown = md_path.read_text()
+    assert markdown.startswith("# trioqueue benchmark")
+    for heading in ("## Targets", "## All systems", "## trioqueue only", "## Settings"):
+        assert heading in markdown
+    assert "| processing no-op jobs (jobs/s) |" in markdown
+
+
+@pytest.mark.timeout(300)
+def test_trioqueue_bench_command(database_url: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trioqueue.cli",
+            "bench",
+            "--jobs",
+            "200",
+            "--latency-samples",
+            "20",
+            "--database-url",
+            database_url,
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "trioqueue bench: 200 no-op jobs" in out
+    for row in ("insert_many_fast", "insert (one at a time)", "processing no-op jobs"):
+        assert row in out
+    assert "idle latency" in out and "p50" in out and "p99" in out
+    assert "processing" in result.stderr  # the progress line
+
+
+def test_trioqueue_bench_rejects_bad_arguments() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trioqueue.cli", "bench", "--jobs", "0"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
