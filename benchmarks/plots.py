@@ -34,7 +34,7 @@ def _subtitle(report: dict) -> str:
     dirty = "+changes" if report["git"]["trioqueue_uncommitted_changes"] else ""
     return (
         f"{report['machine']['cores']} cores, PostgreSQL {report['server']['server_version']},"
-        f" {report['config']['jobs']:,} jobs, {report['config']['rounds']} rounds,"
+        f" {report['config']['jobs']:,} jobs, {report['config']['rounds']} round(s),"
         f" commit {commit}{dirty}"
     )
 
@@ -94,6 +94,16 @@ def latency_cdf(report: dict, out: Path) -> bool:
     ax.axvline(1.5, color="grey", linestyle=":", label="targets: p50 1.5 ms, p99 5 ms")
     ax.axvline(5.0, color="grey", linestyle=":")
     ax.set_xscale("log")
+    low = min(min(v) for v in samples.values())
+    high = max(max(v) for v in samples.values())
+    ticks = [
+        t
+        for t in (0.2, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+        if low / 1.5 <= t <= high * 1.5
+    ]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("insert → worker start (ms, log scale)")
     ax.set_ylabel("fraction of samples")
     ax.grid(True, alpha=0.3, which="both")

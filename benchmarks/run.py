@@ -304,7 +304,7 @@ class Harness:
     variants: list[Variant]
     records: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
-    _load: float | None = None
+    background: list[float] = field(default_factory=list)
 
     def record(self, rnd: int, variant: Variant, measure: str, **values: Any) -> None:
         self.records.append(
@@ -313,13 +313,11 @@ class Harness:
                 "variant": variant.name,
                 "system": variant.system,
                 "measure": measure,
-                "loadavg_1m_before": self._load,
                 **values,
             }
         )
 
     def attempt(self, rnd: int, variant: Variant, measure: str, fn: Callable[[], None]) -> None:
-        self._load = load_average()
         start = time.perf_counter()
         try:
             fn()
@@ -395,6 +393,9 @@ class Harness:
             "latency_p99_ms": quantile(ms, 0.99),
             "latency_max_ms": ms[-1],
             "latency_mean_ms": statistics.fmean(ms),
+            "latency_insert_p50_ms": quantile(
+                sorted(x * 1000 for x in out.get("insert_samples", [])), 0.5
+            ),
         }
         self.record(rnd, variant, "latency", **values, samples_ms=ms)
         log(
@@ -469,7 +470,11 @@ class Harness:
     def run(self) -> None:
         trioqueue = [v for v in self.variants if v.system == "trioqueue"]
         for rnd in range(1, self.cfg.rounds + 1):
-            log(f"round {rnd}/{self.cfg.rounds}")
+            busy = busy_cpu()
+            if busy is not None:
+                self.background.append(busy)
+            shown = "?" if busy is None else f"{busy:.0%}"
+            log(f"round {rnd}/{self.cfg.rounds} (CPU busy with other work: {shown})")
             for measure in ("process", "single", "latency"):
                 chosen = [v for v in self.variants if measure in v.measures]
                 shift = (rnd - 1) % max(len(chosen), 1)
@@ -605,12 +610,23 @@ def evaluate(
 # ----------------------------------------------------------------------------- reports
 
 
-def load_average() -> float | None:
-    """The 1-minute load average: other work on the machine skews every number."""
+def busy_cpu(seconds: float = 1.0) -> float | None:
+    """Fraction of the machine's CPU time (all cores) spent busy over ``seconds`` while the
+    harness itself is idle: other work on the machine, which skews every number."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+
     try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
         return None
+    total = total1 - total0
+    return round(1 - (idle1 - idle0) / total, 3) if total > 0 else None
 
 
 def git_info() -> dict[str, Any]:
@@ -679,6 +695,7 @@ MAIN_ROWS = (
     ("latency_p50_ms", "idle latency p50 (ms)"),
     ("latency_p99_ms", "idle latency p99 (ms)"),
     ("latency_max_ms", "idle latency max (ms)"),
+    ("latency_insert_p50_ms", "of which the insert call, p50 (ms)"),
     ("xact_per_job", "transactions per processed job"),
     ("cpu_us_per_job", "worker CPU per job (µs)"),
     ("worker_rss_peak_mb", "worker peak RSS (MB)"),
@@ -719,7 +736,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"single inserts: {cfg['single_inserts']:,}; latency samples: {cfg['latency_samples']}"
         f" per round; duration {report['duration_s'] / 60:.1f} min",
         "",
-        f"Load average (1 min) before each measurement: {load_line(report['records'])}",
+        f"CPU busy with other work, measured for 1 s before each round: "
+        f"{background_line(report['background_cpu_busy'])}",
         "",
         "Cells: median over rounds (min-max).",
         "",
@@ -784,14 +802,10 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_line(records: list[dict[str, Any]]) -> str:
-    loads = [r["loadavg_1m_before"] for r in records if r.get("loadavg_1m_before") is not None]
-    if not loads:
+def background_line(busy: list[float]) -> str:
+    if not busy:
         return "unknown"
-    return (
-        f"median {statistics.median(loads):.2f}, max {max(loads):.2f} "
-        f"(on {os.cpu_count()} cores; above about 1 means other work shared the machine)"
-    )
+    return ", ".join(f"{b:.0%}" for b in busy) + " of all cores"
 
 
 def console_table(report: dict[str, Any]) -> str:
@@ -932,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         "stats": stats,
         "records": harness.records,
         "errors": harness.errors,
+        "background_cpu_busy": harness.background,
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
     stem = started_at.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if cfg.quick else "")

@@ -68,7 +68,7 @@ async def process(spec: Spec) -> dict[str, Any]:
 
 
 async def latency(spec: Spec) -> dict[str, Any]:
-    samples = await bench.idle_latency(
+    result = await bench.idle_latency(
         spec["url"],
         spec["samples"],
         _settings(spec),
@@ -77,7 +77,7 @@ async def latency(spec: Spec) -> dict[str, Any]:
         warmup=spec.get("warmup", 10),
         seed=spec.get("seed", 1),
     )
-    return {"samples": samples}
+    return {"samples": result.samples, "insert_samples": result.insert_seconds}
 
 
 def ceiling(spec: Spec) -> dict[str, Any]:

@@ -69,22 +69,26 @@ async def latency_loop(
     arrived: dict[int, asyncio.Event],
     started: dict[int, float],
     insert: Callable[[int], Awaitable[object]],
-) -> list[float]:
+) -> dict[str, list[float]]:
     """One job at a time into an idle worker: seconds from just before the insert to the
-    job function's start. Same gaps, warm-up and seed as trioqueue's ``idle_latency``."""
+    job function's start (and how long the insert call itself took). Same gaps, warm-up
+    and seed as trioqueue's ``idle_latency``."""
     rng = random.Random(spec.get("seed", 1))
     low, high = spec.get("gap", (0.005, 0.015))
     warmup = spec.get("warmup", 10)
     samples: list[float] = []
+    insert_samples: list[float] = []
     for i in range(warmup + spec["samples"]):
         await asyncio.sleep(rng.uniform(low, high))
         arrived[i] = waiter = asyncio.Event()
         before = time.perf_counter()
         await insert(i)
+        returned = time.perf_counter()
         await asyncio.wait_for(waiter.wait(), 30)
         if i >= warmup:
             samples.append(started[i] - before)
-    return samples
+            insert_samples.append(returned - before)
+    return {"samples": samples, "insert_samples": insert_samples}
 
 
 def main(commands: dict[str, Command], versions: dict[str, str]) -> None:

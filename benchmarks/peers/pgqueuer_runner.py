@@ -144,7 +144,7 @@ async def latency(spec: Spec) -> dict[str, Any]:
     await asyncio.gather(*tasks)
     for c in [*conns, conn]:
         await c.close()
-    return {"samples": samples}
+    return samples
 
 
 if __name__ == "__main__":

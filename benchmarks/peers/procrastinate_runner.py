@@ -144,7 +144,7 @@ async def latency(spec: Spec) -> dict[str, Any]:
         await asyncio.sleep(0.2)  # let the worker LISTEN before the first defer
         samples = await latency_loop(spec, arrived, started, lambda i: noop.defer_async(i=i))
         await _stop(worker)
-    return {"samples": samples}
+    return samples
 
 
 if __name__ == "__main__":
