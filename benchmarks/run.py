@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -470,7 +471,7 @@ class Harness:
     def run(self) -> None:
         trioqueue = [v for v in self.variants if v.system == "trioqueue"]
         for rnd in range(1, self.cfg.rounds + 1):
-            busy = busy_cpu()
+            busy = wait_quiet(self.cfg.wait_quiet, self.cfg.quiet_below)
             if busy is not None:
                 self.background.append(busy)
             shown = "?" if busy is None else f"{busy:.0%}"
@@ -802,6 +803,18 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def wait_quiet(max_seconds: float, below: float) -> float | None:
+    """Wait up to ``max_seconds`` until other work keeps less than ``below`` of the CPU
+    busy; return the last reading (the harness is idle meanwhile)."""
+    deadline = time.monotonic() + max_seconds
+    busy = busy_cpu()
+    while busy is not None and busy >= below and time.monotonic() < deadline:
+        log(f"  waiting for a quieter machine: CPU {busy:.0%} busy with other work")
+        time.sleep(4)
+        busy = busy_cpu()
+    return busy
+
+
 def background_line(busy: list[float]) -> str:
     if not busy:
         return "unknown"
@@ -883,6 +896,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(map(str, SWEEP)),
         help="max_workers values of the sweep (default %(default)s)",
     )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each round, wait up to this long until other work keeps less than "
+        "--quiet-below of the CPU busy (default 0: do not wait)",
+    )
+    p.add_argument("--quiet-below", type=float, default=0.15, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     p.add_argument("--plots-dir", type=Path, default=PLOTS_DIR, help=argparse.SUPPRESS)
     cfg = p.parse_args(argv)
@@ -905,6 +927,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    # A SIGTERM unwinds like an exception, so the databases and the embedded server go too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
