@@ -144,7 +144,11 @@ async def finalize(driver: Driver, state: JobState, finalized_at: datetime, **kw
     [row] = await driver.job_set_state_if_running_many(
         [outcome(job[ID], state, finalized_at=finalized_at)], finalized_at
     )
-    return row
+    # The write may leave out args (the caller has them): return the whole stored row.
+    assert row[ARGS] in (None, job[ARGS])
+    stored = await driver.job_get(job[ID])
+    assert stored is not None and stored[:ARGS] + stored[ARGS + 1 :] == row[:ARGS] + row[ARGS + 1 :]
+    return stored
 
 
 def ids(rows: list[Row]) -> list[int]:

@@ -38,6 +38,8 @@ class Finished:
     duration: float
     attempted_at: datetime | None = None
     """When the run began (the row's ``attempted_at``): identifies this run of the job."""
+    args: Any = None
+    """The job's args as the worker saw them, for the event (the write returns none)."""
 
 
 @final
@@ -212,7 +214,10 @@ class Completer:
             finished = by_id.get(row[0])
             if finished is None:
                 continue
-            job = row_to_job(row, self.args_type_for(row[1]))
+            if row[2] is None:
+                job = row_to_job((*row[:2], finished.args, *row[3:]), None)
+            else:
+                job = row_to_job(row, self.args_type_for(row[1]))
             kind = finished.event_kind
             if job.state == "cancelled" and kind is not EventKind.JOB_CANCELLED:
                 kind = EventKind.JOB_CANCELLED

@@ -160,6 +160,7 @@ class Executor:
             EventKind.JOB_INTERRUPTED,
             trio.current_time() - start,
             job.attempted_at,
+            job.args,
         )
 
     async def _decide(
@@ -178,6 +179,7 @@ class Executor:
                 EventKind.JOB_COMPLETED,
                 duration,
                 job.attempted_at,
+                job.args,
             )
         assert failure is not None
         if isinstance(failure, JobSnooze):
@@ -197,6 +199,7 @@ class Executor:
                 EventKind.JOB_SNOOZED,
                 duration,
                 job.attempted_at,
+                job.args,
             )
         error_json = _error_entry(now, job.attempt, failure)
         cancel = isinstance(failure, JobCancel | JobCancelledRemotelyError) or (
@@ -215,6 +218,7 @@ class Executor:
                 EventKind.JOB_CANCELLED,
                 duration,
                 job.attempted_at,
+                job.args,
             )
         if job.attempt >= job.max_attempts:
             return Finished(
@@ -222,6 +226,7 @@ class Executor:
                 EventKind.JOB_FAILED,
                 duration,
                 job.attempted_at,
+                job.args,
             )
         delay = next_retry_delay(job, entry, self.config.retry_policy)
         soon = delay <= self.config.scheduler_interval
@@ -238,4 +243,5 @@ class Executor:
             EventKind.JOB_FAILED,
             duration,
             job.attempted_at,
+            job.args,
         )

@@ -144,7 +144,10 @@ class Driver(Protocol):
 
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime
-    ) -> list[Row]: ...
+    ) -> list[Row]:
+        """Apply outcomes to jobs still running; return the rows written. Their ``args``
+        may be None (the caller ran the job, so it has them)."""
+        ...
 
     async def job_get(self, job_id: int, *, ex: Any = None) -> Row | None: ...
 

@@ -92,6 +92,8 @@ RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j
 -- Write a batch of outcomes. Only rows still `running` change. A job whose cancellation was
 -- requested while it ran ends `cancelled` instead of going back to be retried or snoozed.
 -- SET expressions read the row as locked, so a cancel request that lands first is seen.
+-- The args column comes back NULL: the caller has them, and decoding them again for every
+-- finished job is the single largest cost of this statement.
 UPDATE tq_job j
 SET state = CASE WHEN j.metadata ? 'cancel_attempted_at'
                       AND i.state IN ('retryable', 'scheduled', 'available')
@@ -112,7 +114,7 @@ FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
      AS i(id, state, finalized_at, scheduled_at, give_back_attempt, error, metadata)
 WHERE j.id = i.id
   AND j.state = 'running'
-RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
+RETURNING j.id, j.kind, NULL::jsonb, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
           j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
           j.errors, j.metadata, j.tags;
 
