@@ -2,7 +2,8 @@
 in a trio task of its own.
 
 Fetches happen when woken (an insert notification, a freed slot after a full fetch, a
-resume), at least every ``fetch_poll_interval``, and at most once per ``fetch_cooldown``.
+resume), at least every ``fetch_poll_interval``, and — while the queue is busy — at most
+once per ``fetch_cooldown``; a wake-up after a fetch that found nothing fetches at once.
 A fetch is shielded (with a deadline) so a claimed job is never dropped on the floor by a
 cancellation arriving mid-statement.
 """
@@ -111,10 +112,13 @@ class Producer:
 
     async def _fetch_loop(self, jobs: trio.Nursery) -> None:
         last_fetch = -math.inf
+        last_found_work = False
         backoff = 0.1
         while True:
             free = self.max_workers - len(self._running)
-            if free > 0:
+            # The cooldown limits how often a busy queue is fetched from. After a fetch
+            # that found nothing, a wake-up means new work: fetch at once (idle latency).
+            if free > 0 and last_found_work:
                 wait = last_fetch + self.fetch_cooldown - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
@@ -138,6 +142,7 @@ class Producer:
                 self._fetches += 1
                 self._fetched += len(rows)
                 self._last_fetch_full = len(rows) == free
+                last_found_work = bool(rows)
                 # No checkpoint between the fetch and starting the tasks: every claimed
                 # job gets its task, so it always reports an outcome.
                 for row in sorted(rows, key=lambda r: (r[5], r[12], r[0])):
@@ -147,7 +152,13 @@ class Producer:
                     jobs.start_soon(self._run_job, job, handle, name=f"trioqueue job {job.id}")
                 if self._last_fetch_full and len(self._running) < self.max_workers:
                     continue
-            poll = self.fetch_poll_interval * random.uniform(1.0, 1.1)
+            # After finding work, look again one cooldown later: inserts made meanwhile may
+            # not have notified (clients send at most one insert notification per queue per
+            # cooldown), and this bounds their wait by the cooldown, not the poll interval.
+            if last_found_work:
+                poll = self.fetch_cooldown
+            else:
+                poll = self.fetch_poll_interval * random.uniform(1.0, 1.1)
             with trio.move_on_after(poll) as waited:
                 await self._wake.wait()
             if waited.cancelled_caught and self.check_cancels and self._running:

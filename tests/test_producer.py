@@ -1,0 +1,45 @@
+"""Producer wake-ups: when a job inserted during the cooldown gets fetched."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import trio
+
+import trioqueue as tq
+
+
+@attrs.frozen
+class PingArgs:
+    kind: ClassVar[str] = "ping"
+    n: int
+
+
+async def test_job_whose_notification_was_rate_limited_still_runs_soon(database_url: str) -> None:
+    # A client sends at most one insert notification per queue per fetch_cooldown. The
+    # second insert below is silent; with a 60 s poll only the producer's second look one
+    # cooldown after finding work can pick it up in time.
+    workers = tq.Workers()
+    started: list[int] = []
+
+    async def ping(job: tq.Job[PingArgs]) -> None:
+        started.append(job.args.n)
+
+    workers.add(PingArgs, ping)
+    async with tq.open_client(
+        database_url,
+        workers=workers,
+        queues={"default": tq.QueueConfig(max_workers=5)},
+        fetch_cooldown=0.5,
+        fetch_poll_interval=60.0,
+    ) as client:
+        async with client.subscribe(tq.EventKind.JOB_COMPLETED) as events:
+            with trio.fail_after(10):
+                # Let the first (empty) poll fetch pass, so the insert wakes an idle producer.
+                await trio.sleep(0.2)
+                await client.insert(PingArgs(1))
+                await events.receive()
+                await client.insert(PingArgs(2))  # within the cooldown: no notification
+                await events.receive()
+    assert started == [1, 2]
