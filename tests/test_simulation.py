@@ -29,7 +29,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 from simulation_plan import (
+    Behaviour,
+    ClientSpec,
+    JobSpec,
     Plan,
+    Step,
     assert_holds,
     plans,
     run_on_memory,
@@ -131,3 +135,22 @@ def regression(plan: Plan) -> Callable[[Callable[..., None]], Any]:
         )
 
     return wrap
+
+
+# A producer whose every slot was busy spun at 100% CPU after any wake-up (an insert
+# notification, say) until a job ended: it skipped the fetch (no free slot) and waited on
+# the wake event, which was still set. Under the MockClock the clock never moved again.
+PRODUCER_SPIN = Plan(
+    jobs=(JobSpec(behaviours=(Behaviour("return", 3.0),)),),
+    clients=(ClientSpec(max_workers=1),),
+    steps=(
+        Step(0.0, "insert", -1, (0,)),
+        Step(1.0, "insert", -1, (0,)),  # notifies the full producer
+        Step(3.0, "resume", -1),
+    ),
+)
+
+
+@regression(PRODUCER_SPIN)
+def test_regression_full_producer_does_not_spin_on_a_wake_up(plan: Plan) -> None:
+    assert_holds(run_on_memory(plan, memory_driver))

@@ -159,6 +159,12 @@ class Producer:
                 poll = self.fetch_cooldown
             else:
                 poll = self.fetch_poll_interval * random.uniform(1.0, 1.1)
+            if len(self._running) >= self.max_workers:
+                # Every slot is busy, so a wake-up (an insert notification, a resume) can
+                # do nothing now; and the fetch that filled the last slot was full, so the
+                # first job to end wakes this loop anyway. Forget the wake-up: waiting on a
+                # set event returns at once, and the loop would spin until a slot frees.
+                self._wake = trio.Event()
             with trio.move_on_after(poll) as waited:
                 await self._wake.wait()
             if waited.cancelled_caught and self.check_cancels and self._running:
