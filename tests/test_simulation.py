@@ -24,15 +24,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import psycopg
+import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 from simulation_plan import (
     Behaviour,
     ClientSpec,
+    FaultSpec,
     JobSpec,
     Plan,
+    SimArgs,
     Step,
     assert_holds,
     plans,
@@ -154,3 +158,79 @@ PRODUCER_SPIN = Plan(
 @regression(PRODUCER_SPIN)
 def test_regression_full_producer_does_not_spin_on_a_wake_up(plan: Plan) -> None:
     assert_holds(run_on_memory(plan, memory_driver))
+
+
+# An outcome write whose reply was lost (it committed; the completer was told it failed)
+# was retried 0.5 s later and applied to whatever run of the job was `running` by then: a
+# timed-out run 1 went back `available` at once, the same client fetched it again (run 2),
+# run 2 completed, and the retried write of run 1's outcome landed on run 2 — its error
+# recorded twice, run 2's success dropped (its own write found the row not running), and
+# the job run a third time, past max_attempts. Outcomes now carry their run's attempted_at.
+STALE_OUTCOME_RETRY = Plan(
+    jobs=(
+        JobSpec(
+            behaviours=(Behaviour("block"), Behaviour("return")),
+            max_attempts=2,
+        ),
+    ),
+    clients=(
+        ClientSpec(
+            max_workers=1,
+            faults=(FaultSpec("job_set_state_if_running_many", "error_after", None, 2),),
+        ),
+    ),
+    steps=(Step(0.0, "insert", -1, (0,)), Step(5.0, "resume", -1)),
+    job_timeout=0.5,
+    retry_delay=0.0,
+)
+
+
+@regression(STALE_OUTCOME_RETRY)
+def test_regression_retried_outcome_write_never_lands_on_a_later_run(plan: Plan) -> None:
+    assert_holds(run_on_memory(plan, memory_driver))
+
+
+async def _stale_outcome_is_not_written(d: Any) -> None:
+    import trioqueue as tq
+    from trioqueue.driver.protocol import JobOutcome
+
+    async with tq.open_client(driver=d) as client:
+        job = (await client.insert(SimArgs(0))).job
+        (run1,) = await d.job_get_available("default", d.clock(), 1, "a")
+        lost = JobOutcome(
+            job.id, tq.JobState.AVAILABLE, None, d.clock(), False, None, None, run1[8]
+        )
+        assert len(await d.job_set_state_if_running_many([lost], d.clock())) == 1
+        await trio.sleep(0.01)  # run 2 starts at a later instant
+        (run2,) = await d.job_get_available("default", d.clock(), 1, "b")
+        assert run2[8] != run1[8]
+        # The retry of run 1's write (its reply was lost) must not touch run 2.
+        assert await d.job_set_state_if_running_many([lost], d.clock()) == []
+        again = await client.job_get(job.id)
+        assert again.state is tq.JobState.RUNNING and again.attempted_by == ["a", "b"]
+        done = attrs.evolve(
+            lost,
+            state=tq.JobState.COMPLETED,
+            finalized_at=d.clock(),
+            scheduled_at=None,
+            attempted_at=run2[8],
+        )
+        (row,) = await d.job_set_state_if_running_many([done], d.clock())
+        assert row[4] == "completed"
+
+
+async def test_regression_stale_outcome_is_not_written_to_a_later_run_memory() -> None:
+    """The driver half of STALE_OUTCOME_RETRY: an outcome names its run (attempted_at)
+    and is not applied once the job runs another one."""
+    from trioqueue.driver.memory import MemoryDriver
+
+    await _stale_outcome_is_not_written(MemoryDriver())
+
+
+async def test_regression_stale_outcome_is_not_written_to_a_later_run_postgres(
+    database_url: str,
+) -> None:
+    from trioqueue.driver.postgres.driver import open_postgres_driver
+
+    async with open_postgres_driver(database_url) as d:
+        await _stale_outcome_is_not_written(d)

@@ -156,6 +156,7 @@ class Executor:
                 give_back_attempt=True,
                 error_json=None,
                 metadata_json=None,
+                attempted_at=job.attempted_at,
             ),
             EventKind.JOB_INTERRUPTED,
             trio.current_time() - start,
@@ -175,7 +176,9 @@ class Executor:
         now = self.now()
         if done:
             return Finished(
-                JobOutcome(job.id, JobState.COMPLETED, now, None, False, None, None),
+                JobOutcome(
+                    job.id, JobState.COMPLETED, now, None, False, None, None, job.attempted_at
+                ),
                 EventKind.JOB_COMPLETED,
                 duration,
                 job.attempted_at,
@@ -195,6 +198,7 @@ class Executor:
                     True,
                     None,
                     dumps({"snoozes": snoozes}),
+                    job.attempted_at,
                 ),
                 EventKind.JOB_SNOOZED,
                 duration,
@@ -214,7 +218,9 @@ class Executor:
             cancel = bool(verdict and verdict.set_cancelled)
         if cancel:
             return Finished(
-                JobOutcome(job.id, JobState.CANCELLED, now, None, False, error_json, None),
+                JobOutcome(
+                    job.id, JobState.CANCELLED, now, None, False, error_json, None, job.attempted_at
+                ),
                 EventKind.JOB_CANCELLED,
                 duration,
                 job.attempted_at,
@@ -222,7 +228,9 @@ class Executor:
             )
         if job.attempt >= job.max_attempts:
             return Finished(
-                JobOutcome(job.id, JobState.DISCARDED, now, None, False, error_json, None),
+                JobOutcome(
+                    job.id, JobState.DISCARDED, now, None, False, error_json, None, job.attempted_at
+                ),
                 EventKind.JOB_FAILED,
                 duration,
                 job.attempted_at,
@@ -239,6 +247,7 @@ class Executor:
                 False,
                 error_json,
                 None,
+                job.attempted_at,
             ),
             EventKind.JOB_FAILED,
             duration,

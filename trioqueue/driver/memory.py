@@ -1056,11 +1056,12 @@ class MemoryDriver:
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime
     ) -> list[Row]:
-        """Write a batch of outcomes, each only if its job is still ``running``; return the
-        rows written (in input order; an id given twice is written once, from its first
-        outcome). A job whose cancellation was requested (``cancel_attempted_at``) and whose
-        outcome is retryable, scheduled or available ends ``cancelled`` with finalized_at =
-        now. An error is appended to ``errors``; metadata is merged in. Waits while an open
+        """Write a batch of outcomes, each only if its job is still ``running`` the run the
+        outcome came from (its ``attempted_at``, when given); return the rows written (in
+        input order; an id given twice is written once, from its first outcome). A job
+        whose cancellation was requested (``cancel_attempted_at``) and whose outcome is
+        retryable, scheduled or available ends ``cancelled`` with finalized_at = now. An
+        error is appended to ``errors``; metadata is merged in. Waits while an open
         transaction holds one of the rows.
 
         Raises DatabaseError (nothing written) when an outcome breaks a constraint, such as
@@ -1078,6 +1079,8 @@ class MemoryDriver:
                 old = st.job(o.id)
                 if old is None or old.state is not JobState.RUNNING:
                     continue
+                if o.attempted_at is not None and old.attempted_at != _ts(o.attempted_at):
+                    continue  # a later run of the job: this outcome is stale
                 cancel = _has_key(old.metadata, "cancel_attempted_at") and (
                     o.state in _CANCEL_OVERRIDES
                 )

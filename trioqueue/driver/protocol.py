@@ -55,7 +55,8 @@ class JobInsertParams:
 
 @attrs.frozen
 class JobOutcome:
-    """What a finished run does to its job row (applied only while the row is running)."""
+    """What a finished run does to its job row (applied only while the row is running
+    that same run)."""
 
     id: int
     state: JobState
@@ -64,6 +65,10 @@ class JobOutcome:
     give_back_attempt: bool
     error_json: str | None
     metadata_json: str | None
+    attempted_at: datetime | None = None
+    """The run this outcome belongs to (the row's ``attempted_at`` when it was fetched):
+    the outcome is applied only while the row still runs that run, so a write retried
+    after its reply was lost cannot land on a later run of the job. None: any run."""
 
 
 @attrs.frozen

@@ -255,6 +255,7 @@ class PostgresDriver:
             [o.error_json for o in outcomes],
             [o.metadata_json for o in outcomes],
             now,
+            [o.attempted_at for o in outcomes],
         ]
         return await self._fetch(
             "writing job outcomes", "job_set_state_if_running_many", args, None

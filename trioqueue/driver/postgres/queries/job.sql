@@ -89,7 +89,9 @@ RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j
           j.errors, j.metadata, j.tags;
 
 -- name: job_set_state_if_running_many
--- Write a batch of outcomes. Only rows still `running` change. A job whose cancellation was
+-- Write a batch of outcomes. Only rows still `running` change, and only while they run the
+-- run each outcome came from ($9: its attempted_at; NULL: any run), so a write retried after
+-- its reply was lost never lands on a later run of the job. A job whose cancellation was
 -- requested while it ran ends `cancelled` instead of going back to be retried or snoozed.
 -- SET expressions read the row as locked, so a cancel request that lands first is seen.
 -- The args column comes back NULL: the caller has them, and decoding them again for every
@@ -110,10 +112,12 @@ SET state = CASE WHEN j.metadata ? 'cancel_attempted_at'
     metadata = CASE WHEN i.metadata IS NULL THEN j.metadata
                     ELSE j.metadata || i.metadata::jsonb END
 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-            $5::boolean[], $6::text[], $7::text[])
-     AS i(id, state, finalized_at, scheduled_at, give_back_attempt, error, metadata)
+            $5::boolean[], $6::text[], $7::text[], $9::timestamptz[])
+     AS i(id, state, finalized_at, scheduled_at, give_back_attempt, error, metadata,
+          attempted_at)
 WHERE j.id = i.id
   AND j.state = 'running'
+  AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
 RETURNING j.id, j.kind, NULL::jsonb, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
           j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
           j.errors, j.metadata, j.tags;
