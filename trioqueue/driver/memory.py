@@ -1061,7 +1061,8 @@ class MemoryDriver:
         input order; an id given twice is written once, from its first outcome). A job
         whose cancellation was requested (``cancel_attempted_at``) and whose outcome is
         retryable, scheduled or available ends ``cancelled`` with finalized_at = now. An
-        error is appended to ``errors``; metadata is merged in. Waits while an open
+        error is appended to ``errors``; metadata is merged in. The rows come back with
+        ``args`` None, as from PostgreSQL (the caller has them). Waits while an open
         transaction holds one of the rows.
 
         Raises DatabaseError (nothing written) when an outcome breaks a constraint, such as
@@ -1098,7 +1099,8 @@ class MemoryDriver:
                     else _concat(old.metadata, _jsonb(o.metadata_json)),
                 )
                 st.put_job(new, old)
-                out.append(new.row())
+                row = new.row()
+                out.append((*row[:2], None, *row[3:]))  # args left out, as the SQL does
             return out
 
         return await self._run("writing job outcomes", None, op)
