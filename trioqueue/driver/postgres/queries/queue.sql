@@ -8,7 +8,8 @@ ON CONFLICT (name) DO UPDATE SET updated_at = EXCLUDED.updated_at
 RETURNING paused_at IS NOT NULL;
 
 -- name: queue_pause
--- Pause one queue, creating its row if need be; returns its name if it was not paused yet.
+-- Pause one queue, creating its row if need be (a pause keeps its first paused_at);
+-- returns the queue's name, paused or not before: clients ignore a repeated pause.
 INSERT INTO tq_queue (name, created_at, updated_at, paused_at)
 VALUES ($1, $2, $2, $2)
 ON CONFLICT (name) DO UPDATE
