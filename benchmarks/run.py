@@ -19,14 +19,18 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import itertools
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -222,6 +226,7 @@ class Variant:
     command: list[str]
     settings: dict[str, Any]
     measures: tuple[str, ...]
+    cwd: Path = ROOT
 
     def run(self, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
         full = {**self.settings, **spec}
@@ -229,7 +234,7 @@ class Variant:
             [*self.command, json.dumps(full)],
             capture_output=True,
             text=True,
-            cwd=ROOT,
+            cwd=self.cwd,
             timeout=timeout,
         )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -237,10 +242,15 @@ class Variant:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
             raise RunnerError(f"{self.label} {spec['command']} exited {proc.returncode}:\n{tail}")
         result: dict[str, Any] = json.loads(lines[-1])
+        where = result.get("trioqueue_path")
+        if where is not None and not Path(where).is_relative_to(self.cwd):
+            raise RunnerError(f"trioqueue was imported from {where}, not from {self.cwd}")
         return result
 
 
-def make_variants(cfg: argparse.Namespace, peers_python: Path | None) -> list[Variant]:
+def make_variants(
+    cfg: argparse.Namespace, peers_python: Path | None, trioqueue_src: Path
+) -> list[Variant]:
     tq_settings = {
         "max_workers": cfg.max_workers,
         "fetch_cooldown": cfg.fetch_cooldown,
@@ -256,6 +266,7 @@ def make_variants(cfg: argparse.Namespace, peers_python: Path | None) -> list[Va
                 [sys.executable, "-m", "benchmarks.trioqueue_runner"],
                 tq_settings,
                 ("process", "single", "latency"),
+                cwd=trioqueue_src,
             )
         )
     if peers_python is not None and "pgqueuer" in cfg.only:
@@ -630,19 +641,55 @@ def busy_cpu(seconds: float = 1.0) -> float | None:
     return round(1 - (idle1 - idle0) / total, 3) if total > 0 else None
 
 
-def git_info() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "trioqueue_uncommitted_changes": bool(git("status", "--porcelain", "--", "trioqueue")),
-    }
+
+def snapshot_trioqueue(ref: str | None, into: Path) -> dict[str, Any]:
+    """Copy the trioqueue package to measure into ``into`` (with trioqueue's runner), so
+    the whole run measures one version even if the working tree changes meanwhile:
+    ``git archive REF`` when ``ref`` is given, else the working tree as it is now.
+    Returns what was measured: the commit, and the uncommitted changes if any."""
+    if ref is not None:
+        commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+        if not commit:
+            raise SystemExit(f"--ref {ref}: not a commit")
+        tar = subprocess.run(
+            ["git", "archive", "--format=tar", commit, "trioqueue"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+            archive.extractall(into, filter="data")
+        info: dict[str, Any] = {"commit": commit, "source": f"git archive {ref}"}
+        info["trioqueue_uncommitted_changes"] = False
+    else:
+        shutil.copytree(
+            ROOT / "trioqueue",
+            into / "trioqueue",
+            ignore=shutil.ignore_patterns("__pycache__", ".mypy_cache", "*.pyc"),
+        )
+        status = git("status", "--porcelain", "--", "trioqueue")
+        diff = git("diff", "HEAD", "--", "trioqueue")
+        info = {
+            "commit": git("rev-parse", "HEAD"),
+            "source": "working tree",
+            "trioqueue_uncommitted_changes": bool(status),
+            "uncommitted_files": [line[3:] for line in status.splitlines()],
+            "uncommitted_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16]
+            if status
+            else None,
+        }
+    (into / "benchmarks").mkdir()
+    for name in ("__init__.py", "trioqueue_runner.py"):
+        shutil.copy2(HERE / name, into / "benchmarks" / name)
+    return info
 
 
 def machine_info() -> dict[str, Any]:
@@ -719,9 +766,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"# trioqueue benchmark, {report['started_at']}",
         "",
         f"Command: `{report['command']}`  ",
-        f"Commit: `{report['git']['commit'][:12]}`"
+        f"trioqueue measured: commit `{report['git']['commit'][:12]}`"
+        f" ({report['git'].get('source', 'working tree')})"
         + (
-            " plus uncommitted changes in trioqueue/"
+            " plus uncommitted changes to "
+            + ", ".join(report["git"].get("uncommitted_files", []))
+            + f" (diff sha256 {report['git'].get('uncommitted_diff_sha256')})"
             if report["git"]["trioqueue_uncommitted_changes"]
             else ""
         )
@@ -905,6 +955,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quiet-below of the CPU busy (default 0: do not wait)",
     )
     p.add_argument("--quiet-below", type=float, default=0.15, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--ref",
+        default=None,
+        help="measure trioqueue as of this git commit (git archive) instead of the "
+        "working tree; either way the code is copied once at the start",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     p.add_argument("--plots-dir", type=Path, default=PLOTS_DIR, help=argparse.SUPPRESS)
     cfg = p.parse_args(argv)
@@ -934,9 +990,17 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     needs_venv = any(s != "trioqueue" for s in cfg.only) or cfg.plots
     peers_python = ensure_venv() if needs_venv else None
-    with open_server(cfg.database_url) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="tqbench-src-") as src,
+        open_server(cfg.database_url) as server,
+    ):
+        code = snapshot_trioqueue(cfg.ref, Path(src))
+        log(
+            f"measuring trioqueue from {code['source']} at {code['commit'][:12]}"
+            + (" plus uncommitted changes" if code["trioqueue_uncommitted_changes"] else "")
+        )
         settings = server.settings()
-        variants = make_variants(cfg, peers_python)
+        variants = make_variants(cfg, peers_python, Path(src))
         harness = Harness(cfg, server, variants)
         harness.run()
     stats = aggregate(harness.records)
@@ -948,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": started_at.strftime("%Y-%m-%d %H:%M UTC"),
         "command": command.strip(),
         "duration_s": time.monotonic() - started,
-        "git": git_info(),
+        "git": code,
         "machine": machine_info(),
         "server": {**settings, "where": server.where},
         "config": {

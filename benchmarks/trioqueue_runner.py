@@ -11,11 +11,13 @@ import importlib.metadata
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import trio
 
+import trioqueue
 from trioqueue import bench, migrate
 
 Spec = dict[str, Any]
@@ -133,6 +135,7 @@ def main() -> None:
     result["versions"] = {
         name: importlib.metadata.version(name) for name in ("trioqueue", "trio", "psycopg")
     }
+    result["trioqueue_path"] = str(Path(trioqueue.__file__).parent)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
 
