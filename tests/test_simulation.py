@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import psycopg
 import trio
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 from simulation_plan import (
@@ -54,7 +54,7 @@ _common: dict[str, Any] = {
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
     "print_blob": True,
 }
-settings.register_profile("trioqueue-sim-memory", max_examples=100, **_common)
+settings.register_profile("trioqueue-sim-memory", max_examples=200, **_common)
 settings.register_profile("trioqueue-sim-memory-soak", max_examples=10_000, **_common)
 # The PostgreSQL test makes its own database per example from the session's template, so
 # the function-scoped autouse fixture (which only removes an environment variable) is
@@ -88,7 +88,11 @@ def memory_driver() -> Any:
 @MEMORY
 @given(plan=plans())
 def test_generated_plans_on_memory(plan: Plan) -> None:
-    assert_holds(run_on_memory(plan, memory_driver))
+    sim = run_on_memory(plan, memory_driver)
+    for feature, count in sim.features.items():  # see --hypothesis-show-statistics
+        if count:
+            event(feature)
+    assert_holds(sim)
 
 
 _databases = itertools.count()
