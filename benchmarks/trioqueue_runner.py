@@ -59,13 +59,12 @@ async def process(spec: Spec) -> dict[str, Any]:
     return {
         "jobs": result.jobs,
         "failed": result.failed,
-        "dropped_events": result.dropped,
         "seconds": result.seconds,
         "startup_seconds": result.startup_seconds,
         "cpu_seconds": result.cpu_seconds,
         "rss_before_mb": result.rss_before_mb,
         "rss_peak_mb": result.rss_peak_mb,
-        "own_transactions": 0,
+        "own_transactions": result.own_transactions,
     }
 
 
