@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 import psycopg
+import pytest
 import trio
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
@@ -72,6 +73,9 @@ _pg: dict[str, Any] = {
 settings.register_profile("trioqueue-sim-postgres", max_examples=10, **_pg)
 settings.register_profile("trioqueue-sim-postgres-soak", max_examples=200, **_pg)
 
+# pytest-timeout's 120 s is per test, and one test runs every example of its backend.
+LONG = pytest.mark.timeout(6 * 3600 if SOAK else 600)
+
 MEMORY = settings.get_profile("trioqueue-sim-memory-soak" if SOAK else "trioqueue-sim-memory")
 POSTGRES = settings.get_profile("trioqueue-sim-postgres-soak" if SOAK else "trioqueue-sim-postgres")
 
@@ -85,6 +89,7 @@ def memory_driver() -> Any:
 # ------------------------------------------------------------------------ generated plans
 
 
+@LONG
 @MEMORY
 @given(plan=plans())
 def test_generated_plans_on_memory(plan: Plan) -> None:
@@ -120,6 +125,7 @@ def fresh_database(server_url: str, template: str) -> Iterator[str]:
             )
 
 
+@LONG
 @POSTGRES
 @given(plan=plans(postgres=True))
 def test_generated_plans_on_postgres(
