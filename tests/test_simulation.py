@@ -200,6 +200,36 @@ def test_regression_retried_outcome_write_never_lands_on_a_later_run(plan: Plan)
     assert_holds(run_on_memory(plan, memory_driver))
 
 
+# An outcome write whose reply was lost (a snooze: back to `available`), then job_cancel
+# of the now queued job: the completer's retry found the row no longer running, and its
+# reconciliation took the `cancelled` row for its own write — an event job_cancelled for
+# a run that snoozed, when a queued job's cancel gives no event at all. Only a cancel
+# requested while the job ran (cancel_attempted_at) makes a write end `cancelled`.
+LOST_REPLY_THEN_QUEUED_CANCEL = Plan(
+    jobs=(JobSpec(behaviours=(Behaviour("snooze", 0.0),), delay=0.5, max_attempts=1),),
+    clients=(
+        ClientSpec(
+            max_workers=1,
+            faults=(FaultSpec("job_set_state_if_running_many", "error_after", None, 1),),
+        ),
+    ),
+    steps=(
+        Step(0.0, "insert_many", -1, (0,)),
+        Step(1.0, "cancel", 0, (0,)),  # after the lost write, before its retry
+        Step(0.0, "insert", 0, (0,)),
+    ),
+    job_timeout=0.5,
+    scheduler_interval=0.5,
+    fetch_poll_interval=0.5,
+    shutdown_timeout=0.5,
+)
+
+
+@regression(LOST_REPLY_THEN_QUEUED_CANCEL)
+def test_regression_lost_reply_is_not_credited_with_a_later_cancel(plan: Plan) -> None:
+    assert_holds(run_on_memory(plan, memory_driver))
+
+
 async def _stale_outcome_is_not_written(d: Any) -> None:
     import trioqueue as tq
     from trioqueue.driver.protocol import JobOutcome

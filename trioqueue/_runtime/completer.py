@@ -237,8 +237,10 @@ class Completer:
     async def _written_by_lost_reply(self, batch: list[Finished], seen: set[int]) -> list[Row]:
         """After a write that failed, a retry finds some jobs no longer running: maybe the
         failed attempt did commit and only its reply was lost. Those rows are ours if they
-        still carry the same run (``attempted_at``) and the state we wrote, so their
-        events are not lost. Best effort: a read failure just means no events for them."""
+        still carry the same run (``attempted_at``) and the state we wrote (or
+        ``cancelled``, when a cancel requested while the job ran turned our write into
+        one), so their events are not lost. Best effort: a read failure just means no
+        events for them."""
         missing = [f for f in batch if f.outcome.id not in seen and f.attempted_at is not None]
         if not missing:
             return []
@@ -254,9 +256,14 @@ class Completer:
         for row in rows:
             finished = wanted[row[0]]
             state = row[4]
-            if row[8] == finished.attempted_at and state in (
-                finished.outcome.state.value,
-                JobState.CANCELLED.value,
+            # A queued job cancelled after our write (job_cancel) is cancelled too, but not
+            # by our write, and gets no event; only a cancel requested while the job ran
+            # (cancel_attempted_at) turns an outcome into a cancel.
+            cancelled_by_our_write = state == JobState.CANCELLED.value and (
+                "cancel_attempted_at" in (row[14] or {})
+            )
+            if row[8] == finished.attempted_at and (
+                state == finished.outcome.state.value or cancelled_by_our_write
             ):
                 ours.append(row)
         return ours
