@@ -43,3 +43,42 @@ async def test_job_whose_notification_was_rate_limited_still_runs_soon(database_
                 await client.insert(PingArgs(2))  # within the cooldown: no notification
                 await events.receive()
     assert started == [1, 2]
+
+
+async def _prepared_counts(client: tq.Client) -> list[int]:
+    pool = client.driver.pool  # type: ignore[attr-defined]
+    return [
+        int(await conn.fetchval("SELECT count(*) FROM pg_prepared_statements"))
+        for conn in pool._idle
+    ]
+
+
+async def test_prepared_statements_can_be_turned_off(database_url: str) -> None:
+    # Behind a transaction-pooling proxy a session's prepared statements vanish between
+    # transactions, so the client must be able to run without them.
+    workers = tq.Workers()
+
+    async def ping(job: tq.Job[PingArgs]) -> None:
+        pass
+
+    workers.add(PingArgs, ping)
+    for prepared in (False, True):
+        async with tq.open_client(
+            database_url,
+            workers=workers,
+            queues={"default": tq.QueueConfig(max_workers=5)},
+            fetch_cooldown=0.01,
+            fetch_poll_interval=0.1,
+            prepared_statements=prepared,
+        ) as client:
+            async with client.subscribe(tq.EventKind.JOB_COMPLETED) as events:
+                with trio.fail_after(10):
+                    await client.insert_many([PingArgs(n) for n in range(5)])
+                    for _ in range(5):
+                        await events.receive()
+            await client.stop()
+            counts = await _prepared_counts(client)
+        if prepared:
+            assert sum(counts) > 0
+        else:
+            assert counts and sum(counts) == 0

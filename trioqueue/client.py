@@ -482,7 +482,7 @@ async def _open_postgres(
 ) -> AsyncIterator[Client]:
     pool_size = int(os.environ.get("TRIOQUEUE_POOL_SIZE", "0")) or 8 + 2 * len(queues)
     async with (
-        open_postgres_driver(url, max_size=pool_size) as driver,
+        open_postgres_driver(url, max_size=pool_size, prepare=cfg.prepared_statements) as driver,
         _run_client(driver, cfg, workers, queues) as client,
     ):
         yield client

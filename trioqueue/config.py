@@ -84,6 +84,9 @@ class ClientConfig:
     fetch_cooldown: float = 0.1
     fetch_poll_interval: float = 1.0
     poll_only: bool = False
+    prepared_statements: bool = True
+    """Run the hot queries as prepared statements; False behind a transaction-pooling
+    proxy (such as PgBouncer before 1.21), which cannot keep them."""
     scheduler_interval: float = 5.0
     rescuer_interval: float = 30.0
     rescue_stuck_jobs_after: float = 3600.0

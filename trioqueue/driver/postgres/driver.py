@@ -131,9 +131,12 @@ class PostgresDriver:
     then either fully applied or not at all.
     """
 
-    def __init__(self, pool: PgPool, conninfo: str) -> None:
+    def __init__(self, pool: PgPool, conninfo: str, *, prepare: bool = True) -> None:
+        """``prepare``: run the hot statements as named prepared statements (faster); turn
+        it off behind a transaction-pooling proxy, which cannot keep them."""
         self._pool = pool
         self._conninfo = conninfo
+        self._prepare = prepare
 
     @property
     def pool(self) -> PgPool:
@@ -171,8 +174,8 @@ class PostgresDriver:
     async def _fetch(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> list[Row]:
         with _wrapped(doing):
             if ex is not None:
-                return await ex.fetch(QUERIES[name], params, prepare=True)  # type: ignore[no-any-return]
-            return await self._pool.fetch(QUERIES[name], params, prepare=True)
+                return await ex.fetch(QUERIES[name], params, prepare=self._prepare)  # type: ignore[no-any-return]
+            return await self._pool.fetch(QUERIES[name], params, prepare=self._prepare)
 
     async def _fetchrow(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> Row | None:
         rows = await self._fetch(doing, name, params, ex)
@@ -464,9 +467,10 @@ class PostgresDriver:
 
 @asynccontextmanager
 async def open_postgres_driver(
-    conninfo: str, *, max_size: int = 10
+    conninfo: str, *, max_size: int = 10, prepare: bool = True
 ) -> AsyncIterator[PostgresDriver]:
-    """A PostgresDriver over a pool of up to ``max_size`` connections, for the block.
+    """A PostgresDriver over a pool of up to ``max_size`` connections, for the block
+    (``prepare`` as in `PostgresDriver`).
 
     Raises DatabaseError if the database cannot be reached. On exit the pool is closed
     (shielded), whatever the block did.
@@ -477,7 +481,7 @@ async def open_postgres_driver(
     except psycopg.Error as exc:
         raise DatabaseError("connecting to the database", exc) from exc
     try:
-        yield PostgresDriver(pool, conninfo)
+        yield PostgresDriver(pool, conninfo, prepare=prepare)
     finally:
         with trio.CancelScope(shield=True):
             await pool_cm.__aexit__(None, None, None)
