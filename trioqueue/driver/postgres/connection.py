@@ -44,6 +44,8 @@ from psycopg.pq.abc import PGconn, PGresult
 from psycopg.types.string import BytesBinaryDumper
 from psycopg.waiting import Ready, Wait
 
+from .arrays import dumpers as array_dumpers
+
 __all__ = ["Notify", "PgConnection", "QueryResult"]
 
 RV = TypeVar("RV")
@@ -147,6 +149,9 @@ for _cls in (bytes, bytearray, memoryview):
     # registered last, so parameters (PyFormat.AUTO) keep going out in binary
     _ADAPTERS.register_dumper(_cls, BytesBinaryDumper)
 del _cls
+for _array_cls, _array_dumper in array_dumpers():
+    _ADAPTERS.register_dumper(_array_cls, _array_dumper)
+del _array_cls, _array_dumper
 
 
 # --------------------------------------------------------------------------------------------

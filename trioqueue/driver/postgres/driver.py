@@ -22,6 +22,7 @@ from ..protocol import (
     PeriodicJobState,
     Row,
 )
+from .arrays import bool_array, int8_array, text_array, timestamptz_array
 from .connection import PgConnection
 from .pool import PgPool, open_pool
 from .queries import QUERIES
@@ -247,22 +248,21 @@ class PostgresDriver:
         )
 
     async def job_set_state_if_running_many(
-        self, outcomes: Sequence[JobOutcome], now: datetime
+        self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:
         args = [
-            [o.id for o in outcomes],
-            [o.state.value for o in outcomes],
-            [o.finalized_at for o in outcomes],
-            [o.scheduled_at for o in outcomes],
-            [o.give_back_attempt for o in outcomes],
-            [o.error_json for o in outcomes],
-            [o.metadata_json for o in outcomes],
+            int8_array([o.id for o in outcomes]),
+            text_array([o.state.value for o in outcomes]),
+            timestamptz_array([o.finalized_at for o in outcomes]),
+            timestamptz_array([o.scheduled_at for o in outcomes]),
+            bool_array([o.give_back_attempt for o in outcomes]),
+            text_array([o.error_json for o in outcomes]),
+            text_array([o.metadata_json for o in outcomes]),
             now,
-            [o.attempted_at for o in outcomes],
+            timestamptz_array([o.attempted_at for o in outcomes]),
         ]
-        return await self._fetch(
-            "writing job outcomes", "job_set_state_if_running_many", args, None
-        )
+        name = "job_set_state_if_running_many" if rows else "job_set_state_if_running_many_ids"
+        return await self._fetch("writing job outcomes", name, args, None)
 
     async def job_get(self, job_id: int, *, ex: Any = None) -> Row | None:
         return await self._fetchrow(f"getting job {job_id}", "job_get", [job_id], ex)
