@@ -497,6 +497,32 @@ async def outcomes_apply_only_to_running_jobs(driver: Driver) -> None:
 
 
 @case
+async def outcomes_without_rows_come_back_as_ids(driver: Driver) -> None:
+    done = await running_job(driver)
+    failed = await running_job(driver)
+    stale = await running_job(driver)
+    queued = await insert_one(driver)
+    error = '{"error": "ünï \\"quoted\\"", "attempt": 1}'
+    written = await driver.job_set_state_if_running_many(
+        [
+            outcome(done[ID], JobState.COMPLETED, finalized_at=at(10)),
+            outcome(failed[ID], JobState.RETRYABLE, scheduled_at=at(50), error_json=error),
+            outcome(stale[ID], JobState.COMPLETED, finalized_at=at(10), attempted_at=at(-1)),
+            outcome(queued[ID], JobState.COMPLETED, finalized_at=at(10)),
+        ],
+        at(10),
+        rows=False,
+    )
+    assert sorted(written) == sorted([(done[ID],), (failed[ID],)])
+    assert (await get(driver, done[ID]))[STATE] == "completed"
+    row = await get(driver, failed[ID])
+    assert (row[STATE], row[SCHEDULED_AT]) == ("retryable", at(50))
+    assert row[ERRORS] == [{"error": 'ünï "quoted"', "attempt": 1}]
+    assert (await get(driver, stale[ID]))[STATE] == "running"
+    assert (await get(driver, queued[ID]))[STATE] == "available"
+
+
+@case
 async def outcome_records_errors_metadata_and_schedule(driver: Driver) -> None:
     job = await running_job(driver, metadata={"a": 1, "b": 1})
     error = {"at": "2026-01-01T00:00:01+00:00", "attempt": 1, "error": "boom", "trace": "tb"}

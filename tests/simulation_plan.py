@@ -328,13 +328,27 @@ class Ledger(_Forward):
         return rows
 
     async def job_set_state_if_running_many(
-        self, outcomes: Sequence[JobOutcome], now: Any
+        self, outcomes: Sequence[JobOutcome], now: Any, *, rows: bool = True
     ) -> list[Row]:
-        rows: list[Row] = await self.inner.job_set_state_if_running_many(outcomes, now)
+        # Always read the whole rows: the checks need each write's state and run.
         by_id = {o.id: o for o in outcomes}
-        for row in rows:
+        try:
+            written: list[Row] = await self.inner.job_set_state_if_running_many(outcomes, now)
+        except trio.Cancelled:
+            # Cancelled mid-statement (an outside cancel): on PostgreSQL the statement may
+            # have committed anyway. Read the rows back at once and record those that
+            # carry the outcome of the same run, as a write whose reply was lost.
+            with trio.CancelScope(shield=True):
+                for row in await self.inner.job_list(
+                    tq.JobListParams(ids=list(by_id), limit=len(by_id))
+                ):
+                    o = by_id[row[0]]
+                    if row[8] == o.attempted_at and str(row[4]) in (o.state.value, "cancelled"):
+                        self.sim.record_write(row, o, self.life)
+            raise
+        for row in written:
             self.sim.record_write(row, by_id[row[0]], self.life)
-        return rows
+        return written if rows else [(row[0],) for row in written]
 
     async def job_cancel(self, job_id: int, now: Any, **kwargs: Any) -> Row | None:
         row: Row | None = await self.inner.job_cancel(job_id, now, **kwargs)
@@ -386,11 +400,13 @@ class Delivery(_Forward):
             self.sim.delivered_fetches.add((row[0], _run_of(row)))
         return rows
 
-    async def job_set_state_if_running_many(self, *args: Any, **kwargs: Any) -> list[Row]:
-        rows: list[Row] = await self.inner.job_set_state_if_running_many(*args, **kwargs)
-        for row in rows:
+    async def job_set_state_if_running_many(
+        self, outcomes: Sequence[JobOutcome], now: Any, *, rows: bool = True
+    ) -> list[Row]:
+        written: list[Row] = await self.inner.job_set_state_if_running_many(outcomes, now)
+        for row in written:
             self.sim.mark_delivered(row)
-        return rows
+        return written if rows else [(row[0],) for row in written]
 
 
 # --------------------------------------------------------------------------- the harness

@@ -65,6 +65,8 @@ class Completer:
     events: trio.MemorySendChannel[list[Event]]
     args_type_for: Callable[[str], type[Any] | None]
     shutdown_timeout: float
+    wants_events: Callable[[], bool] = attrs.field(default=lambda: True)
+    """Whether anyone would receive job events now; if not, written jobs are not read back."""
     flush_size: int = 100
     """Write as soon as this many outcomes wait."""
     linger: float = 0.05
@@ -81,6 +83,8 @@ class Completer:
     _batches: int = attrs.field(default=0, init=False)
     _failed: int = attrs.field(default=0, init=False)
     _waiting: int = attrs.field(default=0, init=False)
+    _write_interrupted: bool = attrs.field(default=False, init=False)
+    """A write was cancelled mid-statement: it may have committed (see ``_write``)."""
 
     def statistics(self) -> CompleterStatistics:
         return CompleterStatistics(
@@ -139,17 +143,18 @@ class Completer:
         """Write batches until closed and empty; then close the event channel.
 
         On cancellation (the client cancelled from outside): keeps writing, shielded, for
-        up to ``shutdown_timeout`` seconds, waiting for the interrupted jobs' outcomes; what
-        is still unwritten after that stays ``running`` in the database for the rescuer.
+        up to ``shutdown_timeout`` seconds, waiting for the interrupted jobs' outcomes and
+        writing each as soon as it comes (no linger: the time is short); what is still
+        unwritten after that stays ``running`` in the database for the rescuer.
         """
         task_status.started()
         async with self.events:
             try:
-                await self._loop()
+                await self._loop(self.linger)
             except trio.Cancelled:
                 with trio.move_on_after(self.shutdown_timeout) as cs:
                     cs.shield = True
-                    await self._loop()
+                    await self._loop(0.0)
                 if self._pending:
                     log.error(
                         "shutdown_timeout passed with %d outcomes unwritten (job ids %s); "
@@ -159,7 +164,7 @@ class Completer:
                     )
                 raise
 
-    async def _loop(self) -> None:
+    async def _loop(self, linger: float) -> None:
         while True:
             if not self._pending:
                 if self._closed:
@@ -167,8 +172,8 @@ class Completer:
                 await self._work.wait()
                 self._work = trio.Event()
                 continue
-            if len(self._pending) < self.flush_size and not self._closed:
-                with trio.move_on_after(self.linger):
+            if linger > 0 and len(self._pending) < self.flush_size and not self._closed:
+                with trio.move_on_after(linger):
                     while len(self._pending) < self.flush_size and not self._closed:
                         await self._work.wait()
                         self._work = trio.Event()
@@ -179,17 +184,26 @@ class Completer:
                 self._space.set()
                 self._space = trio.Event()
 
-    async def _write_with_retries(self, batch: list[Finished]) -> tuple[list[Row], bool]:
+    async def _write_with_retries(
+        self, batch: list[Finished], want_rows: bool
+    ) -> tuple[list[Row], bool]:
         """Write the batch, retrying with backoff until it succeeds; return the rows
-        written and whether any attempt failed first."""
+        written (``(id,)`` only unless ``want_rows``) and whether any attempt failed
+        first."""
         delay = 0.5
-        failed_before = False
+        # A write cancelled mid-statement (an outside cancel, before the shielded final
+        # flush) may have committed all the same: treat it like a failed attempt.
+        failed_before = self._write_interrupted
+        self._write_interrupted = False
         while True:
             try:
                 rows = await self.driver.job_set_state_if_running_many(
-                    [f.outcome for f in batch], self.now()
+                    [f.outcome for f in batch], self.now(), rows=want_rows
                 )
                 return rows, failed_before
+            except trio.Cancelled:
+                self._write_interrupted = True
+                raise
             except DatabaseError as exc:
                 self._failed += 1
                 failed_before = True
@@ -203,12 +217,23 @@ class Completer:
             delay = min(delay * 2, 10.0)
 
     async def _write(self, batch: list[Finished]) -> None:
-        rows, failed_before = await self._write_with_retries(batch)
+        want_events = self.wants_events()
+        rows, failed_before = await self._write_with_retries(batch, want_events)
         self._batches += 1
         self._written += len(batch)
-        by_id = {f.outcome.id: f for f in batch}
-        if failed_before and len(rows) < len(batch):
+        if want_events and failed_before and len(rows) < len(batch):
             rows = rows + await self._written_by_lost_reply(batch, {r[0] for r in rows})
+        if len(rows) < len(batch):
+            log.debug(
+                "%d of %d outcomes found their job no longer running",
+                len(batch) - len(rows),
+                len(batch),
+            )
+        if want_events:
+            self._publish(batch, rows)
+
+    def _publish(self, batch: list[Finished], rows: list[Row]) -> None:
+        by_id = {f.outcome.id: f for f in batch}
         events = []
         for row in rows:
             finished = by_id.get(row[0])
@@ -222,12 +247,6 @@ class Completer:
             if job.state == "cancelled" and kind is not EventKind.JOB_CANCELLED:
                 kind = EventKind.JOB_CANCELLED
             events.append(Event(kind, job=job, duration=finished.duration))
-        if len(rows) < len(batch):
-            log.debug(
-                "%d of %d outcomes found their job no longer running",
-                len(batch) - len(rows),
-                len(batch),
-            )
         if events:
             try:
                 self.events.send_nowait(events)

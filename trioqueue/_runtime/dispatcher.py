@@ -19,6 +19,8 @@ import trio
 from ..errors import TrioqueueError, ValidationError
 from ..events import Event, EventKind
 
+JOB_EVENT_KINDS = frozenset(kind for kind in EventKind if kind.value.startswith("job_"))
+
 __all__ = ["Dispatcher", "DispatcherStatistics", "Subscription"]
 
 log = logging.getLogger("trioqueue.dispatcher")
@@ -89,6 +91,13 @@ class Dispatcher:
 
     def statistics(self) -> DispatcherStatistics:
         return DispatcherStatistics(len(self._subscribers), self._published, self._dropped)
+
+    def wants_job_events(self) -> bool:
+        """Whether any open subscription takes job events. Not a checkpoint.
+
+        When none does, the completer skips reading back the jobs it wrote: events for
+        them would reach nobody (a subscription sees only what happens after it opens)."""
+        return any(not sub.kinds.isdisjoint(JOB_EVENT_KINDS) for sub in self._subscribers)
 
     def publish(self, events: Iterable[Event]) -> None:
         """Offer events to subscribers. Never blocks; not a checkpoint."""

@@ -254,6 +254,7 @@ class Runtime:
                 event_send,
                 self._args_type_for,
                 self.config.shutdown_timeout,
+                self.dispatcher.wants_job_events,
             )
             async with trio.open_nursery() as completion:
                 completion.start_soon(self.completer.run)

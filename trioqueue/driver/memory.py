@@ -1054,7 +1054,7 @@ class MemoryDriver:
         return await self._run(f"fetching jobs of queue {queue!r}", None, op)
 
     async def job_set_state_if_running_many(
-        self, outcomes: Sequence[JobOutcome], now: datetime
+        self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:
         """Write a batch of outcomes, each only if its job is still ``running`` the run the
         outcome came from (its ``attempted_at``, when given); return the rows written (in
@@ -1062,7 +1062,8 @@ class MemoryDriver:
         whose cancellation was requested (``cancel_attempted_at``) and whose outcome is
         retryable, scheduled or available ends ``cancelled`` with finalized_at = now. An
         error is appended to ``errors``; metadata is merged in. The rows come back with
-        ``args`` None, as from PostgreSQL (the caller has them). Waits while an open
+        ``args`` None, as from PostgreSQL (the caller has them); with ``rows=False``, as
+        ``(id,)`` only. Waits while an open
         transaction holds one of the rows.
 
         Raises DatabaseError (nothing written) when an outcome breaks a constraint, such as
@@ -1100,7 +1101,10 @@ class MemoryDriver:
                 )
                 st.put_job(new, old)
                 row = new.row()
-                out.append((*row[:2], None, *row[3:]))  # args left out, as the SQL does
+                if rows:
+                    out.append((*row[:2], None, *row[3:]))  # args left out, as the SQL does
+                else:
+                    out.append((row[0],))
             return out
 
         return await self._run("writing job outcomes", None, op)

@@ -148,10 +148,12 @@ class Driver(Protocol):
     ) -> list[Row]: ...
 
     async def job_set_state_if_running_many(
-        self, outcomes: Sequence[JobOutcome], now: datetime
+        self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:
         """Apply outcomes to jobs still running; return the rows written. Their ``args``
-        may be None (the caller ran the job, so it has them)."""
+        may be None (the caller ran the job, so it has them). With ``rows=False`` each
+        written job comes back as a one-column row ``(id,)``: enough to count, and far
+        cheaper when nobody will look at the jobs."""
         ...
 
     async def job_get(self, job_id: int, *, ex: Any = None) -> Row | None: ...

@@ -27,4 +27,16 @@ def _load() -> dict[str, str]:
     return found
 
 
+def _returning_id(sql: str) -> str:
+    """``sql`` with its RETURNING list cut down to the job id."""
+    head, sep, _ = sql.rpartition("RETURNING")
+    if not sep:
+        raise RuntimeError("expected a RETURNING clause")
+    return head + "RETURNING j.id"
+
+
 QUERIES = _load()
+# Writing outcomes when no subscriber wants the jobs back: the same statement, id only.
+QUERIES["job_set_state_if_running_many_ids"] = _returning_id(
+    QUERIES["job_set_state_if_running_many"]
+)

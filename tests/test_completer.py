@@ -1,0 +1,138 @@
+"""The batch completer on its own, on the memory driver under a MockClock: what it does
+when the client is cancelled from outside, and when nobody subscribes to events."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import attrs
+import trio
+import trio.lowlevel
+import trio.testing
+
+import trioqueue as tq
+from trioqueue._runtime.completer import Completer, Finished
+from trioqueue.driver.protocol import JobOutcome, Row
+from trioqueue.events import Event, EventKind
+
+
+@attrs.frozen
+class Noop:
+    kind = "noop"
+
+
+async def _running_job(driver: tq.MemoryDriver) -> Row:
+    async with tq.open_client(driver=driver) as client:
+        await client.insert(Noop())
+    [row] = await driver.job_get_available("default", driver.clock(), 1, "worker")
+    return row
+
+
+def _completed(driver: tq.MemoryDriver, row: Row) -> Finished:
+    outcome = JobOutcome(
+        row[0], tq.JobState.COMPLETED, driver.clock(), None, False, None, None, row[8]
+    )
+    return Finished(outcome, EventKind.JOB_COMPLETED, 0.0, row[8], {})
+
+
+def _completer(
+    driver: Any, events: trio.MemorySendChannel[list[Event]], **options: Any
+) -> Completer:
+    return Completer(driver, driver.clock, events, lambda kind: None, **options)
+
+
+async def test_final_flush_writes_at_once_instead_of_lingering(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # An outcome that arrives after an outside cancel must not wait out the linger: the
+    # final flush has only shutdown_timeout (here shorter than the linger) to write it.
+    driver = tq.MemoryDriver()
+    row = await _running_job(driver)
+    send, receive = trio.open_memory_channel[list[Event]](10)
+    completer = _completer(driver, send, shutdown_timeout=0.02, linger=0.05)
+    cancel = trio.CancelScope()
+
+    async def run() -> None:
+        with cancel:
+            await completer.run()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await trio.sleep(0.1)
+        cancel.cancel()
+        await trio.lowlevel.checkpoint()
+        completer.complete_nowait(_completed(driver, row), force=True)
+        await trio.sleep(1.0)
+        completer.close()
+    assert await driver.job_state(row[0]) == "completed"
+    [events] = [batch async for batch in receive]
+    assert [e.kind for e in events] == [EventKind.JOB_COMPLETED]
+
+
+@attrs.define
+class CommitThenHang:
+    """Writes outcomes, then hangs before replying the first time: a cancel that lands
+    there interrupts a write that has committed (as on PostgreSQL, mid-reply)."""
+
+    inner: tq.MemoryDriver
+    hung: int = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def job_set_state_if_running_many(
+        self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
+    ) -> list[Row]:
+        written: list[Row] = await self.inner.job_set_state_if_running_many(
+            outcomes, now, rows=rows
+        )
+        if not self.hung:
+            self.hung += 1
+            await trio.sleep_forever()
+        return written
+
+
+async def test_a_write_cancelled_after_committing_still_gets_its_event(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = tq.MemoryDriver()
+    row = await _running_job(driver)
+    send, receive = trio.open_memory_channel[list[Event]](10)
+    completer = _completer(CommitThenHang(driver), send, shutdown_timeout=5.0)
+    cancel = trio.CancelScope()
+
+    async def run() -> None:
+        with cancel:
+            await completer.run()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        completer.complete_nowait(_completed(driver, row))
+        await trio.sleep(1.0)  # past the linger: the write has committed and hangs
+        assert await driver.job_state(row[0]) == "completed"
+        cancel.cancel()
+        await trio.sleep(0.1)
+        completer.close()
+    # The final flush found the job no longer running; it checked whether the interrupted
+    # write was ours and still sent the event.
+    [events] = [batch async for batch in receive]
+    assert [(e.kind, e.job and e.job.id) for e in events] == [(EventKind.JOB_COMPLETED, row[0])]
+
+
+async def test_without_subscribers_written_jobs_are_not_read_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = tq.MemoryDriver()
+    row = await _running_job(driver)
+    send, receive = trio.open_memory_channel[list[Event]](10)
+    completer = _completer(driver, send, shutdown_timeout=1.0, wants_events=lambda: False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(completer.run)
+        completer.complete_nowait(_completed(driver, row))
+        await trio.sleep(1.0)
+        completer.close()
+    assert await driver.job_state(row[0]) == "completed"
+    assert completer.statistics().written == 1
+    assert [batch async for batch in receive] == []
