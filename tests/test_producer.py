@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import attrs
 import trio
+import trio.testing
 
 import trioqueue as tq
 
@@ -82,3 +83,52 @@ async def test_prepared_statements_can_be_turned_off(database_url: str) -> None:
             assert sum(counts) > 0
         else:
             assert counts and sum(counts) == 0
+
+
+@attrs.define
+class SlowFetches:
+    """Every fetch takes longer than the fetch cooldown."""
+
+    inner: tq.MemoryDriver
+    seconds: float
+    fetches: int = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def job_get_available(self, *args: object, **kwargs: object) -> object:
+        self.fetches += 1
+        await trio.sleep(self.seconds)
+        return await self.inner.job_get_available(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_stopped_producer_stops_claiming_even_when_every_fetch_is_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # With a backlog every fetch comes back full and the next one follows at once (the
+    # fetch itself is shielded). A stop must still end the loop: once, this producer went
+    # on claiming jobs until the queue was empty.
+    driver = SlowFetches(tq.MemoryDriver(), seconds=0.05)
+    workers = tq.Workers()
+    started: list[int] = []
+    first = trio.Event()
+
+    async def ping(job: tq.Job[PingArgs]) -> None:
+        started.append(job.args.n)
+        first.set()
+
+    workers.add(PingArgs, ping)
+    async with tq.open_client(driver=driver) as inserter:  # type: ignore[arg-type]
+        await inserter.insert_many([PingArgs(n) for n in range(200)])
+    with trio.fail_after(60):
+        async with tq.open_client(
+            driver=driver,  # type: ignore[arg-type]
+            workers=workers,
+            queues={"default": tq.QueueConfig(max_workers=4)},
+            fetch_cooldown=0.01,
+        ) as client:
+            await first.wait()
+            fetches = driver.fetches
+            await client.stop()
+    assert driver.fetches <= fetches + 1
+    assert len(started) < 20

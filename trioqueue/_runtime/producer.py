@@ -113,21 +113,34 @@ class Producer:
     async def _fetch_loop(self, jobs: trio.Nursery) -> None:
         last_fetch = -math.inf
         last_found_work = False
+        again = False
         backoff = 0.1
+        # At most half the slots per fetch, so that with a backlog the next fetch is on its
+        # way while the jobs of the last one run: a job that never blocks runs to its end
+        # in the scheduling batch after it starts, and a fetch for every free slot would
+        # only be sent once the whole batch has run, leaving the process idle meanwhile.
+        max_fetch = max(1, (self.max_workers + 1) // 2)
         while True:
+            # The fetch itself is shielded, and a fetch right after a full one waits for
+            # nothing: without this check a stopped producer would keep claiming jobs for
+            # as long as each fetch comes back full.
+            await trio.lowlevel.checkpoint_if_cancelled()
             free = self.max_workers - len(self._running)
             # The cooldown limits how often a busy queue is fetched from. After a fetch
             # that found nothing, a wake-up means new work: fetch at once (idle latency).
-            if free > 0 and last_found_work:
+            # Right after a full fetch there is a backlog: fetch again at once while slots
+            # last, so that this fetch is in flight while the jobs just started run.
+            if free > 0 and last_found_work and not again:
                 wait = last_fetch + self.fetch_cooldown - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
                     free = self.max_workers - len(self._running)
+            again = False
             if free > 0:
                 self._wake = trio.Event()
                 last_fetch = trio.current_time()
                 try:
-                    rows = await self._fetch(free)
+                    rows = await self._fetch(min(free, max_fetch))
                 except DatabaseError as exc:
                     log.warning(
                         "fetching from queue %r failed, retrying in %.1f s: %s",
@@ -141,7 +154,7 @@ class Producer:
                 backoff = 0.1
                 self._fetches += 1
                 self._fetched += len(rows)
-                self._last_fetch_full = len(rows) == free
+                self._last_fetch_full = len(rows) == min(free, max_fetch)
                 last_found_work = bool(rows)
                 # No checkpoint between the fetch and starting the tasks: every claimed
                 # job gets its task, so it always reports an outcome.
@@ -151,6 +164,7 @@ class Producer:
                     self._running[job.id] = handle
                     jobs.start_soon(self._run_job, job, handle, name=f"trioqueue job {job.id}")
                 if self._last_fetch_full and len(self._running) < self.max_workers:
+                    again = True
                     continue
             # After finding work, look again one cooldown later: inserts made meanwhile may
             # not have notified (clients send at most one insert notification per queue per
