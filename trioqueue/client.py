@@ -293,7 +293,7 @@ class Client:
         an exception or cancellation.
         """
         async with self._driver.transaction() as conn:
-            yield Transaction(conn)
+            yield Transaction(conn, self._driver)
 
     # ---------------------------------------------------------------- managing jobs
 

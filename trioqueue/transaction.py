@@ -17,8 +17,10 @@ class Transaction:
     between tasks.
     """
 
-    def __init__(self, executor: Any) -> None:
+    def __init__(self, executor: Any, driver: Any = None) -> None:
         self._conn = executor
+        self._driver = driver
+        """The driver that opened it (for ``trioqueue.testing``'s reads inside it)."""
 
     @property
     def connection(self) -> Any:

@@ -1053,6 +1053,33 @@ class MemoryDriver:
 
         return await self._run(f"fetching jobs of queue {queue!r}", None, op)
 
+    async def job_claim(self, job_id: int, now: datetime, client_id: str) -> Row | None:
+        """Claim one job by id (for ``trioqueue.testing``): an available, pending,
+        retryable or scheduled job becomes ``running`` as ``job_get_available`` makes it,
+        whatever its queue, schedule or pause; returns its row, else None. Waits while
+        another transaction holds the row.
+
+        On cancellation: nothing was claimed.
+        """
+        at = _ts(now)
+
+        def op(st: _Stmt) -> Row | None:
+            job = st.job(job_id)
+            if job is None or job.state is JobState.RUNNING or job.state in FINALIZED_STATES:
+                return None
+            keep = job.attempted_by[max(len(job.attempted_by) - (_MAX_ATTEMPTED_BY - 1), 0) :]
+            running = attrs.evolve(
+                job,
+                state=JobState.RUNNING,
+                attempt=job.attempt + 1,
+                attempted_at=at,
+                attempted_by=(*keep, client_id),
+            )
+            st.put_job(running, job)
+            return running.row()
+
+        return await self._run(f"claiming job {job_id}", None, op)
+
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:

@@ -147,6 +147,12 @@ class Driver(Protocol):
         self, queue: str, now: datetime, limit: int, client_id: str
     ) -> list[Row]: ...
 
+    async def job_claim(self, job_id: int, now: datetime, client_id: str) -> Row | None:
+        """Claim one job by id for a run outside any producer (``trioqueue.testing``): if
+        it is available, pending, retryable or scheduled, whatever its queue, schedule or
+        pause, it becomes ``running`` as ``job_get_available`` makes it; else None."""
+        ...
+
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:

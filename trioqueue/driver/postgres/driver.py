@@ -247,6 +247,11 @@ class PostgresDriver:
             None,
         )
 
+    async def job_claim(self, job_id: int, now: datetime, client_id: str) -> Row | None:
+        return await self._fetchrow(
+            f"claiming job {job_id}", "job_claim", [job_id, now, client_id], None
+        )
+
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:

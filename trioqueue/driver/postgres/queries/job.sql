@@ -88,6 +88,21 @@ RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j
           j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
           j.errors, j.metadata, j.tags;
 
+-- name: job_claim
+-- Claim one job by id for a run outside any producer (trioqueue.testing's work_one): unless
+-- it is running or finalized, it becomes running as job_get_available makes it, whatever
+-- its queue, schedule or pause state. No row: no such job, or it is not claimable.
+UPDATE tq_job j
+SET state = 'running',
+    attempt = j.attempt + 1,
+    attempted_at = $2,
+    attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98, 1):] || $3::text
+WHERE j.id = $1
+  AND j.state IN ('available', 'pending', 'retryable', 'scheduled')
+RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
+          j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
+          j.errors, j.metadata, j.tags;
+
 -- name: job_set_state_if_running_many
 -- Write a batch of outcomes. Only rows still `running` change, and only while they run the
 -- run each outcome came from ($9: its attempted_at; NULL: any run), so a write retried after
