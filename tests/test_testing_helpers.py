@@ -118,7 +118,7 @@ async def test_require_inserted_failures_say_what_differs(storage: dict[str, Any
             await tqt.require_inserted(client, SortArgs, strings=["a"], priority=3, tags=["t1"])
         message = str(failed.value)
         assert "no job matches SortArgs(strings=['a'], priority=3, tags=['t1'])" in message
-        assert "2 job(s) of kind 'sort' exist visible to the client" in message
+        assert "2 job(s) of kind 'sort' are visible to the client" in message
         assert f"job {first.id} (sort, available, queue 'default'): " in message
         assert "priority: expected 3, got 2; tags: expected ['t1'], got []" in message
         assert f"job {second.id} " in message

@@ -265,7 +265,7 @@ def _reader(client_or_tx: Client | Transaction) -> tuple[Driver, Any, str]:
             raise ValidationError(
                 "client_or_tx", "the Transaction must come from client.transaction()"
             )
-        return driver, client_or_tx.connection, "in the transaction"
+        return driver, client_or_tx.connection, "visible in the transaction"
     raise ValidationError(
         "client_or_tx",
         f"must be a trioqueue.Client or a Transaction from client.transaction(), "
@@ -343,7 +343,7 @@ async def require_inserted(
     lines = "\n".join(_closest(matcher, jobs))
     raise AssertionError(
         f"require_inserted: no job matches {matcher.describe()}; {len(jobs)} job(s) of kind "
-        f"{matcher.kind!r} exist {where}. Closest, with the fields that differ:\n{lines}"
+        f"{matcher.kind!r} are {where}. Closest, with the fields that differ:\n{lines}"
     )
 
 
