@@ -7,7 +7,13 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from trioqueue.driver.postgres import PgConnection
-from trioqueue.driver.postgres.arrays import bool_array, int8_array, text_array, timestamptz_array
+from trioqueue.driver.postgres.arrays import (
+    bool_array,
+    bytea_array,
+    int8_array,
+    text_array,
+    timestamptz_array,
+)
 
 TS = [
     datetime(2026, 11, 27, 7, 1, 2, 345678, tzinfo=UTC),
@@ -22,12 +28,13 @@ async def test_arrays_round_trip(database_url: str, prepare: bool) -> None:
     try:
         row = await conn.fetchrow(
             "SELECT $1::bigint[], $2::text[], $3::timestamptz[], $4::boolean[], "
-            "pg_typeof($1)::text, cardinality($2)",
+            "pg_typeof($1)::text, cardinality($2), $5::bytea[]",
             [
                 int8_array([1, -2, 2**62, 0]),
                 text_array(["a", None, "ünï 'quoted' \"x\" \\ {,}", "", "NULL"]),
                 timestamptz_array([TS[0], None, TS[1], TS[2], TS[0]]),
                 bool_array([True, False]),
+                bytea_array([b"\x00\xff'\\", None, b""]),
             ],
             prepare=prepare,
         )
@@ -36,15 +43,22 @@ async def test_arrays_round_trip(database_url: str, prepare: bool) -> None:
         assert row[1] == ["a", None, "ünï 'quoted' \"x\" \\ {,}", "", "NULL"]
         assert row[2] == [TS[0], None, TS[1], TS[2], TS[0]]
         assert row[3] == [True, False]
-        assert row[4:] == ("bigint[]", 5)
+        assert row[4:6] == ("bigint[]", 5)
+        assert row[6] == [b"\x00\xff'\\", None, b""]
         # Empty arrays have no dimensions; unnest gives no rows.
         empty = await conn.fetchrow(
             "SELECT $1::bigint[], $2::text[], $3::timestamptz[], $4::boolean[], "
-            "(SELECT count(*) FROM unnest($1::bigint[], $3::timestamptz[]))",
-            [int8_array([]), text_array([]), timestamptz_array([]), bool_array([])],
+            "(SELECT count(*) FROM unnest($1::bigint[], $3::timestamptz[])), $5::bytea[]",
+            [
+                int8_array([]),
+                text_array([]),
+                timestamptz_array([]),
+                bool_array([]),
+                bytea_array([]),
+            ],
             prepare=prepare,
         )
-        assert empty == ([], [], [], [], 0)
+        assert empty == ([], [], [], [], 0, [])
     finally:
         await conn.aclose()
 

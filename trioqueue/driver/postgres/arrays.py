@@ -25,6 +25,7 @@ __all__ = [
     "BinaryArray",
     "BinaryArrayDumper",
     "bool_array",
+    "bytea_array",
     "dumpers",
     "int8_array",
     "text_array",
@@ -63,6 +64,10 @@ class _BoolArray(BinaryArray):
     oid = 1000
 
 
+class _ByteaArray(BinaryArray):
+    oid = 1001
+
+
 class BinaryArrayDumper(Dumper):
     """Sends a `BinaryArray` as it is, in binary; subclasses carry the array type's oid."""
 
@@ -76,7 +81,7 @@ def dumpers() -> list[tuple[type[BinaryArray], type[BinaryArrayDumper]]]:
     """Each array type with its dumper class, for ``AdaptersMap.register_dumper``."""
     return [
         (cls, type(f"{cls.__name__}Dumper", (BinaryArrayDumper,), {"oid": cls.oid}))
-        for cls in (_Int8Array, _TextArray, _TimestamptzArray, _BoolArray)
+        for cls in (_Int8Array, _TextArray, _TimestamptzArray, _BoolArray, _ByteaArray)
     ]
 
 
@@ -132,3 +137,16 @@ def bool_array(values: Iterable[bool]) -> bytes:
     """``boolean[]`` (no NULLs)."""
     parts = [_TRUE if v else _FALSE for v in values]
     return _array(_BoolArray, 16, len(parts), False, b"".join(parts))
+
+
+def bytea_array(values: Sequence[bytes | None]) -> bytes:
+    """``bytea[]``; ``None`` elements are NULL."""
+    parts = []
+    has_null = False
+    for v in values:
+        if v is None:
+            has_null = True
+            parts.append(_NULL)
+        else:
+            parts.append(_LENGTH(len(v)) + v)
+    return _array(_ByteaArray, 17, len(values), has_null, b"".join(parts))

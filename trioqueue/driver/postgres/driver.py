@@ -22,7 +22,7 @@ from ..protocol import (
     PeriodicJobState,
     Row,
 )
-from .arrays import bool_array, int8_array, text_array, timestamptz_array
+from .arrays import bool_array, bytea_array, int8_array, text_array, timestamptz_array
 from .connection import PgConnection
 from .pool import PgPool, open_pool
 from .queries import QUERIES
@@ -46,18 +46,19 @@ def _wrapped(doing: str) -> Iterator[None]:
 
 
 def _insert_arrays(params: Sequence[JobInsertParams]) -> list[Any]:
+    # Binary arrays (see arrays.py); the smallint columns go as bigint[] and are cast.
     return [
-        [p.args_json for p in params],
-        [p.kind for p in params],
-        [p.max_attempts for p in params],
-        [p.metadata_json for p in params],
-        [p.priority for p in params],
-        [p.queue for p in params],
-        [p.scheduled_at for p in params],
-        [p.state.value for p in params],
-        [",".join(p.tags) for p in params],
-        [p.unique_key for p in params],
-        [p.unique_states for p in params],
+        text_array([p.args_json for p in params]),
+        text_array([p.kind for p in params]),
+        int8_array([p.max_attempts for p in params]),
+        text_array([p.metadata_json for p in params]),
+        int8_array([p.priority for p in params]),
+        text_array([p.queue for p in params]),
+        timestamptz_array([p.scheduled_at for p in params]),
+        text_array([p.state.value for p in params]),
+        text_array([",".join(p.tags) for p in params]),
+        bytea_array([p.unique_key for p in params]),
+        text_array([p.unique_states for p in params]),
     ]
 
 
@@ -209,7 +210,7 @@ class PostgresDriver:
             ]
             rows = await self._fetch("inserting a job", "job_insert_one", one, ex)
         else:
-            args = [*_insert_arrays(params), now, list(notify_queues)]
+            args = [*_insert_arrays(params), now, text_array(list(notify_queues))]
             rows = await self._fetch("inserting jobs", "job_insert_many", args, ex)
         if len(rows) != len(params):
             raise DatabaseError(
