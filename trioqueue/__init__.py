@@ -30,6 +30,9 @@ from .job import JobListParams as JobListParams
 from .job import JobListResult as JobListResult
 from .job import JobState as JobState
 from .job import UniqueOpts as UniqueOpts
+from .middleware import InsertMiddleware as InsertMiddleware
+from .middleware import InsertParams as InsertParams
+from .middleware import WorkerMiddleware as WorkerMiddleware
 from .migrations import migrate as migrate
 from .migrations import migration_list as migration_list
 from .periodic import PeriodicJob as PeriodicJob
@@ -46,7 +49,9 @@ __all__ = [
     "ErrorHandlerResult",
     "Event",
     "EventKind",
+    "InsertMiddleware",
     "InsertOpts",
+    "InsertParams",
     "Job",
     "JobCancel",
     "JobInsertResult",
@@ -65,6 +70,7 @@ __all__ = [
     "UniqueOpts",
     "UnknownJobKindError",
     "ValidationError",
+    "WorkerMiddleware",
     "Workers",
     "migrate",
     "migration_list",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar, final
@@ -42,6 +42,7 @@ from .job import (
     JobState,
     validate_queue_name,
 )
+from .middleware import InsertParams, insert_layers, run_insert_begin, run_insert_chain
 from .periodic import PeriodicJobs
 from .transaction import Transaction
 from .workers import Workers, args_kind
@@ -83,6 +84,7 @@ class Client:
         self._notify_limiter = NotifyLimiter(config.fetch_cooldown)
         self._kinds: dict[type[Any], str] = {}
         """Args types already checked, with their kind: the insert path's cache."""
+        self._insert_layers, self._insert_begins = insert_layers(config.middleware, config.hooks)
         self._runtime: Runtime | None = None
         self._periodic_jobs = PeriodicJobs(config.periodic_jobs)
         if config.periodic_jobs and not queues:
@@ -141,7 +143,8 @@ class Client:
     def _job(self, row: Row) -> Job[Any]:
         return row_to_job(row, self._args_type(row[1]))
 
-    def _params(self, item: InsertItem, now: datetime) -> JobInsertParams:
+    def _split(self, item: InsertItem) -> tuple[Any, str, InsertOpts]:
+        """An insert item's args, kind (checked) and opts (defaulted)."""
         if isinstance(item, tuple):
             if len(item) != 2:
                 raise ValidationError("jobs", "each item must be args or an (args, opts) pair")
@@ -160,6 +163,10 @@ class Client:
             opts = own() if callable(own) else _DEFAULT_OPTS
         if not isinstance(opts, InsertOpts):
             raise ValidationError("opts", "must be an InsertOpts")
+        return args, kind, opts
+
+    def _params(self, item: InsertItem, now: datetime) -> JobInsertParams:
+        args, kind, opts = self._split(item)
         args_json = encode_args(args)
         if opts.metadata:
             try:
@@ -204,6 +211,49 @@ class Client:
         now = self._now()
         return [self._params(item, now) for item in items], now
 
+    async def _through_middleware(
+        self,
+        items: Sequence[InsertItem],
+        write: Callable[[list[JobInsertParams], datetime], Awaitable[A]],
+    ) -> A:
+        """Insert ``items`` through the insert middleware and ``insert_begin`` hooks: what
+        the middleware passes on is validated and encoded, then the hooks see it, then
+        ``write`` writes it. Only used when the client has middleware or hooks."""
+        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+            raise ValidationError("jobs", "must be a list of args or (args, opts) pairs")
+        if not items:
+            raise ValidationError("jobs", "insert_many needs at least one job")
+        now = self._now()
+        first: list[InsertParams] = []
+        for item in items:
+            args, _, opts = self._split(item)
+            first.append(
+                InsertParams(
+                    args=args,
+                    queue=opts.queue,
+                    priority=opts.priority,
+                    max_attempts=opts.max_attempts or self._config.max_attempts,
+                    scheduled_at=opts.scheduled_at.astimezone(UTC) if opts.scheduled_at else now,
+                    tags=opts.tags,
+                    metadata=dict(opts.metadata or {}),
+                    pending=opts.pending,
+                    unique=opts.unique,
+                )
+            )
+
+        async def inner(params: list[InsertParams]) -> A:
+            if not isinstance(params, list) or not params:
+                raise ValidationError("jobs", "insert middleware must pass on a non-empty list")
+            encoded = []
+            for p in params:
+                if not isinstance(p, InsertParams):
+                    raise ValidationError("jobs", "insert middleware must pass on InsertParams")
+                encoded.append(self._params((p.args, p.opts()), now))
+            await run_insert_begin(self._insert_begins, params)
+            return await write(encoded, now)
+
+        return await run_insert_chain(self._insert_layers, first, inner)
+
     def _notify_queues(self, params: Iterable[JobInsertParams]) -> list[str]:
         queues = sorted({p.queue for p in params if p.state is JobState.AVAILABLE})
         return self._notify_limiter.take(queues) if queues else []
@@ -211,7 +261,14 @@ class Client:
     async def _insert_many(
         self, items: Sequence[InsertItem], tx: Transaction | None
     ) -> list[JobInsertResult[Any]]:
+        if self._insert_layers or self._insert_begins:
+            return await self._through_middleware(items, lambda ps, now: self._write(ps, now, tx))
         params, now = self._prepare(items)
+        return await self._write(params, now, tx)
+
+    async def _write(
+        self, params: list[JobInsertParams], now: datetime, tx: Transaction | None
+    ) -> list[JobInsertResult[Any]]:
         # Two jobs of one batch with the same unique key: only the first is inserted.
         first_of_key: dict[bytes, int] = {}
         to_insert: list[JobInsertParams] = []
@@ -264,7 +321,16 @@ class Client:
         return await self._insert_many(jobs, tx)
 
     async def _insert_fast(self, jobs: Sequence[InsertItem], tx: Transaction | None) -> int:
+        if self._insert_layers or self._insert_begins:
+            return await self._through_middleware(
+                jobs, lambda ps, now: self._write_fast(ps, now, tx)
+            )
         params, now = self._prepare(jobs)
+        return await self._write_fast(params, now, tx)
+
+    async def _write_fast(
+        self, params: list[JobInsertParams], now: datetime, tx: Transaction | None
+    ) -> int:
         return await self._driver.job_insert_fast(
             params,
             self._notify_queues(params),

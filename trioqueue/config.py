@@ -13,6 +13,7 @@ import attrs
 
 from .errors import ErrorHandlerResult, ValidationError
 from .job import Job, validate_queue_name
+from .middleware import check_hooks, check_middleware
 from .periodic import PeriodicJob, check_periodic_jobs
 
 __all__ = ["ClientConfig", "ErrorHandler", "QueueConfig", "RetryPolicy", "default_client_id"]
@@ -63,6 +64,10 @@ def _periodic_tuple(value: object) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def _middleware_tuple(value: object) -> tuple[Any, ...]:
+    return check_middleware("middleware", value)
+
+
 def default_client_id() -> str:
     """``<hostname>_<UTC start time>``, like River's."""
     host = socket.gethostname().replace(".", "_")[:60]
@@ -99,6 +104,11 @@ class ClientConfig:
     error_handler: ErrorHandler | None = None
     soft_stop_timeout: float | None = None
     shutdown_timeout: float = 10.0
+    middleware: tuple[Any, ...] = attrs.field(default=(), converter=_middleware_tuple)
+    """Insert and worker middleware for every insert and every job; the first entry is
+    outermost, and all of them run outside a kind's own middleware (docs/middleware.md)."""
+    hooks: tuple[Any, ...] = attrs.field(default=(), converter=check_hooks)
+    """Objects with ``insert_begin``, ``work_begin`` and/or ``work_end`` (docs/middleware.md)."""
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.id, str) or not 1 <= len(self.id) <= 100:

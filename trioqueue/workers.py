@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
 
 from .errors import ValidationError
 from .job import Job, validate_kind
+from .middleware import check_middleware
 
 __all__ = ["DEFAULT_TIMEOUT", "WorkerEntry", "Workers", "args_kind"]
 
@@ -47,6 +48,8 @@ class WorkerEntry(Generic[A]):
     fn: WorkFn[A]
     timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT
     next_retry: NextRetryFn | None = None
+    middleware: tuple[Any, ...] = ()
+    """This kind's worker middleware, run inside the client's (first entry outermost)."""
 
     @property
     def kind(self) -> str:
@@ -77,20 +80,25 @@ class Workers:
         *,
         timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT,
         next_retry: NextRetryFn | None = None,
+        middleware: Sequence[Any] = (),
     ) -> None:
         """Register ``fn`` to work jobs of ``args_type``.
 
         ``timeout`` overrides the client's ``job_timeout`` (``None``: no timeout);
-        ``next_retry(job)`` returns seconds until the retry, overriding the client's policy.
-        Raises ValidationError for a bad kind or timeout, or a kind registered twice.
+        ``next_retry(job)`` returns seconds until the retry, overriding the client's policy;
+        ``middleware`` wraps each run of this kind, inside the client's middleware: objects
+        with ``work(job, call_next)`` or async functions ``(job, call_next)``.
+        Raises ValidationError for a bad kind, timeout or middleware, or a kind
+        registered twice.
         """
         kind = args_kind(args_type)
         _check_timeout(timeout)
+        layers = check_middleware("middleware", middleware, kind_level=True)
         if not callable(fn):
             raise ValidationError("fn", "the worker must be an async function")
         if kind in self._by_kind:
             raise ValidationError("kind", f"a worker for kind {kind!r} is already registered")
-        self._by_kind[kind] = WorkerEntry(args_type, fn, timeout, next_retry)
+        self._by_kind[kind] = WorkerEntry(args_type, fn, timeout, next_retry, layers)
 
     def worker(
         self,
@@ -98,11 +106,12 @@ class Workers:
         *,
         timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT,
         next_retry: NextRetryFn | None = None,
+        middleware: Sequence[Any] = (),
     ) -> Callable[[WorkFn[A]], WorkFn[A]]:
         """Decorator form of :meth:`add`; returns the function unchanged."""
 
         def register(fn: WorkFn[A]) -> WorkFn[A]:
-            self.add(args_type, fn, timeout=timeout, next_retry=next_retry)
+            self.add(args_type, fn, timeout=timeout, next_retry=next_retry, middleware=middleware)
             return fn
 
         return register

@@ -19,6 +19,7 @@ from ..driver.protocol import JobOutcome
 from ..errors import JobCancel, JobSnooze
 from ..events import EventKind
 from ..job import Job, JobState
+from ..middleware import WorkNext, build_work_chain, run_work_end, work_end_hooks
 from ..workers import DEFAULT_TIMEOUT, WorkerEntry, Workers
 from .completer import Completer, Finished
 
@@ -85,6 +86,51 @@ def _error_entry(now: datetime, attempt: int, exc: BaseException) -> str:
     return dumps({"at": now.isoformat(), "attempt": attempt, "error": message, "trace": trace})
 
 
+def _log_end(job: Job[Any], finished: Finished, failure: BaseException | None) -> None:
+    """One line per finished run, with structured fields (docs/observability.md): DEBUG,
+    except WARNING for a failed attempt that will be retried and ERROR for a discard."""
+    state = finished.outcome.state
+    if finished.event_kind is EventKind.JOB_FAILED:
+        level = logging.ERROR if state is JobState.DISCARDED else logging.WARNING
+    else:
+        level = logging.DEBUG
+    if not log.isEnabledFor(level):
+        return
+    outcome = finished.event_kind.value.removeprefix("job_")
+    extra = {
+        "job_id": job.id,
+        "kind": job.kind,
+        "queue": job.queue,
+        "attempt": job.attempt,
+        "duration": finished.duration,
+        "outcome": outcome,
+        "state": state.value,
+    }
+    if failure is not None and level > logging.DEBUG:
+        log.log(
+            level,
+            "job %s (%s) %s on attempt %s/%s, now %s: %s",
+            job.id,
+            job.kind,
+            outcome,
+            job.attempt,
+            job.max_attempts,
+            state.value,
+            f"{type(failure).__name__}: {failure}",
+            extra=extra,
+        )
+    else:
+        log.log(
+            level,
+            "job %s (%s) %s in %.6f s",
+            job.id,
+            job.kind,
+            outcome,
+            finished.duration,
+            extra=extra,
+        )
+
+
 @final
 @attrs.define(eq=False)
 class Executor:
@@ -94,6 +140,19 @@ class Executor:
     config: ClientConfig
     completer: Completer
     now: Callable[[], datetime]
+    _chains: dict[str, WorkNext] = attrs.field(factory=dict, init=False)
+    """Per kind, what a run awaits: the worker function, or it wrapped in middleware."""
+    _work_ends: tuple[Callable[..., Any], ...] = attrs.field(default=(), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._work_ends = work_end_hooks(self.config.hooks)
+
+    def _chain(self, entry: WorkerEntry[Any]) -> WorkNext:
+        chain = build_work_chain(
+            entry.fn, self.config.middleware, entry.middleware, self.config.hooks
+        )
+        self._chains[entry.kind] = chain
+        return chain
 
     async def execute(self, job: Job[Any], handle: JobHandle) -> Finished:
         """Run ``job``'s worker and return its outcome (not yet queued for writing).
@@ -123,7 +182,7 @@ class Executor:
                     handle.scope.deadline = start + timeout
                 with handle.scope:
                     try:
-                        await entry.fn(job)
+                        await (self._chains.get(job.kind) or self._chain(entry))(job)
                         done = True
                     except Exception as exc:
                         result = exc
@@ -133,11 +192,20 @@ class Executor:
                     else:
                         result = JobTimeoutError(f"job timed out after {timeout} s")
                 failure = result
-            return await self._decide(
+                if self._work_ends:
+                    failure = await run_work_end(self._work_ends, job, failure)
+                    done = failure is None
+            finished = await self._decide(
                 job, entry, done, failure, trio.current_time() - start, handle
             )
+            if failure is not None or log.isEnabledFor(logging.DEBUG):
+                _log_end(job, finished, failure)
+            return finished
         except BaseException:
-            self.completer.complete_nowait(self.interrupted(job, start), force=True)
+            interrupted = self.interrupted(job, start)
+            self.completer.complete_nowait(interrupted, force=True)
+            if log.isEnabledFor(logging.DEBUG):
+                _log_end(job, interrupted, None)
             raise
 
     def _timeout(self, entry: WorkerEntry[Any]) -> float | None:
