@@ -1,0 +1,156 @@
+"""trioqueue.otel: spans and metrics, read back with the SDK's in-memory exporter/reader."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+import pytest
+import trio
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+import trioqueue as tq
+from trioqueue.otel import OpenTelemetryMiddleware
+
+
+@attrs.frozen
+class Task:
+    kind: ClassVar[str] = "otel_task"
+    mode: str = "ok"
+
+
+async def _work(job: tq.Job[Task]) -> None:
+    if job.args.mode == "fail":
+        raise RuntimeError("boom")
+    if job.args.mode == "snooze":
+        raise tq.JobSnooze(60)
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+def _middleware(exporter: InMemorySpanExporter, reader: InMemoryMetricReader) -> Any:
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return OpenTelemetryMiddleware(
+        tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader])
+    )
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    result: dict[str, list[Any]] = {}
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                result[metric.name] = list(metric.data.data_points)
+    return result
+
+
+async def test_spans_and_metrics_for_inserts_and_runs(
+    exporter: InMemorySpanExporter, reader: InMemoryMetricReader
+) -> None:
+    otel = _middleware(exporter, reader)
+    workers = tq.Workers()
+    workers.add(Task, _work)
+    async with tq.open_client(
+        driver=tq.MemoryDriver(),
+        workers=workers,
+        queues={"default": tq.QueueConfig(max_workers=10)},
+        middleware=[otel],
+        fetch_poll_interval=0.05,
+        fetch_cooldown=0.01,
+    ) as client:
+        async with client.subscribe(
+            tq.EventKind.JOB_COMPLETED, tq.EventKind.JOB_FAILED, tq.EventKind.JOB_SNOOZED
+        ) as events:
+            await client.insert_many(
+                [Task("ok"), Task("fail"), (Task("snooze"), tq.InsertOpts(priority=2))]
+            )
+            await client.insert_many_fast([Task("ok")])
+            with trio.fail_after(5):
+                for _ in range(4):
+                    await events.receive()
+        with pytest.raises(tq.ValidationError):
+            await client.insert(Task("ok"), tq.InsertOpts(priority=9))
+
+    spans = exporter.get_finished_spans()
+    inserts = [s for s in spans if s.name == "trioqueue.insert_many"]
+    works = [s for s in spans if s.name == "trioqueue.work/otel_task"]
+    assert len(inserts) == 2 and len(works) == 4
+    first = inserts[0]
+    assert first.kind is SpanKind.PRODUCER
+    assert first.attributes is not None
+    assert first.attributes["messaging.system"] == "trioqueue"
+    assert first.attributes["messaging.operation.type"] == "publish"
+    assert first.attributes["messaging.destination.name"] == "default"
+    assert first.attributes["messaging.batch.message_count"] == 3
+    assert first.attributes["trioqueue.job.kind"] == "otel_task"
+    assert first.status.status_code is StatusCode.UNSET
+
+    by_outcome = {s.attributes["trioqueue.job.outcome"]: s for s in works if s.attributes}
+    assert set(by_outcome) == {"ok", "error", "snoozed"}
+    failed = by_outcome["error"]
+    assert failed.kind is SpanKind.CONSUMER
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.events[0].name == "exception"
+    attributes = failed.attributes
+    assert attributes is not None
+    assert attributes["messaging.operation.type"] == "process"
+    assert attributes["messaging.destination.name"] == "default"
+    assert attributes["trioqueue.job.kind"] == "otel_task"
+    assert attributes["trioqueue.job.attempt"] == 1
+    assert attributes["trioqueue.job.priority"] == 1
+    assert int(str(attributes["messaging.message.id"])) > 0
+    assert by_outcome["snoozed"].status.status_code is StatusCode.UNSET
+    assert by_outcome["snoozed"].attributes["trioqueue.job.priority"] == 2  # type: ignore[index]
+
+    points = _points(reader)
+    inserted = {(p.attributes["status"], p.value) for p in points["trioqueue.insert.count"]}
+    # The rejected insert never reaches the middleware: InsertOpts(priority=9) fails first.
+    assert inserted == {("ok", 4)}
+    runs = {p.attributes["outcome"]: p.value for p in points["trioqueue.work.count"]}
+    assert runs == {"ok": 2, "error": 1, "snoozed": 1}
+    durations = points["trioqueue.work.duration"]
+    assert sum(p.count for p in durations) == 4
+    assert all(p.sum < 5 for p in durations)
+    assert sum(p.count for p in points["trioqueue.insert.duration"]) == 2
+
+
+async def test_a_failed_insert_is_an_error_span(
+    exporter: InMemorySpanExporter, reader: InMemoryMetricReader
+) -> None:
+    otel = _middleware(exporter, reader)
+
+    class Refuse:
+        def insert_begin(self, params: list[tq.InsertParams]) -> None:
+            raise RuntimeError("refused")
+
+    async with tq.open_client(driver=tq.MemoryDriver(), middleware=[otel], hooks=[Refuse()]) as c:
+        with pytest.raises(RuntimeError, match="refused"):
+            await c.insert(Task())
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    points = _points(reader)
+    assert [p.attributes["status"] for p in points["trioqueue.insert.count"]] == ["error"]
+
+
+def test_trioqueue_does_not_import_opentelemetry() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, trioqueue; sys.exit('opentelemetry' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
