@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from psycopg.abc import Buffer
 from psycopg.adapt import Dumper
@@ -69,9 +69,17 @@ class _ByteaArray(BinaryArray):
 
 
 class BinaryArrayDumper(Dumper):
-    """Sends a `BinaryArray` as it is, in binary; subclasses carry the array type's oid."""
+    """Sends a `BinaryArray` as it is, in binary, with its array type's oid.
+
+    The oid is set per instance, not on the class: a class-level oid would also register
+    the dumper as *the* dumper for that type (``AdaptersMap.register_dumper`` does so by
+    oid), and binary COPY with declared column types would then hand it lists."""
 
     format = Format.BINARY
+
+    def __init__(self, cls: type, context: Any = None) -> None:
+        super().__init__(cls, context)
+        self.oid = cls.oid if issubclass(cls, BinaryArray) else 0
 
     def dump(self, obj: Buffer) -> Buffer:
         return obj
@@ -80,7 +88,7 @@ class BinaryArrayDumper(Dumper):
 def dumpers() -> list[tuple[type[BinaryArray], type[BinaryArrayDumper]]]:
     """Each array type with its dumper class, for ``AdaptersMap.register_dumper``."""
     return [
-        (cls, type(f"{cls.__name__}Dumper", (BinaryArrayDumper,), {"oid": cls.oid}))
+        (cls, BinaryArrayDumper)
         for cls in (_Int8Array, _TextArray, _TimestamptzArray, _BoolArray, _ByteaArray)
     ]
 
