@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+import trio.testing
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
@@ -423,6 +424,32 @@ async def test_cancel_mid_query(conn: PgConnection, observer: PgConnection) -> N
         assert active == 0
         assert await conn.fetchval("SELECT 1") == 1
         assert not conn.in_transaction
+
+
+async def test_statement_in_a_cancelled_scope_sends_nothing(conn: PgConnection) -> None:
+    # Taking the free statement lock skips the scheduler, but entering is still a
+    # cancellation point: nothing reaches the server.
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await conn.execute("CREATE TEMP TABLE never_made (x int)")
+    assert cs.cancelled_caught
+    assert not conn.broken
+    assert await conn.fetchval("SELECT to_regclass('never_made') IS NULL") is True
+
+
+async def test_statements_from_many_tasks_take_turns(conn: PgConnection) -> None:
+    # The statement lock stays fair: every task gets its turn, in order of arrival.
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        order.append(await conn.fetchval("SELECT $1::int", [i]))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+                await trio.testing.wait_all_tasks_blocked()
+    assert order == list(range(20))
 
 
 async def test_cancel_mid_query_many_times(conn: PgConnection) -> None:

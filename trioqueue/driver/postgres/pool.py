@@ -93,7 +93,13 @@ class PgPool:
     async def _get(self) -> PgConnection:
         if self._closed:
             raise trio.ClosedResourceError("the pool is closed")
-        await self._slots.acquire()
+        # A free slot is taken without a trip through the scheduler (the statement's I/O
+        # wait is one); a full pool waits, fairly, as before. A cancellation point either way.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
         try:
             if self._closed:
                 raise trio.ClosedResourceError("the pool is closed")
