@@ -929,6 +929,25 @@ async def stale_queues_are_deleted_unless_paused(driver: Driver) -> None:
     assert await driver.queue_upsert("old", at(200)) is False
 
 
+@case
+async def queue_list_counts_available_and_running_jobs(driver: Driver) -> None:
+    assert await driver.queue_list() == []
+    await driver.queue_upsert("b", NOW)
+    await driver.queue_pause("a", at(1))
+    await finalize(driver, JobState.COMPLETED, at(1), queue="b")  # finalized: not counted
+    await insert(driver, *[params(queue="b") for _ in range(3)], params(queue="a"))
+    await insert(driver, params(queue="b", state=JobState.SCHEDULED, scheduled_at=at(60)))
+    await insert(driver, params(queue="nowhere"))  # a queue without a row is not listed
+    await driver.job_get_available("b", at(2), 1, "client-1")
+    assert await driver.queue_list() == [
+        ("a", at(1), at(1), at(1), 1, 0),
+        ("b", None, NOW, NOW, 2, 1),
+    ]
+    await driver.queue_resume("a", at(4))
+    [a, _] = await driver.queue_list()
+    assert a[1] is None and a[3] == at(4)
+
+
 # ---------------------------------------------------------------------------------- leader
 
 

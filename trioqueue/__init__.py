@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._runtime.dispatcher import Subscription as Subscription
 from .client import Client as Client
+from .client import QueueInfo as QueueInfo
 from .client import open_client as open_client
 from .config import ClientConfig as ClientConfig
 from .config import QueueConfig as QueueConfig
@@ -64,6 +65,7 @@ __all__ = [
     "MemoryDriver",
     "PeriodicJob",
     "QueueConfig",
+    "QueueInfo",
     "Subscription",
     "Transaction",
     "TrioqueueError",

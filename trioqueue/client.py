@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar, final
 
+import attrs
 import trio
 
 from ._codec import (
@@ -47,7 +48,7 @@ from .periodic import PeriodicJobs
 from .transaction import Transaction
 from .workers import Workers, args_kind
 
-__all__ = ["Client", "open_client"]
+__all__ = ["Client", "QueueInfo", "open_client"]
 
 log = logging.getLogger("trioqueue.client")
 
@@ -57,6 +58,27 @@ InsertItem = Any
 """An args object, or an ``(args, InsertOpts | None)`` pair."""
 
 _DEFAULT_OPTS = InsertOpts()
+
+
+@final
+@attrs.frozen
+class QueueInfo:
+    """One queue as stored, from :meth:`Client.queue_list`.
+
+    A queue has a row once a client with that queue has run, or once it was paused.
+    """
+
+    name: str
+    paused_at: datetime | None
+    """When the queue was paused; None while it is not paused."""
+    created_at: datetime
+    updated_at: datetime
+    """Bumped by every client working the queue; the queue cleaner deletes rows that
+    stay untouched for a day (unless paused)."""
+    available: int
+    """Jobs of this queue waiting to run now."""
+    running: int
+    """Jobs of this queue that some client is running."""
 
 
 @final
@@ -443,6 +465,13 @@ class Client:
         if self._runtime is not None and self._config.poll_only:
             for queue in changed:
                 self._runtime.queue_changed("resume", queue)
+
+    async def queue_list(self) -> list[QueueInfo]:
+        """Every known queue, ordered by name, with its available and running job counts.
+
+        One statement: the rows and counts are one consistent snapshot. A checkpoint.
+        """
+        return [QueueInfo(*row) for row in await self._driver.queue_list()]
 
     # ---------------------------------------------------------------- events and stopping
 

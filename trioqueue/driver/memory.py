@@ -1419,6 +1419,31 @@ class MemoryDriver:
 
         return await self._run("reading queue state", None, op)
 
+    async def queue_list(self) -> list[Row]:
+        """Every queue row (committed state), ordered by name, with its available and
+        running job counts: ``(name, paused_at, created_at, updated_at, available,
+        running)``."""
+
+        def op(st: _Stmt) -> list[Row]:
+            counts: dict[tuple[str, JobState], int] = {}
+            for job in st.visible_jobs():
+                if job.state in (JobState.AVAILABLE, JobState.RUNNING):
+                    key = (job.queue, job.state)
+                    counts[key] = counts.get(key, 0) + 1
+            return [
+                (
+                    q.name,
+                    q.paused_at,
+                    q.created_at,
+                    q.updated_at,
+                    counts.get((q.name, JobState.AVAILABLE), 0),
+                    counts.get((q.name, JobState.RUNNING), 0),
+                )
+                for q in sorted(st.visible_queues(), key=lambda q: q.name)
+            ]
+
+        return await self._run("listing queues", None, op)
+
     async def queue_delete_stale(self, updated_before: datetime) -> list[str]:
         """Delete the queue rows not updated since ``updated_before``, unless paused;
         return their names."""

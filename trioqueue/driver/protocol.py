@@ -188,6 +188,11 @@ class Driver(Protocol):
 
     async def queue_paused(self, names: Sequence[str]) -> set[str]: ...
 
+    async def queue_list(self) -> list[Row]:
+        """Every queue row, ordered by name, as ``(name, paused_at, created_at, updated_at,
+        available, running)``: the last two count the queue's jobs in those states."""
+        ...
+
     async def notify_many(self, channel: str, payloads: Sequence[str]) -> None: ...
 
     async def leader_attempt_elect(

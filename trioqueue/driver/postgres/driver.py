@@ -359,6 +359,10 @@ class PostgresDriver:
         rows = await self._fetch("reading queue state", "queue_paused", [list(names)], None)
         return {str(r[0]) for r in rows}
 
+    async def queue_list(self) -> list[Row]:
+        rows = await self._fetch("listing queues", "queue_list", [], None)
+        return [(*r[:4], int(r[4]), int(r[5])) for r in rows]
+
     async def notify_many(self, channel: str, payloads: Sequence[str]) -> None:
         if payloads:
             await self._fetch(

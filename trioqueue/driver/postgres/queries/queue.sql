@@ -38,3 +38,20 @@ SELECT name FROM tq_queue WHERE name = ANY($1::text[]) AND paused_at IS NOT NULL
 
 -- name: notify_many
 SELECT count(pg_notify($1, p)) FROM unnest($2::text[]) AS p;
+
+-- name: queue_list
+-- Every queue row with its available and running job counts. The counts come from one
+-- grouped pass over tq_job_fetch_idx, restricted to its leading `state` column: an
+-- index-only scan of those two states' entries, never a scan of the whole table.
+SELECT q.name, q.paused_at, q.created_at, q.updated_at,
+       coalesce(c.available, 0), coalesce(c.running, 0)
+FROM tq_queue q
+LEFT JOIN (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'available') AS available,
+           count(*) FILTER (WHERE state = 'running') AS running
+    FROM tq_job
+    WHERE state IN ('available', 'running')
+    GROUP BY queue
+) c ON c.queue = q.name
+ORDER BY q.name;
