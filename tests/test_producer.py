@@ -132,3 +132,41 @@ async def test_stopped_producer_stops_claiming_even_when_every_fetch_is_full(
             await client.stop()
     assert driver.fetches <= fetches + 1
     assert len(started) < 20
+
+
+async def test_jobs_claimed_by_a_fetch_that_outlives_a_hard_stop_are_handed_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The fetch is shielded, so its claims land after the hard stop cancelled every
+    # worker: each of those jobs must still get its interrupted outcome (never stay
+    # running), whether a worker took it before ending or the producer handed it back.
+    driver = SlowFetches(tq.MemoryDriver(), seconds=0.5)
+    workers = tq.Workers()
+    first = trio.Event()
+
+    async def block(job: tq.Job[PingArgs]) -> None:
+        first.set()
+        await trio.sleep_forever()
+
+    workers.add(PingArgs, block)
+    async with tq.open_client(driver=driver) as inserter:  # type: ignore[arg-type]
+        await inserter.insert_many([PingArgs(n) for n in range(20)])
+    with trio.fail_after(60):
+        async with tq.open_client(
+            driver=driver,  # type: ignore[arg-type]
+            workers=workers,
+            queues={"default": tq.QueueConfig(max_workers=8)},
+            fetch_cooldown=0.01,
+        ) as client:
+            await first.wait()
+            await trio.sleep(0.1)  # the next fetch is in flight now
+            fetches = driver.fetches
+            await client.stop(cancel=True)
+    assert driver.fetches == fetches
+    async with tq.open_client(driver=driver.inner) as reader:
+        jobs = (await reader.job_list(tq.JobListParams(limit=100))).jobs
+    assert {j.state for j in jobs} == {tq.JobState.AVAILABLE}
+    assert {j.attempt for j in jobs} == {0}
+    # Two fetches of 4 (half the slots each); the second ran after the stop had already
+    # handed the first four back, so it may have claimed those again.
+    assert sum(len(j.attempted_by) for j in jobs) == 8

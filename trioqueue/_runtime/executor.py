@@ -68,16 +68,29 @@ class UnknownKindError(Exception):
 
 
 @final
-@attrs.define(eq=False)
 class JobHandle:
-    """A running job's cancel scope, so ``job_cancel`` can reach it."""
+    """A running job's cancel scope, so ``job_cancel`` can reach it.
 
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    cancel_requested: bool = False
+    The scope is made when the job starts, with its deadline (setting a deadline on a
+    scope afterwards costs trio a second round of deadline bookkeeping); a cancel that
+    comes before that is remembered and applied then."""
+
+    __slots__ = ("cancel_requested", "scope")
+
+    def __init__(self) -> None:
+        self.scope: trio.CancelScope | None = None
+        self.cancel_requested = False
+
+    def open_scope(self, deadline: float) -> trio.CancelScope:
+        scope = self.scope = trio.CancelScope(deadline=deadline)
+        if self.cancel_requested:
+            scope.cancel()
+        return scope
 
     def cancel_remotely(self) -> None:
         self.cancel_requested = True
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 def _error_entry(now: datetime, attempt: int, exc: BaseException) -> str:
@@ -147,6 +160,11 @@ class Executor:
     def __attrs_post_init__(self) -> None:
         self._work_ends = work_end_hooks(self.config.hooks)
 
+    def args_type(self, kind: str) -> type[Any] | None:
+        """The args type registered for ``kind``, to decode a fetched job's args with."""
+        entry = self.workers.get(kind)
+        return entry.args_type if entry is not None else None
+
     def _chain(self, entry: WorkerEntry[Any]) -> WorkNext:
         chain = build_work_chain(
             entry.fn, self.config.middleware, entry.middleware, self.config.hooks
@@ -171,16 +189,16 @@ class Executor:
                 failure = UnknownKindError(
                     f"no worker is registered for job kind {job.kind!r} on this client"
                 )
-            else:
+            elif type(job.args) is not entry.args_type:
+                # The producer decodes args as it builds the job; here only when that
+                # failed (so this raises and is recorded) or the job came from elsewhere.
                 try:
                     job = with_args(job, decode_args(entry.args_type, job.args))
                 except Exception as exc:
                     failure = exc
             if entry is not None and failure is None:
                 timeout = self._timeout(entry)
-                if timeout is not None:
-                    handle.scope.deadline = start + timeout
-                with handle.scope:
+                with handle.open_scope(math.inf if timeout is None else start + timeout):
                     try:
                         await (self._chains.get(job.kind) or self._chain(entry))(job)
                         done = True

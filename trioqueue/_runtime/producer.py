@@ -1,5 +1,5 @@
-"""The producer: one per queue. Fetches as many jobs as it has free slots and runs each
-in a trio task of its own.
+"""The producer: one per queue. Fetches as many jobs as it has free slots and runs them on
+a pool of worker tasks, each job in a cancel scope of its own.
 
 Fetches happen when woken (an insert notification, a freed slot after a full fetch, a
 resume), at least every ``fetch_poll_interval``, and — while the queue is busy — at most
@@ -10,6 +10,7 @@ cancellation arriving mid-statement.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
@@ -61,6 +62,16 @@ class Producer:
     check_cancels: bool
     """Poll for cancel requests of running jobs (when LISTEN is not available)."""
     _running: dict[int, JobHandle] = attrs.field(factory=dict, init=False)
+    """Every claimed job that has not handed its outcome over yet (queued or running)."""
+    _queued: collections.deque[tuple[Job[Any], JobHandle]] = attrs.field(
+        factory=collections.deque, init=False
+    )
+    """Claimed jobs waiting for a worker task."""
+    _idle: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    """Worker tasks waiting for a job."""
+    _waking: int = attrs.field(default=0, init=False)
+    """Worker tasks woken or started that have not run yet: each will take a queued job."""
+    _fetching: bool = attrs.field(default=True, init=False)
     _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
     _fetch_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _jobs_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
@@ -100,15 +111,62 @@ class Producer:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Fetch and run jobs until stopped; return when every job it started has
-        handed its outcome to the completer."""
-        async with trio.open_nursery() as jobs:
-            self._jobs_scope = jobs.cancel_scope
-            if self._hard_stop:
-                jobs.cancel_scope.cancel()
-            task_status.started()
-            with self._fetch_scope:
-                await self._fetch_loop(jobs)
+        """Fetch and run jobs until stopped; return when every job it claimed has handed
+        its outcome to the completer."""
+        try:
+            async with trio.open_nursery() as jobs:
+                self._jobs_scope = jobs.cancel_scope
+                if self._hard_stop:
+                    jobs.cancel_scope.cancel()
+                task_status.started()
+                try:
+                    with self._fetch_scope:
+                        await self._fetch_loop(jobs)
+                finally:
+                    # The workers drain the queue and then end.
+                    self._fetching = False
+                    self._waking += len(self._idle)
+                    self._idle.unpark_all()
+        finally:
+            # Workers take every queued job, even after a hard stop (each then reports
+            # "interrupted"); should one end while jobs it was woken for are queued, hand
+            # those back here the same way, so no claimed job stays running.
+            while self._queued:
+                job, _ = self._queued.popleft()
+                now = trio.current_time()
+                self.completer.complete_nowait(self.executor.interrupted(job, now), force=True)
+                del self._running[job.id]
+
+    def _start(self, jobs: trio.Nursery, job: Job[Any]) -> None:
+        """Queue a claimed job for a worker task, starting one if none is idle. Not a
+        checkpoint."""
+        handle = JobHandle()
+        self._running[job.id] = handle
+        self._queued.append((job, handle))
+        # Wake (or start) a worker only if those already on their way are too few to take
+        # every queued job: a worker that finds the queue empty would just park again.
+        if len(self._queued) > self._waking:
+            self._waking += 1
+            if self._idle:
+                self._idle.unpark()
+            else:
+                jobs.start_soon(self._worker, name=f"trioqueue worker ({self.queue})")
+
+    async def _worker(self) -> None:
+        """Run queued jobs one after another; wait while there are none; end once the
+        producer stops fetching and the queue is empty. A worker runs the next queued job
+        without a scheduling point in between (a job's own awaits are its checkpoints)."""
+        queued = self._queued
+        self._waking -= 1
+        while True:
+            if queued:
+                job, handle = queued.popleft()
+                await self._run_job(job, handle)
+            elif self._fetching:
+                await self._idle.park()
+                self._waking -= 1
+            else:
+                return
 
     async def _fetch_loop(self, jobs: trio.Nursery) -> None:
         last_fetch = -math.inf
@@ -156,13 +214,12 @@ class Producer:
                 self._fetched += len(rows)
                 self._last_fetch_full = len(rows) == min(free, max_fetch)
                 last_found_work = bool(rows)
-                # No checkpoint between the fetch and starting the tasks: every claimed
-                # job gets its task, so it always reports an outcome.
+                # No checkpoint between the fetch and queuing the jobs: every claimed job
+                # is run or, after a hard stop, handed back (see run), so it always
+                # reports an outcome.
+                args_type = self.executor.args_type
                 for row in sorted(rows, key=lambda r: (r[5], r[12], r[0])):
-                    job = row_to_job(row, None)
-                    handle = JobHandle()
-                    self._running[job.id] = handle
-                    jobs.start_soon(self._run_job, job, handle, name=f"trioqueue job {job.id}")
+                    self._start(jobs, row_to_job(row, args_type(row[1])))
                 if self._last_fetch_full and len(self._running) < self.max_workers:
                     again = True
                     continue
