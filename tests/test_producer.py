@@ -170,3 +170,35 @@ async def test_jobs_claimed_by_a_fetch_that_outlives_a_hard_stop_are_handed_back
     # Two fetches of 4 (half the slots each); the second ran after the stop had already
     # handed the first four back, so it may have claimed those again.
     assert sum(len(j.attempted_by) for j in jobs) == 8
+
+
+async def test_jobs_that_block_all_run_at_once_up_to_max_workers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Worker tasks fan out as jobs block: 40 jobs that each wait until all 40 have started
+    # finish only if all of them run concurrently.
+    driver = tq.MemoryDriver()
+    workers = tq.Workers()
+    started = 0
+    all_started = trio.Event()
+
+    async def barrier(job: tq.Job[PingArgs]) -> None:
+        nonlocal started
+        started += 1
+        if started == 40:
+            all_started.set()
+        await all_started.wait()
+
+    workers.add(PingArgs, barrier)
+    with trio.fail_after(30):
+        async with tq.open_client(
+            driver=driver,
+            workers=workers,
+            queues={"default": tq.QueueConfig(max_workers=40)},
+            fetch_cooldown=0.01,
+        ) as client:
+            async with client.subscribe(tq.EventKind.JOB_COMPLETED) as events:
+                await client.insert_many([PingArgs(n) for n in range(40)])
+                for _ in range(40):
+                    await events.receive()
+    assert started == 40

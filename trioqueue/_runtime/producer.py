@@ -70,7 +70,7 @@ class Producer:
     _idle: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     """Worker tasks waiting for a job."""
     _waking: int = attrs.field(default=0, init=False)
-    """Worker tasks woken or started that have not run yet: each will take a queued job."""
+    """Worker tasks woken or started that have not run yet."""
     _fetching: bool = attrs.field(default=True, init=False)
     _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
     _fetch_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -137,22 +137,29 @@ class Producer:
                 self.completer.complete_nowait(self.executor.interrupted(job, now), force=True)
                 del self._running[job.id]
 
-    def _start(self, jobs: trio.Nursery, job: Job[Any]) -> None:
-        """Queue a claimed job for a worker task, starting one if none is idle. Not a
-        checkpoint."""
+    def _queue(self, job: Job[Any]) -> None:
+        """Queue a claimed job for a worker task. Not a checkpoint."""
         handle = JobHandle()
         self._running[job.id] = handle
         self._queued.append((job, handle))
-        # Wake (or start) a worker only if those already on their way are too few to take
-        # every queued job: a worker that finds the queue empty would just park again.
-        if len(self._queued) > self._waking:
-            self._waking += 1
+
+    def _call_workers(self, jobs: trio.Nursery, n: int) -> None:
+        """Unless a worker is already on its way, wake (or start) ``n`` workers. Not a
+        checkpoint.
+
+        Workers fan out: each that takes a job while more are queued calls two more, so
+        jobs that block all start within a few scheduling rounds, while jobs that never
+        block are run back to back by the first worker instead of waking one per job."""
+        if self._waking:
+            return
+        self._waking = n
+        for _ in range(n):
             if self._idle:
                 self._idle.unpark()
             else:
-                jobs.start_soon(self._worker, name=f"trioqueue worker ({self.queue})")
+                jobs.start_soon(self._worker, jobs, name=f"trioqueue worker ({self.queue})")
 
-    async def _worker(self) -> None:
+    async def _worker(self, jobs: trio.Nursery) -> None:
         """Run queued jobs one after another; wait while there are none; end once the
         producer stops fetching and the queue is empty. A worker runs the next queued job
         without a scheduling point in between (a job's own awaits are its checkpoints)."""
@@ -161,6 +168,8 @@ class Producer:
         while True:
             if queued:
                 job, handle = queued.popleft()
+                if queued:
+                    self._call_workers(jobs, min(2, len(queued)))
                 await self._run_job(job, handle)
             elif self._fetching:
                 await self._idle.park()
@@ -219,7 +228,9 @@ class Producer:
                 # reports an outcome.
                 args_type = self.executor.args_type
                 for row in sorted(rows, key=lambda r: (r[5], r[12], r[0])):
-                    self._start(jobs, row_to_job(row, args_type(row[1])))
+                    self._queue(row_to_job(row, args_type(row[1])))
+                if self._queued:
+                    self._call_workers(jobs, 1)
                 if self._last_fetch_full and len(self._running) < self.max_workers:
                     again = True
                     continue
