@@ -59,6 +59,18 @@ def test_unreachable_database_is_a_clean_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_python_dash_m_trioqueue_is_the_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trioqueue", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("migrate", "worker", "jobs", "queues", "demo", "bench"):
+        assert command in result.stdout
+
+
 def test_demo_runs_to_completion(database_url: str) -> None:
     result = _run("demo", "--jobs", "300", "--database-url", database_url)
     assert result.returncode == 0, result.stderr + result.stdout
