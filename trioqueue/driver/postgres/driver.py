@@ -191,7 +191,22 @@ class PostgresDriver:
         *,
         ex: Any = None,
     ) -> list[tuple[Row, bool]]:
-        if len(params) == 1:
+        if len(params) == 1 and params[0].unique_key is None and not notify_queues:
+            p = params[0]
+            plain = [
+                p.args_json,
+                p.kind,
+                p.max_attempts,
+                p.metadata_json,
+                p.priority,
+                p.queue,
+                p.scheduled_at,
+                p.state.value,
+                text_array(p.tags),
+                now,
+            ]
+            rows = await self._fetch("inserting a job", "job_insert_one_plain", plain, ex)
+        elif len(params) == 1:
             p = params[0]
             one = [
                 p.args_json,
