@@ -106,6 +106,8 @@ class Client:
         self._notify_limiter = NotifyLimiter(config.fetch_cooldown)
         self._kinds: dict[type[Any], str] = {}
         """Args types already checked, with their kind: the insert path's cache."""
+        self._own_opts: dict[type[Any], bool] = {}
+        """Whether an args type has ``insert_opts`` (most have not)."""
         self._insert_layers, self._insert_begins = insert_layers(config.middleware, config.hooks)
         self._runtime: Runtime | None = None
         self._periodic_jobs = PeriodicJobs(config.periodic_jobs)
@@ -181,7 +183,11 @@ class Client:
                 raise UnknownJobKindError(kind)
             self._kinds[args_type] = kind
         if opts is None:
-            own = getattr(args, "insert_opts", None)
+            # Most args types have no insert_opts: remember that per type.
+            has_own = self._own_opts.get(args_type)
+            if has_own is None:
+                has_own = self._own_opts[args_type] = hasattr(args_type, "insert_opts")
+            own = getattr(args, "insert_opts", None) if has_own else None
             opts = own() if callable(own) else _DEFAULT_OPTS
         if not isinstance(opts, InsertOpts):
             raise ValidationError("opts", "must be an InsertOpts")

@@ -71,6 +71,8 @@ def _copy_text(value: str) -> str:
 def _copy_text_array(values: Sequence[str]) -> str:
     """A text[] literal for COPY's text format. Every element is quoted: unquoted, a tag
     spelled ``null`` (any case) would be read as a NULL element."""
+    if not values:
+        return "{}"
     quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
     return _copy_text("{" + ",".join(quoted) + "}")
 
@@ -94,7 +96,7 @@ def _copy_text_chunks(params: Sequence[JobInsertParams], now: datetime) -> Itera
                     _copy_text(p.metadata_json),
                     str(p.priority),
                     p.queue,
-                    p.scheduled_at.isoformat(),
+                    created if p.scheduled_at is now else p.scheduled_at.isoformat(),
                     p.state.value,
                     _copy_text_array(p.tags),
                     "\\\\x" + p.unique_key.hex() if p.unique_key is not None else "\\N",
