@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import attrs
 import pytest
 import trio
+import trio.testing
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -154,3 +155,41 @@ def test_trioqueue_does_not_import_opentelemetry() -> None:
 
     code = "import sys, trioqueue; sys.exit('opentelemetry' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+async def test_queue_depth_gauge_follows_the_queues(
+    reader: InMemoryMetricReader, autojump_clock: trio.testing.MockClock
+) -> None:
+    from trioqueue.otel import report_queue_depth
+
+    workers = tq.Workers()
+    workers.add(Task, _work)
+    provider = MeterProvider(metric_readers=[reader])
+    async with tq.open_client(
+        driver=tq.MemoryDriver(), workers=workers, queues={"default": tq.QueueConfig()}
+    ) as client:
+        await client.queue_pause("default")
+        await client.insert_many([Task(), Task(), Task()])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: report_queue_depth(
+                    client, meter_provider=provider, interval=1.0, task_status=task_status
+                )
+            )
+            depth = {
+                (
+                    p.attributes["messaging.destination.name"],
+                    p.attributes["trioqueue.job.state"],
+                ): p.value
+                for p in _points(reader)["trioqueue.queue.depth"]
+            }
+            assert depth == {("default", "available"): 3, ("default", "running"): 0}
+            await client.insert(Task())
+            await trio.sleep(1.5)  # the next reading
+            points = _points(reader)["trioqueue.queue.depth"]
+            assert {p.value for p in points} == {4, 0}
+            nursery.cancel_scope.cancel()
+        # Nothing once it stopped (no other metric here, so no data at all).
+        assert reader.get_metrics_data() is None
+        with pytest.raises(tq.ValidationError, match="interval"):
+            await report_queue_depth(client, meter_provider=provider, interval=0)

@@ -13,26 +13,37 @@ One object is both insert and worker middleware. Spans: ``trioqueue.insert_many`
 run, with the OpenTelemetry messaging attributes. Metrics: counters
 ``trioqueue.insert.count`` (jobs) and ``trioqueue.work.count`` (runs, by outcome), and
 histograms ``trioqueue.insert.duration`` and ``trioqueue.work.duration`` in seconds.
-See docs/observability.md.
+
+Queue depth: :func:`report_queue_depth` publishes the observable gauge
+``trioqueue.queue.depth`` (jobs ``available`` and ``running`` per queue) for as long as it
+runs in one of your nurseries. See docs/observability.md.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar, final
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, final
 
+import trio
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
-from .errors import JobCancel, JobSnooze
+from .errors import DatabaseError, JobCancel, JobSnooze, ValidationError
 from .job import Job
 from .middleware import InsertParams, WorkNext
 
-__all__ = ["OpenTelemetryMiddleware"]
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["OpenTelemetryMiddleware", "report_queue_depth"]
+
+log = logging.getLogger("trioqueue.otel")
 
 R = TypeVar("R")
 
@@ -209,3 +220,66 @@ def _histogram(meter: metrics.Meter, name: str, description: str) -> metrics.His
     ):
         kwargs["explicit_bucket_boundaries_advisory"] = list(DURATION_BUCKETS)
     return meter.create_histogram(name, unit="s", description=description, **kwargs)
+
+
+async def report_queue_depth(
+    client: Client,
+    *,
+    meter_provider: metrics.MeterProvider | None = None,
+    interval: float = 15.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Publish how many jobs wait and run in each queue, until cancelled::
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(report_queue_depth, client)
+
+    The observable gauge ``trioqueue.queue.depth`` (unit ``{job}``) has one point per queue
+    and state (attributes ``messaging.system``, ``messaging.destination.name`` and
+    ``trioqueue.job.state``: ``available`` or ``running``). Every ``interval`` seconds
+    this task reads :meth:`Client.queue_list` (one statement, counted from the fetch index,
+    so its cost follows the backlog, not the table); the gauge's callback, which the SDK
+    calls from its own thread, only hands out the latest reading and never touches the
+    database. A failed read is logged and the previous reading kept. ``task_status`` is
+    started after the first reading. On cancellation the gauge reports nothing more.
+    """
+    if not interval > 0:
+        raise ValidationError("interval", "must be a positive number of seconds")
+    snapshot: tuple[Observation, ...] = ()
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return snapshot
+
+    meter = metrics.get_meter("trioqueue", __version__, meter_provider)
+    meter.create_observable_gauge(
+        "trioqueue.queue.depth",
+        callbacks=[observe],
+        unit="{job}",
+        description="Jobs available and running per queue.",
+    )
+    started = False
+    try:
+        while True:
+            try:
+                queues = await client.queue_list()
+            except DatabaseError as exc:
+                log.warning("reading queue depths failed; keeping the last reading: %s", exc)
+            else:
+                snapshot = tuple(
+                    Observation(
+                        count,
+                        {
+                            "messaging.system": SYSTEM,
+                            "messaging.destination.name": q.name,
+                            "trioqueue.job.state": state,
+                        },
+                    )
+                    for q in queues
+                    for state, count in (("available", q.available), ("running", q.running))
+                )
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(interval)
+    finally:
+        snapshot = ()
