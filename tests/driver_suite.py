@@ -151,6 +151,19 @@ async def finalize(driver: Driver, state: JobState, finalized_at: datetime, **kw
     return stored
 
 
+class _AnyEstimate:
+    """Equal to any estimate: an int, or None (no statistics yet)."""
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or isinstance(other, int)
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+
+ANY_ESTIMATE: Any = _AnyEstimate()
+
+
 def ids(rows: list[Row]) -> list[int]:
     return [r[ID] for r in rows]
 
@@ -667,6 +680,24 @@ async def list_filters_and_pages(driver: Driver) -> None:
     assert await listed(after=i[3]) == []
 
 
+@case
+async def list_newest_first_and_within_the_newest_ids(driver: Driver) -> None:
+    rows = await insert(driver, *[params(kind="a" if n % 2 else "b") for n in range(6)])
+    i = ids(rows)
+
+    async def listed(**kw: Any) -> list[int]:
+        return ids(await driver.job_list(tq.JobListParams(**kw)))
+
+    assert await listed(descending=True) == i[::-1]
+    assert await listed(descending=True, limit=2) == [i[5], i[4]]
+    assert await listed(descending=True, limit=2, after=i[4]) == [i[3], i[2]]
+    assert await listed(descending=True, kinds=["a"], after=i[5]) == [i[3], i[1]]
+    # within_newest=N: only ids above the highest id minus N.
+    assert await listed(within_newest=3) == i[3:]
+    assert await listed(descending=True, kinds=["b"], within_newest=3) == [i[4]]
+    assert await listed(descending=True, within_newest=100) == i[::-1]
+
+
 # ---------------------------------------------------------------------------------- cancel
 
 
@@ -946,6 +977,46 @@ async def queue_list_counts_available_and_running_jobs(driver: Driver) -> None:
     await driver.queue_resume("a", at(4))
     [a, _] = await driver.queue_list()
     assert a[1] is None and a[3] == at(4)
+
+
+@case
+async def job_counts_live_finalized_and_recent(driver: Driver) -> None:
+    assert await driver.job_count_live() == []
+    assert sorted(await driver.job_count_finalized(10)) == [
+        ("cancelled", 0, ANY_ESTIMATE),
+        ("completed", 0, ANY_ESTIMATE),
+        ("discarded", 0, ANY_ESTIMATE),
+    ]
+    await insert(driver, *[params(queue="a") for _ in range(3)], params(queue="b"))
+    await insert(driver, params(queue="a", state=JobState.SCHEDULED, scheduled_at=at(60)))
+    await insert(driver, params(queue="b", state=JobState.PENDING))
+    await running_job(driver, queue="r")
+    for n in range(4):
+        await finalize(driver, JobState.COMPLETED, at(n * 600), queue="c")
+    await finalize(driver, JobState.DISCARDED, at(30), queue="c")
+    assert sorted(await driver.job_count_live()) == [
+        ("a", "available", 3),
+        ("a", "scheduled", 1),
+        ("b", "available", 1),
+        ("b", "pending", 1),
+        ("r", "running", 1),
+    ]
+    # Counted exactly below the limit, stopping at it above.
+    found = {s: n for s, n, _ in await driver.job_count_finalized(10)}
+    assert found == {"cancelled": 0, "completed": 4, "discarded": 1}
+    found = {s: n for s, n, _ in await driver.job_count_finalized(3)}
+    assert found == {"cancelled": 0, "completed": 3, "discarded": 1}
+    # Finalized at or after the given time, at most `limit` each.
+    assert await driver.job_count_finalized_since(at(600), 10) == {
+        "cancelled": 0,
+        "completed": 3,
+        "discarded": 0,
+    }
+    assert await driver.job_count_finalized_since(at(0), 2) == {
+        "cancelled": 0,
+        "completed": 2,
+        "discarded": 1,
+    }
 
 
 # ---------------------------------------------------------------------------------- leader

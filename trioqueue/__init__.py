@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from ._runtime.dispatcher import Subscription as Subscription
 from .client import Client as Client
+from .client import JobCounts as JobCounts
+from .client import LeaderInfo as LeaderInfo
 from .client import QueueInfo as QueueInfo
 from .client import open_client as open_client
 from .config import ClientConfig as ClientConfig
@@ -55,6 +57,7 @@ __all__ = [
     "InsertParams",
     "Job",
     "JobCancel",
+    "JobCounts",
     "JobInsertResult",
     "JobListParams",
     "JobListResult",
@@ -62,6 +65,7 @@ __all__ = [
     "JobRunningError",
     "JobSnooze",
     "JobState",
+    "LeaderInfo",
     "MemoryDriver",
     "PeriodicJob",
     "QueueConfig",

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, final
 
 import attrs
@@ -48,7 +48,7 @@ from .periodic import PeriodicJobs
 from .transaction import Transaction
 from .workers import Workers, args_kind
 
-__all__ = ["Client", "QueueInfo", "open_client"]
+__all__ = ["Client", "JobCounts", "LeaderInfo", "QueueInfo", "open_client"]
 
 log = logging.getLogger("trioqueue.client")
 
@@ -79,6 +79,47 @@ class QueueInfo:
     """Jobs of this queue waiting to run now."""
     running: int
     """Jobs of this queue that some client is running."""
+
+
+@final
+@attrs.frozen
+class JobCounts:
+    """How many jobs there are, from :meth:`Client.job_counts`: bounded work on any
+    table size, so some numbers are estimates or floors (each says which)."""
+
+    states: dict[JobState, int]
+    """Jobs per state, every state present. Exact, except the states in ``estimated``."""
+    estimated: frozenset[JobState]
+    """Finalized states with more jobs than ``exact_up_to``: their count is the database's
+    estimate (from its planner statistics), never below ``exact_up_to``."""
+    exact_up_to: int
+    """Finalized states are counted exactly up to this many jobs."""
+    queues: dict[str, dict[JobState, int]]
+    """Per queue, the exact count of each state that is not finalized (queues with such
+    jobs only; states without jobs are left out)."""
+    finalized_last_minute: dict[JobState, int]
+    """Jobs that reached each finalized state in the last minute, up to ``recent_limit``."""
+    finalized_last_hour: dict[JobState, int]
+    """Jobs that reached each finalized state in the last hour, up to ``recent_limit``."""
+    recent_limit: int
+    """The recent counts stop here: a count equal to it means "at least"."""
+
+
+@final
+@attrs.frozen
+class LeaderInfo:
+    """The client that currently leads (runs maintenance), from :meth:`Client.leader_get`."""
+
+    leader_id: str
+    elected_at: datetime
+    expires_at: datetime
+    """Unless it renews its term before then, another client takes over."""
+
+
+COUNT_EXACT_UP_TO = 100_000
+"""Finalized states are counted exactly up to this many jobs, then estimated."""
+RECENT_COUNT_LIMIT = 100_000
+"""Recent throughput counts stop at this many jobs."""
 
 
 @final
@@ -478,6 +519,50 @@ class Client:
         One statement: the rows and counts are one consistent snapshot. A checkpoint.
         """
         return [QueueInfo(*row) for row in await self._driver.queue_list()]
+
+    # ---------------------------------------------------------------- statistics
+
+    async def job_counts(self) -> JobCounts:
+        """Counts of jobs per state and queue, and how many finished recently.
+
+        Bounded on any table size: live states are counted exactly from the fetch index;
+        finalized states exactly up to ``COUNT_EXACT_UP_TO`` jobs, then estimated; recent
+        counts stop at ``RECENT_COUNT_LIMIT``. Four statements, so the numbers are not one
+        snapshot. A checkpoint; reads only.
+        """
+        now = self._now()
+        states = dict.fromkeys(JobState, 0)
+        queues: dict[str, dict[JobState, int]] = {}
+        for queue, state, count in await self._driver.job_count_live():
+            queues.setdefault(queue, {})[JobState(state)] = count
+            states[JobState(state)] += count
+        estimated: set[JobState] = set()
+        for state, count, estimate in await self._driver.job_count_finalized(COUNT_EXACT_UP_TO):
+            if count >= COUNT_EXACT_UP_TO:
+                estimated.add(JobState(state))
+                count = max(count, estimate or 0)
+            states[JobState(state)] = count
+
+        async def recent(seconds: float) -> dict[JobState, int]:
+            since = now - timedelta(seconds=seconds)
+            found = await self._driver.job_count_finalized_since(since, RECENT_COUNT_LIMIT)
+            return {JobState(s): n for s, n in sorted(found.items())}
+
+        return JobCounts(
+            states=states,
+            estimated=frozenset(estimated),
+            exact_up_to=COUNT_EXACT_UP_TO,
+            queues=dict(sorted(queues.items())),
+            finalized_last_minute=await recent(60),
+            finalized_last_hour=await recent(3600),
+            recent_limit=RECENT_COUNT_LIMIT,
+        )
+
+    async def leader_get(self) -> LeaderInfo | None:
+        """The current leader as stored, or None when nobody leads (a term that has
+        expired is still returned until another client takes over). A checkpoint."""
+        row = await self._driver.leader_get()
+        return None if row is None else LeaderInfo(*row)
 
     # ---------------------------------------------------------------- events and stopping
 

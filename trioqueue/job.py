@@ -242,7 +242,8 @@ def _opt_tuple(value: Sequence[Any] | None) -> tuple[Any, ...] | None:
 class JobListParams:
     """Filters (combined with AND; ``None`` = no filter), page size and cursor.
 
-    Pages are ordered by id; pass the previous page's ``last_cursor`` as ``after``.
+    Pages are ordered by id (``descending``: newest first); pass the previous page's
+    ``last_cursor`` as ``after``.
     """
 
     ids: tuple[int, ...] | None = attrs.field(default=None, converter=_opt_tuple)
@@ -253,8 +254,21 @@ class JobListParams:
     tags: tuple[str, ...] | None = attrs.field(default=None, converter=_opt_tuple)
     limit: int = 100
     after: int | None = None
+    descending: bool = False
+    """Newest first: ordered by id descending, and ``after`` pages on to smaller ids."""
+    within_newest: int | None = None
+    """Only look at the newest N job ids (ids above the highest id minus N): bounds the
+    work of a filter that no index serves (kinds, queues or tags over a big table)."""
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.descending, bool):
+            raise ValidationError("JobListParams.descending", "must be True or False")
+        if self.within_newest is not None and (
+            isinstance(self.within_newest, bool)
+            or not isinstance(self.within_newest, int)
+            or self.within_newest < 1
+        ):
+            raise ValidationError("JobListParams.within_newest", "must be a positive integer")
         if (
             isinstance(self.limit, bool)
             or not isinstance(self.limit, int)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import click
 
 from .. import __version__
+from .dashboard import dashboard
 from .jobs import jobs
 from .migrate import migrate
 from .queues import queues
@@ -25,15 +26,15 @@ def cli() -> None:
     """trioqueue: a durable PostgreSQL job queue for trio.
 
     Every command takes --database-url (default: $TRIOQUEUE_DATABASE_URL). Without either,
-    migrate, demo and bench start a private PostgreSQL server; worker, jobs and queues
-    need a database.
+    migrate, demo and bench start a private PostgreSQL server; worker, jobs, queues and
+    dashboard need a database.
 
     Exit codes: 0 success, 1 runtime error (database, schema, job not found, ...),
     2 usage error, 130 interrupted.
     """
 
 
-for _command in (migrate, worker, jobs, queues, demo, bench):
+for _command in (migrate, worker, jobs, queues, dashboard, demo, bench):
     cli.add_command(_command)
 
 

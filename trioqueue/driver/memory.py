@@ -1166,16 +1166,66 @@ class MemoryDriver:
                 and (states is None or job.state in states)
                 and (priorities is None or job.priority in priorities)
                 and (tags is None or tags.issubset(job.tags))
-                and (after is None or job.id > after)
+                and (
+                    after is None
+                    or (job.id < after if params.descending else job.id > after)
+                )
             )
 
         def op(st: _Stmt) -> list[Row]:
             if params.limit < 0:
                 raise MemoryStoreError("LIMIT must not be negative")
-            found = sorted((j for j in st.visible_jobs() if match(j)), key=lambda j: j.id)
+            visible = list(st.visible_jobs())
+            floor = None
+            if params.within_newest is not None and visible:
+                floor = max(j.id for j in visible) - params.within_newest
+            found = sorted(
+                (j for j in visible if match(j) and (floor is None or j.id > floor)),
+                key=lambda j: j.id,
+                reverse=params.descending,
+            )
             return [j.row() for j in found[: params.limit]]
 
         return await self._run("listing jobs", ex, op)
+
+    async def job_count_live(self) -> list[tuple[str, str, int]]:
+        """Exact ``(queue, state, count)`` of every queue and unfinalized state with jobs."""
+
+        def op(st: _Stmt) -> list[tuple[str, str, int]]:
+            counts: dict[tuple[str, str], int] = {}
+            for job in st.visible_jobs():
+                if job.state not in FINALIZED_STATES:
+                    key = (job.queue, job.state.value)
+                    counts[key] = counts.get(key, 0) + 1
+            return [(q, s, n) for (q, s), n in sorted(counts.items())]
+
+        return await self._run("counting live jobs", None, op)
+
+    async def job_count_finalized(self, exact_up_to: int) -> list[tuple[str, int, int | None]]:
+        """``(state, count, estimate)`` per finalized state; the memory store counts
+        exactly, so the estimate is the exact count."""
+
+        def op(st: _Stmt) -> list[tuple[str, int, int | None]]:
+            counts = dict.fromkeys(sorted(FINALIZED_STATES), 0)
+            for job in st.visible_jobs():
+                if job.state in counts:
+                    counts[job.state] += 1
+            return [(s.value, min(n, exact_up_to), n) for s, n in counts.items()]
+
+        return await self._run("counting finalized jobs", None, op)
+
+    async def job_count_finalized_since(self, since: datetime, limit: int) -> dict[str, int]:
+        """Per finalized state, jobs finalized at or after ``since`` (at most ``limit``)."""
+        start = _ts(since)
+
+        def op(st: _Stmt) -> dict[str, int]:
+            counts = dict.fromkeys(sorted(s.value for s in FINALIZED_STATES), 0)
+            for job in st.visible_jobs():
+                if job.finalized_at is not None and job.finalized_at >= start:
+                    counts[job.state.value] += 1
+            return {s: min(n, limit) for s, n in counts.items()}
+
+        return await self._run("counting recently finalized jobs", None, op)
 
     async def job_cancel(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None:
         """Cancel a job; return its row afterwards, or None if there is no such job.

@@ -166,6 +166,23 @@ class Driver(Protocol):
 
     async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[Row]: ...
 
+    async def job_count_live(self) -> list[tuple[str, str, int]]:
+        """Exact ``(queue, state, count)`` of every queue and state that is not finalized
+        (states without jobs are left out)."""
+        ...
+
+    async def job_count_finalized(self, exact_up_to: int) -> list[tuple[str, int, int | None]]:
+        """``(state, count, estimate)`` for each finalized state: ``count`` is exact when
+        below ``exact_up_to``, else it stops there; ``estimate`` is the storage's estimate
+        of the state's rows (None: it has none; a driver that counts cheaply returns the
+        exact count)."""
+        ...
+
+    async def job_count_finalized_since(self, since: datetime, limit: int) -> dict[str, int]:
+        """Per finalized state, the jobs finalized at or after ``since``, counting at most
+        ``limit`` of them."""
+        ...
+
     async def job_cancel(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None: ...
 
     async def job_retry(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None: ...

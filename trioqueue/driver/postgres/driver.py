@@ -300,8 +300,26 @@ class PostgresDriver:
             list(params.tags) if params.tags is not None else None,
             params.after,
             params.limit,
+            params.within_newest,
         ]
-        return await self._fetch("listing jobs", "job_list", args, ex)
+        name = "job_list_desc" if params.descending else "job_list"
+        return await self._fetch("listing jobs", name, args, ex)
+
+    async def job_count_live(self) -> list[tuple[str, str, int]]:
+        rows = await self._fetch("counting live jobs", "job_count_live", [], None)
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    async def job_count_finalized(self, exact_up_to: int) -> list[tuple[str, int, int | None]]:
+        rows = await self._fetch(
+            "counting finalized jobs", "job_count_finalized", [exact_up_to], None
+        )
+        return [(str(r[0]), int(r[1]), None if r[2] is None else int(r[2])) for r in rows]
+
+    async def job_count_finalized_since(self, since: datetime, limit: int) -> dict[str, int]:
+        rows = await self._fetch(
+            "counting recently finalized jobs", "job_count_finalized_since", [since, limit], None
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
 
     async def job_cancel(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None:
         doing = f"cancelling job {job_id}"

@@ -1,0 +1,390 @@
+"""The dashboard's routes: server-rendered pages over the client API, and the actions.
+
+Every page reads through the :class:`~trioqueue.Client` it was given, with bounded work on
+any table size (docs/dashboard.md shows the plans). Actions are POSTs carrying a CSRF token;
+each answers with a redirect (303) to a page that shows what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from importlib import resources
+from typing import Any, Final
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from ..client import Client
+from ..errors import JobNotFoundError, JobRunningError, ValidationError
+from ..job import FINALIZED_STATES, Job, JobListParams, JobState, validate_kind
+from ..job import validate_queue_name as _validate_queue_name
+from ._security import CsrfSigner, SafetyMiddleware
+
+__all__ = ["PAGE_SIZE", "SCAN_NEWEST", "build_app"]
+
+PAGE_SIZE: Final = 50
+"""Jobs per page of the job list."""
+SCAN_NEWEST: Final = 100_000
+"""A job list filtered by kind, queue or tag (which no index serves in id order) looks at
+the newest this many job ids only, and says so."""
+REFRESH_SECONDS: Final = 5
+_MAX_FORM_BYTES: Final = 16 * 1024
+_TAG_RE: Final = re.compile(r"^\w[\w\-]*\w$")
+_LIVE_STATES: Final = [s for s in JobState if s not in FINALIZED_STATES]
+_FINALIZED: Final = [JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED]
+
+_FLASH: Final[Mapping[str, str]] = {
+    "cancelled": "Job {id} cancelled.",
+    "cancel-requested": "Job {id} is running: its worker has been asked to cancel it.",
+    "already-finalized": "Job {id} had already finished: nothing to cancel.",
+    "retried": "Job {id} is available to run now.",
+    "running": "Job {id} is running: it was left alone.",
+    "deleted": "Job {id} deleted.",
+    "not-deleted-running": "Job {id} is running: it cannot be deleted until it finishes.",
+    "paused": "Queue {name} paused: no worker fetches its jobs until it is resumed.",
+    "resumed": "Queue {name} resumed.",
+}
+
+
+class BadInput(Exception):
+    """A query or form value the dashboard refuses: a 400 page naming the field."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("trioqueue.dashboard", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["time"] = _format_time
+    env.filters["count"] = lambda n: f"{n:,}"
+    env.filters["pretty_json"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
+    return env
+
+
+def _format_time(value: datetime | None) -> str:
+    return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _args_json(job: Job[Any]) -> Any:
+    args = job.args
+    if isinstance(args, dict):
+        return args
+    try:
+        import attrs
+
+        return attrs.asdict(args) if attrs.has(type(args)) else repr(args)
+    except Exception:
+        return repr(args)
+
+
+def _job_id(request: Request) -> int:
+    raw = request.path_params["job_id"]
+    if not raw.isdigit() or len(raw) > 19:
+        raise BadInput("job id", f"{raw!r} is not a job id (a positive integer)")
+    return int(raw)
+
+
+def _queue_name(request: Request) -> str:
+    try:
+        return _validate_queue_name("queue", request.path_params["name"])
+    except ValidationError as exc:
+        raise BadInput("queue", exc.rule) from None
+
+
+def _one(request: Request, field: str) -> str | None:
+    values = request.query_params.getlist(field)
+    if len(values) > 1:
+        raise BadInput(field, "give it at most once")
+    value = values[0].strip() if values else ""
+    return value or None
+
+
+def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]:
+    """The job list's filters (as given, for the form and links), the list params, and
+    whether the scan is bounded to the newest job ids."""
+    filters: dict[str, str] = {}
+    state = _one(request, "state")
+    kind = _one(request, "kind")
+    queue = _one(request, "queue")
+    tag = _one(request, "tag")
+    after = _one(request, "after")
+    if state is not None:
+        if state not in {s.value for s in JobState}:
+            raise BadInput("state", f"{state!r} is not a job state ({', '.join(JobState)})")
+        filters["state"] = state
+    if kind is not None:
+        try:
+            filters["kind"] = validate_kind(kind)
+        except ValidationError as exc:
+            raise BadInput("kind", exc.rule) from None
+    if queue is not None:
+        try:
+            filters["queue"] = _validate_queue_name("queue", queue)
+        except ValidationError as exc:
+            raise BadInput("queue", exc.rule) from None
+    if tag is not None:
+        if len(tag) > 255 or not _TAG_RE.match(tag):
+            raise BadInput(
+                "tag", f"{tag!r} is not a tag (letters, digits, '_' and '-', 2-255 characters)"
+            )
+        filters["tag"] = tag
+    cursor = None
+    if after is not None:
+        if not after.isdigit() or len(after) > 19:
+            raise BadInput("after", f"{after!r} is not a cursor (a job id)")
+        cursor = int(after)
+    bounded = any(k in filters for k in ("kind", "queue", "tag"))
+    params = JobListParams(
+        states=[JobState(state)] if state else None,
+        kinds=[kind] if kind else None,
+        queues=[queue] if queue else None,
+        tags=[tag] if tag else None,
+        after=cursor,
+        limit=PAGE_SIZE + 1,
+        descending=True,
+        within_newest=SCAN_NEWEST if bounded else None,
+    )
+    return filters, params, bounded
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The POSTed url-encoded form (first value of each field)."""
+    body = await request.body()
+    if len(body) > _MAX_FORM_BYTES:
+        raise BadInput("form", "too large")
+    try:
+        fields = urllib.parse.parse_qs(body.decode("utf-8"), max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        raise BadInput("form", "not a url-encoded form") from None
+    return {k: v[0] for k, v in fields.items()}
+
+
+def build_app(
+    client: Client,
+    *,
+    read_only: bool,
+    token: str | None,
+    allowed_hosts: list[str] | None,
+    refresh_seconds: int = REFRESH_SECONDS,
+) -> SafetyMiddleware:
+    """The whole dashboard as an ASGI app (see ``trioqueue.dashboard.create_app``)."""
+    env = _templates()
+    csrf = CsrfSigner()
+    static = resources.files("trioqueue.dashboard").joinpath("static")
+
+    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        flash = None
+        code = request.query_params.get("flash", "")
+        if code in _FLASH:
+            subject_id = request.query_params.get("id", "")
+            subject_name = request.query_params.get("name", "")
+            if subject_id.isdigit() or (subject_name and _queue_ok(subject_name)):
+                flash = _FLASH[code].format(id=subject_id, name=subject_name)
+        html = env.get_template(name).render(
+            read_only=read_only,
+            csrf_token=csrf.make(),
+            refresh_seconds=refresh_seconds,
+            flash=flash,
+            path=request.url.path,
+            **context,
+        )
+        return HTMLResponse(html, status_code=status)
+
+    def error_page(request: Request, status: int, title: str, message: str) -> HTMLResponse:
+        return page(request, "error.html", status, title=title, message=message, refresh=False)
+
+    Handler = Callable[[Request], Awaitable[Response]]
+
+    def guarded(handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except BadInput as exc:
+                return error_page(request, 400, "Bad request", f"{exc.field}: {exc.rule}")
+            except JobNotFoundError as exc:
+                return error_page(request, 404, "Not found", f"There is no job {exc.job_id}.")
+
+        return run
+
+    def action(handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            if read_only:
+                return error_page(request, 403, "Read-only", "This dashboard is read-only.")
+            form = await _form(request)
+            if not csrf.check(form.get("csrf_token")):
+                return error_page(
+                    request,
+                    403,
+                    "Form expired",
+                    "The form's CSRF token is missing or stale: reload the page and try again.",
+                )
+            return await handler(request)
+
+        return guarded(run)
+
+    def back(path: str, **query: str | int) -> RedirectResponse:
+        return RedirectResponse(f"{path}?{urllib.parse.urlencode(query)}", status_code=303)
+
+    async def overview(request: Request) -> Response:
+        counts = await client.job_counts()
+        leader = await client.leader_get()
+        return page(
+            request,
+            "overview.html",
+            counts=counts,
+            leader=leader,
+            states=list(JobState),
+            live_states=_LIVE_STATES,
+            finalized_states=_FINALIZED,
+            refresh=True,
+        )
+
+    async def job_list(request: Request) -> Response:
+        filters, params, bounded = _list_params(request)
+        result = await client.job_list(params)
+        jobs = result.jobs[:PAGE_SIZE]
+        next_url = None
+        if len(result.jobs) > PAGE_SIZE:
+            next_url = "/jobs?" + urllib.parse.urlencode({**filters, "after": jobs[-1].id})
+        return page(
+            request,
+            "jobs.html",
+            jobs=jobs,
+            filters=filters,
+            states=list(JobState),
+            next_url=next_url,
+            first_url="/jobs?" + urllib.parse.urlencode(filters) if params.after else None,
+            bounded=bounded,
+            scan_newest=SCAN_NEWEST,
+            refresh=True,
+        )
+
+    async def job_detail(request: Request) -> Response:
+        job = await client.job_get(_job_id(request))
+        return page(
+            request,
+            "job.html",
+            job=job,
+            args=_args_json(job),
+            finalized=job.state in FINALIZED_STATES,
+            running=job.state is JobState.RUNNING,
+            refresh=True,
+        )
+
+    async def job_cancel(request: Request) -> Response:
+        job_id = _job_id(request)
+        before = await client.job_get(job_id)
+        job = await client.job_cancel(job_id)
+        if before.state in FINALIZED_STATES:
+            code = "already-finalized"
+        elif job.state is JobState.RUNNING:
+            code = "cancel-requested"
+        else:
+            code = "cancelled"
+        return back(f"/jobs/{job_id}", flash=code, id=job_id)
+
+    async def job_retry(request: Request) -> Response:
+        job_id = _job_id(request)
+        job = await client.job_retry(job_id)
+        code = "running" if job.state is JobState.RUNNING else "retried"
+        return back(f"/jobs/{job_id}", flash=code, id=job_id)
+
+    async def job_delete_confirm(request: Request) -> Response:
+        if read_only:
+            return error_page(request, 403, "Read-only", "This dashboard is read-only.")
+        job = await client.job_get(_job_id(request))
+        return page(
+            request,
+            "delete.html",
+            job=job,
+            running=job.state is JobState.RUNNING,
+            refresh=False,
+        )
+
+    async def job_delete(request: Request) -> Response:
+        job_id = _job_id(request)
+        try:
+            await client.job_delete(job_id)
+        except JobRunningError:
+            return back(f"/jobs/{job_id}", flash="not-deleted-running", id=job_id)
+        return back("/jobs", flash="deleted", id=job_id)
+
+    async def queues(request: Request) -> Response:
+        rows = {q.name: q for q in await client.queue_list()}
+        counts = await client.job_counts()
+        names = sorted(set(rows) | set(counts.queues))
+        return page(
+            request,
+            "queues.html",
+            names=names,
+            rows=rows,
+            counts=counts.queues,
+            live_states=_LIVE_STATES,
+            refresh=True,
+        )
+
+    async def queue_pause(request: Request) -> Response:
+        name = _queue_name(request)
+        await client.queue_pause(name)
+        return back("/queues", flash="paused", name=name)
+
+    async def queue_resume(request: Request) -> Response:
+        name = _queue_name(request)
+        await client.queue_resume(name)
+        return back("/queues", flash="resumed", name=name)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def static_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        media = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}.get(name)
+        if media is None:
+            return PlainTextResponse("not found\n", status_code=404)
+        return Response(static.joinpath(name).read_bytes(), media_type=media)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_page(request, 404, "Not found", "There is no such page.")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("method not allowed\n", status_code=405)
+
+    routes = [
+        Route("/", guarded(overview), methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/jobs", guarded(job_list), methods=["GET"]),
+        Route("/jobs/{job_id}", guarded(job_detail), methods=["GET"]),
+        Route("/jobs/{job_id}/cancel", action(job_cancel), methods=["POST"]),
+        Route("/jobs/{job_id}/retry", action(job_retry), methods=["POST"]),
+        Route("/jobs/{job_id}/delete", guarded(job_delete_confirm), methods=["GET"]),
+        Route("/jobs/{job_id}/delete", action(job_delete), methods=["POST"]),
+        Route("/queues", guarded(queues), methods=["GET"]),
+        Route("/queues/{name}/pause", action(queue_pause), methods=["POST"]),
+        Route("/queues/{name}/resume", action(queue_resume), methods=["POST"]),
+        Route("/static/{name}", static_file, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
+    return SafetyMiddleware(app, token=token, allowed_hosts=allowed_hosts)
+
+
+def _queue_ok(name: str) -> bool:
+    try:
+        _validate_queue_name("queue", name)
+    except ValidationError:
+        return False
+    return True
