@@ -1,0 +1,263 @@
+"""The web dashboard end to end, in headless Chromium (issue #7).
+
+``trioqueue dashboard`` runs as a real subprocess against the test's own database; Playwright's
+sync API drives Debian's Chromium (``/usr/bin/chromium``, or ``$TRIOQUEUE_CHROMIUM``) through it
+the way an operator would: from the overview's discarded count to the list, the job, Retry.
+
+Playwright is only the driver: it is always given the system's browser (``executable_path``),
+never one of its own downloads (``playwright install`` is not needed and cannot work on CI's
+network). ``.ci/run`` installs Debian's ``chromium`` package when it is missing; where no
+Chromium can be found, these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import attrs
+import pytest
+import trio
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+import trioqueue as tq
+from trioqueue.testing import work_one
+
+CHROMIUM_ENV = "TRIOQUEUE_CHROMIUM"
+_CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# As the machine's own browser check runs it: as root Chromium needs --no-sandbox, and on a
+# closed network its background services only add refused connections.
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+TIMEOUT_MS = 20_000  # per browser step; generous for a loaded CI machine
+START_TIMEOUT = 60.0  # seconds for the dashboard process to answer /healthz
+TOKEN = "s3cret-dashboard-token"
+
+
+def find_chromium() -> str | None:
+    """``$TRIOQUEUE_CHROMIUM``, else ``/usr/bin/chromium``, else a Chromium on ``$PATH``."""
+    configured = os.environ.get(CHROMIUM_ENV)
+    if configured:
+        return configured
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    for name in _CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    return None
+
+
+@attrs.frozen
+class ResizeImage:
+    kind: ClassVar[str] = "resize_image"
+    path: str
+
+
+@attrs.frozen
+class SendInvoice:
+    kind: ClassVar[str] = "send_invoice"
+    customer: int
+
+
+async def _resize_fails(job: tq.Job[ResizeImage]) -> None:
+    raise OSError(f"cannot read {job.args.path}: no such file")
+
+
+async def _make_jobs(database_url: str) -> int:
+    """One discarded job (its only attempt failed) and one available job of another kind;
+    returns the discarded job's id."""
+    result = await work_one(
+        _resize_fails,
+        ResizeImage("/srv/photos/missing.jpg"),
+        opts=tq.InsertOpts(max_attempts=1, queue="images"),
+        database_url=database_url,
+    )
+    assert result.job.state is tq.JobState.DISCARDED
+    async with tq.open_client(database_url) as client:
+        await client.insert(SendInvoice(42))
+    return result.job.id
+
+
+async def _job_state(database_url: str, job_id: int) -> tq.JobState:
+    async with tq.open_client(database_url) as client:
+        return (await client.job_get(job_id)).state
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def run_dashboard(database_url: str, log_path: Path, *options: str) -> Iterator[str]:
+    """Run ``python -m trioqueue dashboard`` on a free port until the block ends; yield its
+    base URL once ``/healthz`` answers ``ok``."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "trioqueue",
+        "dashboard",
+        "--database-url",
+        database_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *options,
+    ]
+    token = options[options.index("--token") + 1] if "--token" in options else None
+    health = f"{base}/healthz" + (f"?token={token}" if token else "")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                if process.poll() is not None:
+                    output = log_path.read_text(errors="replace")
+                    pytest.fail(f"dashboard exited with {process.returncode}:\n{output}")
+                try:
+                    with urllib.request.urlopen(health, timeout=5) as response:
+                        if response.read().strip() == b"ok":
+                            break
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    output = log_path.read_text(errors="replace")
+                    pytest.fail(f"dashboard did not answer {health} in {START_TIMEOUT}s:\n{output}")
+                time.sleep(0.1)
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip(
+            "no Chromium found (looked for $TRIOQUEUE_CHROMIUM, /usr/bin/chromium and "
+            f"{', '.join(_CHROMIUM_NAMES)} on $PATH); install Debian's chromium package, "
+            "as .ci/run does"
+        )
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=executable, args=list(CHROMIUM_ARGS), timeout=60_000
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+def stop_auto_refresh(page: Page) -> None:
+    """Untick the page's 5-second reload, so no reload lands between two steps."""
+    box = page.locator("#auto-refresh")
+    expect(box).to_have_count(1)
+    if box.is_checked():
+        box.uncheck()
+
+
+def test_retry_a_discarded_job_from_the_overview(
+    page: Page, database_url: str, tmp_path: Path
+) -> None:
+    job_id = trio.run(_make_jobs, database_url)
+
+    with run_dashboard(database_url, tmp_path / "dashboard.log") as base:
+        page.goto(f"{base}/")
+        stop_auto_refresh(page)
+        discarded = page.locator('#state-counts td[data-state="discarded"]')
+        expect(discarded).to_have_text("1")
+        expect(page.locator('#state-counts td[data-state="available"]')).to_have_text("1")
+        discarded.get_by_role("link").click()
+
+        expect(page).to_have_url(re.compile(r"/jobs\?(.*&)?state=discarded(&|$)"))
+        rows = page.locator("tr.job")
+        expect(rows).to_have_count(1)
+        row = rows.first
+        expect(row).to_have_attribute("data-job-id", str(job_id))
+        expect(row).to_have_attribute("data-state", "discarded")
+        expect(row).to_contain_text("resize_image")
+        row.locator(f'a[href$="/jobs/{job_id}"]').click()
+
+        expect(page).to_have_url(re.compile(rf"/jobs/{job_id}$"))
+        stop_auto_refresh(page)
+        expect(page.locator("#job-state")).to_have_text("discarded")
+        expect(page.locator("body")).to_contain_text("cannot read /srv/photos/missing.jpg")
+        page.locator("#retry-button").click()
+
+        expect(page.locator(".flash")).to_be_visible()
+        expect(page.locator("#job-state")).to_have_text("available")
+
+    assert trio.run(_job_state, database_url, job_id) is tq.JobState.AVAILABLE
+
+
+def test_token_is_required_and_kept_in_a_cookie(
+    browser: Browser, page: Page, database_url: str, tmp_path: Path
+) -> None:
+    with run_dashboard(database_url, tmp_path / "dashboard.log", "--token", TOKEN) as base:
+        refused = page.goto(f"{base}/")
+        assert refused is not None
+        assert refused.status in (401, 403), refused.status
+        expect(page.locator("#state-counts")).to_have_count(0)
+
+        wrong = page.goto(f"{base}/?token=not-{TOKEN}")
+        assert wrong is not None
+        assert wrong.status in (401, 403), wrong.status
+
+        accepted = page.goto(f"{base}/?token={TOKEN}")
+        assert accepted is not None
+        assert accepted.ok, accepted.status
+        expect(page.locator("#state-counts")).to_be_visible()
+
+        # The cookie the token set carries on to other pages, without the query string.
+        page.goto(f"{base}/queues")
+        expect(page.locator("#auto-refresh")).to_have_count(1)
+        assert "token" not in page.url
+
+        # A browser without the cookie is still refused.
+        other = browser.new_context()
+        try:
+            response = other.new_page().goto(f"{base}/jobs")
+            assert response is not None
+            assert response.status in (401, 403), response.status
+        finally:
+            other.close()
