@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -301,6 +301,46 @@ async def insert_fast_inserts_and_counts(driver: Driver) -> None:
     ]
     assert rows[0][CREATED_AT] == NOW
     assert await driver.job_insert_fast([], [], NOW) == 0
+
+
+@case
+async def insert_fast_streams_an_iterator_and_calls_notify_after(driver: Driver) -> None:
+    read: list[int] = []
+
+    def stream() -> Iterator[JobInsertParams]:
+        for n in range(600):  # several COPY chunks
+            read.append(n)
+            yield params(queue="s", priority=1 + n % 4)
+
+    def notify() -> list[str]:
+        assert len(read) == 600, "called before every job was read"
+        return ["s"]
+
+    async with driver.open_listener(CHANNELS) as listener:
+        assert await driver.job_insert_fast(stream(), notify, NOW) == 600
+        got = await notes_of(driver, listener, "marker")
+    assert got == [(INSERT_CHANNEL, {"queue": "s"})]
+    assert len(await driver.job_list(tq.JobListParams(limit=1000))) == 600
+
+
+@case
+async def insert_fast_aborted_by_its_iterator_writes_nothing(driver: Driver) -> None:
+    def stream() -> Iterator[JobInsertParams]:
+        for n in range(600):
+            if n == 550:
+                raise tq.ValidationError("priority", "a bad job in the middle")
+            yield params(queue="s")
+
+    with pytest.raises(tq.ValidationError, match="middle"):
+        await driver.job_insert_fast(stream(), list, NOW)
+    assert await driver.job_list(tq.JobListParams()) == []
+    # Inside a transaction, the abort takes the transaction with it.
+    with pytest.raises(tq.TrioqueueError):
+        async with driver.transaction() as tx:
+            with pytest.raises(tq.ValidationError):
+                await driver.job_insert_fast(stream(), [], NOW, ex=tx)
+            await driver.job_insert_many([params()], [], NOW, ex=tx)
+    assert await driver.job_list(tq.JobListParams()) == []
 
 
 @case

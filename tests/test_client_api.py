@@ -385,6 +385,25 @@ async def test_insert_many_fast_validates_before_writing(typed_client: tq.Client
         assert await _all_jobs(typed_client) == []
 
 
+async def test_insert_many_fast_bad_job_deep_in_a_streamed_batch_writes_nothing(
+    client: tq.Client,
+) -> None:
+    # Without a transaction of the caller's, jobs are checked as the COPY streams (the
+    # first chunks are already at the server): a bad one aborts it all the same.
+    items: list[Any] = [SortArgs([str(i)]) for i in range(2000)]
+    items[1700] = SortArgs([object()])  # type: ignore[list-item]
+    with trio.fail_after(30):
+        with pytest.raises(tq.ValidationError, match="JSON-serialisable"):
+            await client.insert_many_fast(items)
+        assert await _all_jobs(client) == []
+        # In the caller's transaction the check comes first, and the transaction lives on.
+        async with client.transaction() as tx:
+            with pytest.raises(tq.ValidationError, match="JSON-serialisable"):
+                await client.insert_many_fast_tx(tx, items)
+            assert await client.insert_many_fast_tx(tx, items[:10]) == 10
+        assert len(await _all_jobs(client)) == 10
+
+
 # ------------------------------------------------------------------ transactions
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, final
@@ -272,11 +280,15 @@ class Client:
             unique_states=states,
         )
 
-    def _prepare(self, items: Sequence[InsertItem]) -> tuple[list[JobInsertParams], datetime]:
+    @staticmethod
+    def _check_items(items: object) -> None:
         if isinstance(items, str | bytes) or not isinstance(items, Sequence):
             raise ValidationError("jobs", "must be a list of args or (args, opts) pairs")
         if not items:
             raise ValidationError("jobs", "insert_many needs at least one job")
+
+    def _prepare(self, items: Sequence[InsertItem]) -> tuple[list[JobInsertParams], datetime]:
+        self._check_items(items)
         now = self._now()
         return [self._params(item, now) for item in items], now
 
@@ -288,10 +300,7 @@ class Client:
         """Insert ``items`` through the insert middleware and ``insert_begin`` hooks: what
         the middleware passes on is validated and encoded, then the hooks see it, then
         ``write`` writes it. Only used when the client has middleware or hooks."""
-        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
-            raise ValidationError("jobs", "must be a list of args or (args, opts) pairs")
-        if not items:
-            raise ValidationError("jobs", "insert_many needs at least one job")
+        self._check_items(items)
         now = self._now()
         first: list[InsertParams] = []
         for item in items:
@@ -394,8 +403,30 @@ class Client:
             return await self._through_middleware(
                 jobs, lambda ps, now: self._write_fast(ps, now, tx)
             )
-        params, now = self._prepare(jobs)
-        return await self._write_fast(params, now, tx)
+        if tx is not None:
+            # The caller's transaction: every job is checked before anything is sent, so
+            # a bad one raises without aborting that transaction.
+            checked, at = self._prepare(jobs)
+            return await self._write_fast(checked, at, tx)
+        # A transaction of our own: each job is checked and encoded as the COPY streams,
+        # so the server ingests the first jobs while the later ones are prepared. A bad
+        # job aborts the COPY and the transaction: nothing is written, and its
+        # ValidationError propagates as usual.
+        self._check_items(jobs)
+        now = self._now()
+        available: set[str] = set()
+
+        def stream() -> Iterator[JobInsertParams]:
+            for item in jobs:
+                p = self._params(item, now)
+                if p.state is JobState.AVAILABLE:
+                    available.add(p.queue)
+                yield p
+
+        def notify() -> list[str]:
+            return self._notify_limiter.take(sorted(available)) if available else []
+
+        return await self._driver.job_insert_fast(stream(), notify, now)
 
     async def _write_fast(
         self, params: list[JobInsertParams], now: datetime, tx: Transaction | None

@@ -988,26 +988,37 @@ class MemoryDriver:
 
     async def job_insert_fast(
         self,
-        params: Sequence[JobInsertParams],
-        notify_queues: Sequence[str],
+        params: Iterable[JobInsertParams],
+        notify_queues: Sequence[str] | Callable[[], Sequence[str]],
         now: datetime,
         *,
         ex: Any = None,
     ) -> int:
         """Insert a batch as COPY does; return how many were inserted.
 
-        A unique key already held (by a live job or an earlier job of the batch) fails the
-        whole batch with DatabaseError: nothing is inserted (inside ``ex``, the transaction
-        is aborted). Notifies ``tq_insert`` for ``notify_queues``.
+        ``params`` is read once, before anything is written: an exception while reading
+        it propagates and nothing is inserted (inside ``ex`` the transaction is aborted, as
+        an aborted COPY leaves it on PostgreSQL). A unique key already held (by a live job
+        or an earlier job of the batch) fails the whole batch with DatabaseError, the same
+        way. Notifies ``tq_insert`` for ``notify_queues`` (called after reading ``params``,
+        if it is a function).
         """
         at = _ts(now)
+        tx = self._tx(ex)
+        try:
+            batch = list(params)
+        except BaseException as exc:
+            if tx is not None and tx._open and tx._failed is None:
+                tx._failed = MemoryStoreError(f"COPY aborted: {type(exc).__name__}")
+            raise
+        queues = notify_queues() if callable(notify_queues) else notify_queues
 
         def op(st: _Stmt) -> int:
-            for p in params:
+            for p in batch:
                 st.put_job(self._new_job(p, tuple(p.tags), at), None)
-            for queue in notify_queues:
+            for queue in queues:
                 st.notify(INSERT_CHANNEL, _insert_payload(queue))
-            return len(params)
+            return len(batch)
 
         return await self._run("inserting jobs with COPY", ex, op)
 
@@ -1166,10 +1177,7 @@ class MemoryDriver:
                 and (states is None or job.state in states)
                 and (priorities is None or job.priority in priorities)
                 and (tags is None or tags.issubset(job.tags))
-                and (
-                    after is None
-                    or (job.id < after if params.descending else job.id > after)
-                )
+                and (after is None or (job.id < after if params.descending else job.id > after))
             )
 
         def op(st: _Stmt) -> list[Row]:

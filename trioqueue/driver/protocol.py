@@ -7,7 +7,7 @@ internal and may change between releases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Protocol
@@ -136,12 +136,21 @@ class Driver(Protocol):
 
     async def job_insert_fast(
         self,
-        params: Sequence[JobInsertParams],
-        notify_queues: Sequence[str],
+        params: Iterable[JobInsertParams],
+        notify_queues: Sequence[str] | Callable[[], Sequence[str]],
         now: datetime,
         *,
         ex: Any = None,
-    ) -> int: ...
+    ) -> int:
+        """Insert a batch the fastest way (COPY); return how many were inserted.
+
+        ``params`` may be a one-shot iterator: it is read once, in order, and may be read
+        while earlier jobs are already on their way to the server. An exception raised
+        while reading it aborts the insert (nothing is written; inside ``ex`` the
+        transaction is aborted) and propagates. ``notify_queues`` (or what it returns,
+        called once after every job was read) names the queues to notify.
+        """
+        ...
 
     async def job_get_available(
         self, queue: str, now: datetime, limit: int, client_id: str

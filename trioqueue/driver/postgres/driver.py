@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar, final
@@ -77,13 +77,16 @@ def _copy_text_array(values: Sequence[str]) -> str:
     return _copy_text("{" + ",".join(quoted) + "}")
 
 
-_COPY_CHUNK_ROWS = 1000
+_COPY_CHUNK_ROWS = 250
+"""Small enough that a call of a thousand jobs streams in several chunks, each ingested by
+the server while the next is prepared."""
 
 
-def _copy_text_chunks(params: Sequence[JobInsertParams], now: datetime) -> Iterator[bytes]:
-    """The rows of ``params`` in COPY text format (columns as in ``_INSERT_COLUMNS``), a
-    thousand rows to a chunk. Formatting by hand is several times faster than a generic
-    row formatter, which matters for ``insert_many_fast``."""
+def _copy_text_chunks(params: Iterable[JobInsertParams], now: datetime) -> Iterator[bytes]:
+    """The rows of ``params`` in COPY text format (columns as in ``_INSERT_COLUMNS``),
+    ``_COPY_CHUNK_ROWS`` rows to a chunk, read from ``params`` only as each chunk is
+    needed. Formatting by hand is several times faster than a generic row formatter,
+    which matters for ``insert_many_fast``."""
     created = now.isoformat()
     lines: list[str] = []
     for p in params:
@@ -238,19 +241,23 @@ class PostgresDriver:
 
     async def job_insert_fast(
         self,
-        params: Sequence[JobInsertParams],
-        notify_queues: Sequence[str],
+        params: Iterable[JobInsertParams],
+        notify_queues: Sequence[str] | Callable[[], Sequence[str]],
         now: datetime,
         *,
         ex: Any = None,
     ) -> int:
+        # The rows are formatted chunk by chunk as the COPY sends them, so the server
+        # ingests a chunk while the next is prepared; an exception from ``params`` aborts
+        # the COPY (copy_in) and with it the transaction.
         chunks = _copy_text_chunks(params, now)
         query = f"COPY tq_job ({_INSERT_COLUMNS}) FROM STDIN"
 
         async def run(conn: PgConnection) -> int:
             count = await conn.copy_in_data(query, chunks)
-            if notify_queues:
-                await conn.execute(QUERIES["job_notify_insert"], [list(notify_queues)])
+            queues = notify_queues() if callable(notify_queues) else notify_queues
+            if queues:
+                await conn.execute(QUERIES["job_notify_insert"], [list(queues)])
             return count
 
         return await self._in_transaction("inserting jobs with COPY", run, ex)
