@@ -12,14 +12,15 @@ Runtime.run
         └── nursery "completion"
             ├── completer    outcomes → batched writes → events
             └── nursery "work"
-                └── producer per queue → one task per running job
+                └── producer per queue → its worker tasks (each job in its own cancel scope)
 ```
 
 Every channel points outward: the completer's event channel is closed only when the
 completion nursery is done, and the completer is closed only when the work nursery is done,
 so nothing can be sent to a receiver that has stopped reading, and shutdown cannot hang on a
 full channel. Soft stop cancels the producers' fetch scopes; hard stop also cancels their
-job nurseries, and each cancelled job hands back an "interrupted" outcome first.
+job nurseries, and each cancelled or still-queued job hands back an "interrupted" outcome
+first.
 """
 
 from __future__ import annotations
