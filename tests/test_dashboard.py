@@ -111,6 +111,27 @@ async def test_overview_queues_and_health(client: tq.Client) -> None:
         assert (await http.get("/no/such/page")).status_code == 404
 
 
+async def test_overview_estimates_big_finalized_states(client: tq.Client) -> None:
+    async with client.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO tq_job (state, max_attempts, finalized_at, args, kind)"
+            " SELECT 'completed', 1, now(), '{}', 'report' FROM generate_series(1, 25000)"
+        )
+        await tx.execute("INSERT INTO tq_job (max_attempts, args, kind) VALUES (1, '{}', 'x')")
+    async with client.transaction() as tx:
+        await tx.execute("ANALYZE tq_job")
+    counts = await client.job_counts()
+    assert counts.estimated == {tq.JobState.COMPLETED}
+    assert 20_000 <= counts.states[tq.JobState.COMPLETED] <= 30_000  # the planner's figure
+    assert counts.states[tq.JobState.AVAILABLE] == 1  # live states stay exact
+    assert counts.finalized_last_hour[tq.JobState.COMPLETED] == 25_000
+    async with browser(create_app(client)) as http:
+        page = await http.get("/")
+    estimate = f"{counts.states[tq.JobState.COMPLETED]:,}"
+    assert f'<a href="/jobs?state=completed">≈ {estimate}</a>' in page.text
+    assert '<a href="/jobs?state=available">1</a>' in page.text
+
+
 async def test_overview_shows_the_leader(database_url: str) -> None:
     workers = tq.Workers()
 

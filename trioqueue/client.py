@@ -124,9 +124,9 @@ class LeaderInfo:
     """Unless it renews its term before then, another client takes over."""
 
 
-COUNT_EXACT_UP_TO = 100_000
+COUNT_EXACT_UP_TO = 10_000
 """Finalized states are counted exactly up to this many jobs, then estimated."""
-RECENT_COUNT_LIMIT = 100_000
+RECENT_COUNT_LIMIT = 50_000
 """Recent throughput counts stop at this many jobs."""
 
 
@@ -557,9 +557,9 @@ class Client:
         """Counts of jobs per state and queue, and how many finished recently.
 
         Bounded on any table size: live states are counted exactly from the fetch index;
-        finalized states exactly up to ``COUNT_EXACT_UP_TO`` jobs, then estimated; recent
-        counts stop at ``RECENT_COUNT_LIMIT``. Four statements, so the numbers are not one
-        snapshot. A checkpoint; reads only.
+        finalized states exactly up to ``COUNT_EXACT_UP_TO`` jobs, else estimated from the
+        database's statistics; recent counts stop at ``RECENT_COUNT_LIMIT``. Four
+        statements, so the numbers are not one snapshot. A checkpoint; reads only.
         """
         now = self._now()
         states = dict.fromkeys(JobState, 0)
@@ -568,11 +568,12 @@ class Client:
             queues.setdefault(queue, {})[JobState(state)] = count
             states[JobState(state)] += count
         estimated: set[JobState] = set()
-        for state, count, estimate in await self._driver.job_count_finalized(COUNT_EXACT_UP_TO):
-            if count >= COUNT_EXACT_UP_TO:
+        for state, capped, estimate in await self._driver.job_count_finalized(COUNT_EXACT_UP_TO):
+            if capped is not None and capped < COUNT_EXACT_UP_TO:
+                states[JobState(state)] = capped
+            else:
                 estimated.add(JobState(state))
-                count = max(count, estimate or 0)
-            states[JobState(state)] = count
+                states[JobState(state)] = max(capped or 0, estimate or 0, COUNT_EXACT_UP_TO)
 
         async def recent(seconds: float) -> dict[JobState, int]:
             since = now - timedelta(seconds=seconds)

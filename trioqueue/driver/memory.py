@@ -1209,11 +1209,13 @@ class MemoryDriver:
 
         return await self._run("counting live jobs", None, op)
 
-    async def job_count_finalized(self, exact_up_to: int) -> list[tuple[str, int, int | None]]:
+    async def job_count_finalized(
+        self, exact_up_to: int
+    ) -> list[tuple[str, int | None, int | None]]:
         """``(state, count, estimate)`` per finalized state; the memory store counts
         exactly, so the estimate is the exact count."""
 
-        def op(st: _Stmt) -> list[tuple[str, int, int | None]]:
+        def op(st: _Stmt) -> list[tuple[str, int | None, int | None]]:
             counts = dict.fromkeys(sorted(FINALIZED_STATES), 0)
             for job in st.visible_jobs():
                 if job.state in counts:

@@ -180,11 +180,14 @@ class Driver(Protocol):
         (states without jobs are left out)."""
         ...
 
-    async def job_count_finalized(self, exact_up_to: int) -> list[tuple[str, int, int | None]]:
-        """``(state, count, estimate)`` for each finalized state: ``count`` is exact when
-        below ``exact_up_to``, else it stops there; ``estimate`` is the storage's estimate
-        of the state's rows (None: it has none; a driver that counts cheaply returns the
-        exact count)."""
+    async def job_count_finalized(
+        self, exact_up_to: int
+    ) -> list[tuple[str, int | None, int | None]]:
+        """``(state, count, estimate)`` for each finalized state, ordered by state.
+        ``estimate``: the storage's estimate of the state's rows (None: it has none; a
+        driver that counts cheaply gives the exact count). ``count``: exact when below
+        ``exact_up_to``, else it stops there; None when the estimate is at least twice
+        ``exact_up_to`` and the driver skipped counting."""
         ...
 
     async def job_count_finalized_since(self, since: datetime, limit: int) -> dict[str, int]:

@@ -316,11 +316,16 @@ class PostgresDriver:
         rows = await self._fetch("counting live jobs", "job_count_live", [], None)
         return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
-    async def job_count_finalized(self, exact_up_to: int) -> list[tuple[str, int, int | None]]:
+    async def job_count_finalized(
+        self, exact_up_to: int
+    ) -> list[tuple[str, int | None, int | None]]:
         rows = await self._fetch(
             "counting finalized jobs", "job_count_finalized", [exact_up_to], None
         )
-        return [(str(r[0]), int(r[1]), None if r[2] is None else int(r[2])) for r in rows]
+        return [
+            (str(r[0]), None if r[1] is None else int(r[1]), None if r[2] is None else int(r[2]))
+            for r in rows
+        ]
 
     async def job_count_finalized_since(self, since: datetime, limit: int) -> dict[str, int]:
         rows = await self._fetch(
