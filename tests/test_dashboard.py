@@ -177,7 +177,10 @@ async def test_job_list_filters_and_pages_newest_first(client: tq.Client) -> Non
         cancelled = await http.get("/jobs", params={"state": "cancelled"})
         assert row_ids(cancelled) == [ids[3]]
         assert f'data-job-id="{ids[3]}" data-state="cancelled"' in cancelled.text
-        assert 'id="bounded-scan"' not in cancelled.text
+        assert 'id="bounded-scan"' in cancelled.text  # finalized states walk the primary key
+        available = await http.get("/jobs", params={"state": "available"})
+        assert len(row_ids(available)) == PAGE_SIZE and 'id="next-page"' in available.text
+        assert 'id="bounded-scan"' not in available.text  # live states: the fetch index
         assert row_ids(await http.get("/jobs", params={"state": "running"})) == []
 
         for query, field in [

@@ -32,8 +32,8 @@ __all__ = ["PAGE_SIZE", "SCAN_NEWEST", "build_app"]
 PAGE_SIZE: Final = 50
 """Jobs per page of the job list."""
 SCAN_NEWEST: Final = 100_000
-"""A job list filtered by kind, queue or tag (which no index serves in id order) looks at
-the newest this many job ids only, and says so."""
+"""A job list filtered by anything but a live state (no index serves those filters in id
+order) looks at the newest this many job ids only, and says so."""
 REFRESH_SECONDS: Final = 5
 _MAX_FORM_BYTES: Final = 16 * 1024
 _TAG_RE: Final = re.compile(r"^\w[\w\-]*\w$")
@@ -148,7 +148,10 @@ def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]
         if not after.isdigit() or len(after) > 19:
             raise BadInput("after", f"{after!r} is not a cursor (a job id)")
         cursor = int(after)
-    bounded = any(k in filters for k in ("kind", "queue", "tag"))
+    # Live states are listed from the fetch index (bounded by the backlog); any other
+    # filter walks the primary key, so it looks at the newest SCAN_NEWEST ids only.
+    live = state is not None and JobState(state) not in FINALIZED_STATES
+    bounded = bool(filters) and not live
     params = JobListParams(
         states=[JobState(state)] if state else None,
         kinds=[kind] if kind else None,

@@ -12,7 +12,7 @@ import psycopg
 import trio
 
 from ...errors import DatabaseError
-from ...job import JobListParams, JobState
+from ...job import FINALIZED_STATES, JobListParams, JobState
 from ..protocol import (
     CONTROL_CHANNEL,
     JobInsertParams,
@@ -310,6 +310,8 @@ class PostgresDriver:
             params.within_newest,
         ]
         name = "job_list_desc" if params.descending else "job_list"
+        if params.states and params.ids is None and not FINALIZED_STATES & set(params.states):
+            name += "_live"
         return await self._fetch("listing jobs", name, args, ex)
 
     async def job_count_live(self) -> list[tuple[str, str, int]]:

@@ -36,6 +36,25 @@ def _returning_id(sql: str) -> str:
 
 
 QUERIES = _load()
+
+
+def _live_states_variant(sql: str) -> str:
+    """``sql`` (job_list or job_list_desc) for a list of live states only: it sorts by
+    ``id + 0``, which the primary key cannot serve, so the planner takes those states'
+    entries from tq_job_fetch_idx and sorts them (as many as the backlog) instead of
+    walking the primary key through finalized jobs until it has a page; and the states
+    ($4, never NULL here) are compared as an enum array the planner can estimate, which a
+    text array cast to the enum is not (that made it pick a sequential scan)."""
+    state_filter = "($4::text[] IS NULL OR state = ANY($4::text[]::tq_job_state[]))"
+    if state_filter not in sql or "ORDER BY id" not in sql:
+        raise RuntimeError("job_list changed: update _live_states_variant")
+    return sql.replace(state_filter, "state = ANY($4::tq_job_state[])").replace(
+        "ORDER BY id", "ORDER BY id + 0"
+    )
+
+
+for _name in ("job_list", "job_list_desc"):
+    QUERIES[f"{_name}_live"] = _live_states_variant(QUERIES[_name])
 # Writing outcomes when no subscriber wants the jobs back: the same statement, id only.
 QUERIES["job_set_state_if_running_many_ids"] = _returning_id(
     QUERIES["job_set_state_if_running_many"]
