@@ -614,6 +614,19 @@ class _Stmt:
 # The driver
 
 
+def _claimed(job: _Job, at: datetime, client_id: str) -> _Job:
+    """``job`` as a claim leaves it: running, one more attempt, ``client_id`` appended to
+    the last ``_MAX_ATTEMPTED_BY`` attempts' clients."""
+    keep = job.attempted_by[max(len(job.attempted_by) - (_MAX_ATTEMPTED_BY - 1), 0) :]
+    return attrs.evolve(
+        job,
+        state=JobState.RUNNING,
+        attempt=job.attempt + 1,
+        attempted_at=at,
+        attempted_by=(*keep, client_id),
+    )
+
+
 @final
 class MemoryDriver:
     """The Driver protocol in memory, with the PostgreSQL driver's semantics.
@@ -1050,14 +1063,7 @@ class MemoryDriver:
             due.sort(key=lambda j: (j.priority, j.scheduled_at, j.id))
             out = []
             for job in due[:limit]:
-                keep = job.attempted_by[max(len(job.attempted_by) - (_MAX_ATTEMPTED_BY - 1), 0) :]
-                running = attrs.evolve(
-                    job,
-                    state=JobState.RUNNING,
-                    attempt=job.attempt + 1,
-                    attempted_at=at,
-                    attempted_by=(*keep, client_id),
-                )
+                running = _claimed(job, at, client_id)
                 st.put_job(running, job)
                 out.append(running.row())
             return out
@@ -1078,14 +1084,7 @@ class MemoryDriver:
             job = st.job(job_id)
             if job is None or job.state is JobState.RUNNING or job.state in FINALIZED_STATES:
                 return None
-            keep = job.attempted_by[max(len(job.attempted_by) - (_MAX_ATTEMPTED_BY - 1), 0) :]
-            running = attrs.evolve(
-                job,
-                state=JobState.RUNNING,
-                attempt=job.attempt + 1,
-                attempted_at=at,
-                attempted_by=(*keep, client_id),
-            )
+            running = _claimed(job, at, client_id)
             st.put_job(running, job)
             return running.row()
 

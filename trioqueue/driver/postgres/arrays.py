@@ -105,8 +105,8 @@ def int8_array(values: Sequence[int]) -> bytes:
     return _array(_Int8Array, 20, len(values), False, b"".join([_INT8(8, v) for v in values]))
 
 
-def text_array(values: Sequence[str | None]) -> bytes:
-    """``text[]``; ``None`` elements are NULL."""
+def _bytes_array(cls: type[BinaryArray], elem_oid: int, values: Sequence[bytes | None]) -> bytes:
+    """An array whose elements go out as their bytes; ``None`` elements are NULL."""
     parts = []
     has_null = False
     for v in values:
@@ -114,9 +114,13 @@ def text_array(values: Sequence[str | None]) -> bytes:
             has_null = True
             parts.append(_NULL)
         else:
-            data = v.encode()
-            parts.append(_LENGTH(len(data)) + data)
-    return _array(_TextArray, 25, len(values), has_null, b"".join(parts))
+            parts.append(_LENGTH(len(v)) + v)
+    return _array(cls, elem_oid, len(values), has_null, b"".join(parts))
+
+
+def text_array(values: Sequence[str | None]) -> bytes:
+    """``text[]``; ``None`` elements are NULL."""
+    return _bytes_array(_TextArray, 25, [None if v is None else v.encode() for v in values])
 
 
 def timestamptz_array(values: Iterable[datetime | None]) -> bytes:
@@ -149,12 +153,4 @@ def bool_array(values: Iterable[bool]) -> bytes:
 
 def bytea_array(values: Sequence[bytes | None]) -> bytes:
     """``bytea[]``; ``None`` elements are NULL."""
-    parts = []
-    has_null = False
-    for v in values:
-        if v is None:
-            has_null = True
-            parts.append(_NULL)
-        else:
-            parts.append(_LENGTH(len(v)) + v)
-    return _array(_ByteaArray, 17, len(values), has_null, b"".join(parts))
+    return _bytes_array(_ByteaArray, 17, values)

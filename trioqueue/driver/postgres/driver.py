@@ -196,9 +196,9 @@ class PostgresDriver:
         *,
         ex: Any = None,
     ) -> list[tuple[Row, bool]]:
-        if len(params) == 1 and params[0].unique_key is None and not notify_queues:
+        if len(params) == 1:
             p = params[0]
-            plain = [
+            one: list[Any] = [
                 p.args_json,
                 p.kind,
                 p.max_attempts,
@@ -208,27 +208,17 @@ class PostgresDriver:
                 p.scheduled_at,
                 p.state.value,
                 text_array(p.tags),
-                now,
             ]
-            rows = await self._fetch("inserting a job", "job_insert_one_plain", plain, ex)
-        elif len(params) == 1:
-            p = params[0]
-            one = [
-                p.args_json,
-                p.kind,
-                p.max_attempts,
-                p.metadata_json,
-                p.priority,
-                p.queue,
-                p.scheduled_at,
-                p.state.value,
-                list(p.tags),
-                p.unique_key,
-                p.unique_states,
-                now,
-                notify_queues[0] if notify_queues else None,
-            ]
-            rows = await self._fetch("inserting a job", "job_insert_one", one, ex)
+            if p.unique_key is None and not notify_queues:
+                rows = await self._fetch("inserting a job", "job_insert_one_plain", [*one, now], ex)
+            else:
+                one += [
+                    p.unique_key,
+                    p.unique_states,
+                    now,
+                    notify_queues[0] if notify_queues else None,
+                ]
+                rows = await self._fetch("inserting a job", "job_insert_one", one, ex)
         else:
             args = [*_insert_arrays(params), now, text_array(list(notify_queues))]
             rows = await self._fetch("inserting jobs", "job_insert_many", args, ex)
