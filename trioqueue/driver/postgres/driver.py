@@ -77,9 +77,10 @@ def _copy_text_array(values: Sequence[str]) -> str:
     return _copy_text("{" + ",".join(quoted) + "}")
 
 
-_COPY_CHUNK_ROWS = 250
+_COPY_CHUNK_ROWS = 100
 """Small enough that a call of a thousand jobs streams in several chunks, each ingested by
-the server while the next is prepared."""
+the server while the next is prepared (100 beat 50, 250 and 500 here: ~81k against ~76k
+jobs/s for 1,000-job calls, medians of alternating runs)."""
 
 
 def _copy_text_chunks(params: Iterable[JobInsertParams], now: datetime) -> Iterator[bytes]:
