@@ -247,6 +247,41 @@ async def test_order_of_client_and_kind_middleware_and_hooks() -> None:
     ]
 
 
+async def test_a_kinds_own_hooks_run_after_the_clients() -> None:
+    log: list[str] = []
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def work_begin(self, job: tq.Job[Any]) -> None:
+            log.append(f"{self.name}.work_begin")
+
+        async def work_end(self, job: tq.Job[Any], error: BaseException | None) -> None:
+            log.append(f"{self.name}.work_end {error!r}")
+
+    class Fail:
+        def work_end(self, job: tq.Job[Any], error: BaseException | None) -> BaseException:
+            return tq.JobCancel("the kind said no")
+
+    workers = _workers(log, middleware=[Recorder("C", log)], hooks=[Named("K"), Fail()])
+    async with _client(workers, middleware=[Recorder("A", log)], hooks=[Named("H")]) as client:
+        [event] = await _run(client, Task("ok"))
+    assert log[log.index("H.work_begin") :] == [
+        "H.work_begin",
+        "K.work_begin",
+        "A>work",
+        "C>work",
+        "run ok",
+        "<C",
+        "<A",
+        "K.work_end None",
+        "H.work_end JobCancel('the kind said no')",
+    ]
+    # The kind's hook turned the run into a cancel; the client's hook saw that.
+    assert event.kind is tq.EventKind.JOB_CANCELLED
+
+
 async def test_worker_middleware_sees_exceptions_and_outcomes_keep_their_meaning() -> None:
     log: list[str] = []
     rec = Recorder("A", log)
@@ -318,12 +353,22 @@ def test_bad_middleware_and_hooks_are_rejected() -> None:
     with pytest.raises(tq.ValidationError) as info:
         tq.Workers().add(Task, _noop, middleware=[Retag()])
     assert info.value.field == "middleware[0]"
+    with pytest.raises(tq.ValidationError, match="insert_begin belongs") as info:
+        tq.Workers().add(Task, _noop, hooks=[Named0()])
+    assert info.value.field == "hooks[0]"
+    with pytest.raises(tq.ValidationError, match="work_begin or work_end") as info:
+        tq.Workers().add(Task, _noop, hooks=[object()])
     cfg = tq.ClientConfig(middleware=[Retag()], hooks=None)
     assert cfg.hooks == () and len(cfg.middleware) == 1
 
 
 async def _noop(job: tq.Job[Any]) -> None:
     pass
+
+
+class Named0:
+    def insert_begin(self, params: list[tq.InsertParams]) -> None:
+        pass
 
 
 def test_without_middleware_a_run_awaits_the_worker_itself() -> None:

@@ -148,15 +148,27 @@ def check_middleware(field: str, value: object, *, kind_level: bool = False) -> 
     return result
 
 
-def check_hooks(value: object) -> tuple[Any, ...]:
-    """``value`` as a tuple of hooks, or ValidationError."""
+def check_hooks(value: object, *, kind_level: bool = False) -> tuple[Any, ...]:
+    """``value`` as a tuple of hooks, or ValidationError.
+
+    A kind's own hooks (``workers.add(..., hooks=...)``) see that kind's runs only, so
+    they take ``work_begin`` and ``work_end``, not ``insert_begin``."""
     if value is None:
         return ()
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise ValidationError("hooks", "must be a list of hook objects")
     result = tuple(value)
     for i, hook in enumerate(result):
-        if not any(callable(getattr(hook, name, None)) for name in _HOOK_NAMES):
+        if kind_level:
+            if callable(getattr(hook, "insert_begin", None)):
+                raise ValidationError(
+                    f"hooks[{i}]",
+                    "a kind's hooks see its runs only: insert_begin belongs in "
+                    "open_client(hooks=...)",
+                )
+            if not any(callable(getattr(hook, n, None)) for n in ("work_begin", "work_end")):
+                raise ValidationError(f"hooks[{i}]", "must have a work_begin or work_end method")
+        elif not any(callable(getattr(hook, name, None)) for name in _HOOK_NAMES):
             raise ValidationError(
                 f"hooks[{i}]", "must have an insert_begin, work_begin or work_end method"
             )

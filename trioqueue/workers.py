@@ -9,7 +9,7 @@ import attrs
 
 from .errors import ValidationError
 from .job import Job, validate_kind
-from .middleware import check_middleware
+from .middleware import check_hooks, check_middleware
 
 __all__ = ["DEFAULT_TIMEOUT", "WorkerEntry", "Workers", "args_kind"]
 
@@ -50,6 +50,8 @@ class WorkerEntry(Generic[A]):
     next_retry: NextRetryFn | None = None
     middleware: tuple[Any, ...] = ()
     """This kind's worker middleware, run inside the client's (first entry outermost)."""
+    hooks: tuple[Any, ...] = ()
+    """This kind's work_begin / work_end hooks, run after the client's."""
 
     @property
     def kind(self) -> str:
@@ -81,24 +83,27 @@ class Workers:
         timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT,
         next_retry: NextRetryFn | None = None,
         middleware: Sequence[Any] = (),
+        hooks: Sequence[Any] = (),
     ) -> None:
         """Register ``fn`` to work jobs of ``args_type``.
 
         ``timeout`` overrides the client's ``job_timeout`` (``None``: no timeout);
         ``next_retry(job)`` returns seconds until the retry, overriding the client's policy;
         ``middleware`` wraps each run of this kind, inside the client's middleware: objects
-        with ``work(job, call_next)`` or async functions ``(job, call_next)``.
-        Raises ValidationError for a bad kind, timeout or middleware, or a kind
+        with ``work(job, call_next)`` or async functions ``(job, call_next)``; ``hooks``
+        are this kind's ``work_begin`` / ``work_end`` hooks, called after the client's.
+        Raises ValidationError for a bad kind, timeout, middleware or hook, or a kind
         registered twice.
         """
         kind = args_kind(args_type)
         _check_timeout(timeout)
         layers = check_middleware("middleware", middleware, kind_level=True)
+        kind_hooks = check_hooks(hooks, kind_level=True)
         if not callable(fn):
             raise ValidationError("fn", "the worker must be an async function")
         if kind in self._by_kind:
             raise ValidationError("kind", f"a worker for kind {kind!r} is already registered")
-        self._by_kind[kind] = WorkerEntry(args_type, fn, timeout, next_retry, layers)
+        self._by_kind[kind] = WorkerEntry(args_type, fn, timeout, next_retry, layers, kind_hooks)
 
     def worker(
         self,
@@ -107,11 +112,19 @@ class Workers:
         timeout: float | _DefaultTimeout | None = DEFAULT_TIMEOUT,
         next_retry: NextRetryFn | None = None,
         middleware: Sequence[Any] = (),
+        hooks: Sequence[Any] = (),
     ) -> Callable[[WorkFn[A]], WorkFn[A]]:
         """Decorator form of :meth:`add`; returns the function unchanged."""
 
         def register(fn: WorkFn[A]) -> WorkFn[A]:
-            self.add(args_type, fn, timeout=timeout, next_retry=next_retry, middleware=middleware)
+            self.add(
+                args_type,
+                fn,
+                timeout=timeout,
+                next_retry=next_retry,
+                middleware=middleware,
+                hooks=hooks,
+            )
             return fn
 
         return register

@@ -156,6 +156,9 @@ class Executor:
     _chains: dict[str, WorkNext] = attrs.field(factory=dict, init=False)
     """Per kind, what a run awaits: the worker function, or it wrapped in middleware."""
     _work_ends: tuple[Callable[..., Any], ...] = attrs.field(default=(), init=False)
+    """The client's work_end hooks."""
+    _ends: dict[str, tuple[Callable[..., Any], ...]] = attrs.field(factory=dict, init=False)
+    """Per kind, the work_end hooks of a run: the kind's own, then the client's."""
 
     def __attrs_post_init__(self) -> None:
         self._work_ends = work_end_hooks(self.config.hooks)
@@ -167,9 +170,10 @@ class Executor:
 
     def _chain(self, entry: WorkerEntry[Any]) -> WorkNext:
         chain = build_work_chain(
-            entry.fn, self.config.middleware, entry.middleware, self.config.hooks
+            entry.fn, self.config.middleware, entry.middleware, (*self.config.hooks, *entry.hooks)
         )
         self._chains[entry.kind] = chain
+        self._ends[entry.kind] = (*work_end_hooks(entry.hooks), *self._work_ends)
         return chain
 
     async def execute(self, job: Job[Any], handle: JobHandle) -> Finished:
@@ -210,8 +214,9 @@ class Executor:
                     else:
                         result = JobTimeoutError(f"job timed out after {timeout} s")
                 failure = result
-                if self._work_ends:
-                    failure = await run_work_end(self._work_ends, job, failure)
+                ends = self._ends.get(job.kind, self._work_ends)
+                if ends:
+                    failure = await run_work_end(ends, job, failure)
                     done = failure is None
             finished = await self._decide(
                 job, entry, done, failure, trio.current_time() - start, handle
