@@ -43,6 +43,17 @@ def _completer(
     return Completer(driver, driver.clock, events, lambda kind: None, **options)
 
 
+def _cancellable(completer: Completer) -> tuple[trio.CancelScope, Any]:
+    """A scope to cancel the completer from outside, and the task function running it."""
+    cancel = trio.CancelScope()
+
+    async def run() -> None:
+        with cancel:
+            await completer.run()
+
+    return cancel, run
+
+
 async def test_final_flush_writes_at_once_instead_of_lingering(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -52,12 +63,7 @@ async def test_final_flush_writes_at_once_instead_of_lingering(
     row = await _running_job(driver)
     send, receive = trio.open_memory_channel[list[Event]](10)
     completer = _completer(driver, send, shutdown_timeout=0.02, linger=0.05)
-    cancel = trio.CancelScope()
-
-    async def run() -> None:
-        with cancel:
-            await completer.run()
-
+    cancel, run = _cancellable(completer)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
         await trio.sleep(0.1)
@@ -101,12 +107,7 @@ async def test_a_write_cancelled_after_committing_still_gets_its_event(
     row = await _running_job(driver)
     send, receive = trio.open_memory_channel[list[Event]](10)
     completer = _completer(CommitThenHang(driver), send, shutdown_timeout=5.0)
-    cancel = trio.CancelScope()
-
-    async def run() -> None:
-        with cancel:
-            await completer.run()
-
+    cancel, run = _cancellable(completer)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
         completer.complete_nowait(_completed(driver, row))

@@ -1,7 +1,10 @@
-"""Producer wake-ups: when a job inserted during the cooldown gets fetched."""
+"""The producer: wake-ups, fetching after a stop, handing back claimed jobs, worker tasks
+that fan out, prepared statements."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import ClassVar
 
 import attrs
@@ -102,6 +105,22 @@ class SlowFetches:
         return await self.inner.job_get_available(*args, **kwargs)  # type: ignore[arg-type]
 
 
+@asynccontextmanager
+async def _slow_fetch_client(
+    driver: SlowFetches, workers: tq.Workers, jobs: int, max_workers: int
+) -> AsyncIterator[tq.Client]:
+    """``jobs`` queued ping jobs, then a client working them through ``driver``."""
+    async with tq.open_client(driver=driver) as inserter:  # type: ignore[arg-type]
+        await inserter.insert_many([PingArgs(n) for n in range(jobs)])
+    async with tq.open_client(
+        driver=driver,  # type: ignore[arg-type]
+        workers=workers,
+        queues={"default": tq.QueueConfig(max_workers=max_workers)},
+        fetch_cooldown=0.01,
+    ) as client:
+        yield client
+
+
 async def test_stopped_producer_stops_claiming_even_when_every_fetch_is_full(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -118,15 +137,8 @@ async def test_stopped_producer_stops_claiming_even_when_every_fetch_is_full(
         first.set()
 
     workers.add(PingArgs, ping)
-    async with tq.open_client(driver=driver) as inserter:  # type: ignore[arg-type]
-        await inserter.insert_many([PingArgs(n) for n in range(200)])
     with trio.fail_after(60):
-        async with tq.open_client(
-            driver=driver,  # type: ignore[arg-type]
-            workers=workers,
-            queues={"default": tq.QueueConfig(max_workers=4)},
-            fetch_cooldown=0.01,
-        ) as client:
+        async with _slow_fetch_client(driver, workers, jobs=200, max_workers=4) as client:
             await first.wait()
             fetches = driver.fetches
             await client.stop()
@@ -149,15 +161,8 @@ async def test_jobs_claimed_by_a_fetch_that_outlives_a_hard_stop_are_handed_back
         await trio.sleep_forever()
 
     workers.add(PingArgs, block)
-    async with tq.open_client(driver=driver) as inserter:  # type: ignore[arg-type]
-        await inserter.insert_many([PingArgs(n) for n in range(20)])
     with trio.fail_after(60):
-        async with tq.open_client(
-            driver=driver,  # type: ignore[arg-type]
-            workers=workers,
-            queues={"default": tq.QueueConfig(max_workers=8)},
-            fetch_cooldown=0.01,
-        ) as client:
+        async with _slow_fetch_client(driver, workers, jobs=20, max_workers=8) as client:
             await first.wait()
             await trio.sleep(0.1)  # the next fetch is in flight now
             fetches = driver.fetches
