@@ -208,10 +208,7 @@ class Client:
     # ---------------------------------------------------------------- inserting
 
     def _args_type(self, kind: str) -> type[Any] | None:
-        if self._workers is None:
-            return None
-        entry = self._workers.get(kind)
-        return entry.args_type if entry is not None else None
+        return self._workers.args_type(kind) if self._workers is not None else None
 
     def _job(self, row: Row) -> Job[Any]:
         return row_to_job(row, self._args_type(row[1]))

@@ -132,6 +132,11 @@ class Workers:
     def get(self, kind: str) -> WorkerEntry[Any] | None:
         return self._by_kind.get(kind)
 
+    def args_type(self, kind: str) -> type[Any] | None:
+        """The args type registered for ``kind``, or None (to decode a stored job's args)."""
+        entry = self._by_kind.get(kind)
+        return entry.args_type if entry is not None else None
+
     def kinds(self) -> frozenset[str]:
         return frozenset(self._by_kind)
 

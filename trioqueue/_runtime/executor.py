@@ -163,11 +163,6 @@ class Executor:
     def __attrs_post_init__(self) -> None:
         self._work_ends = work_end_hooks(self.config.hooks)
 
-    def args_type(self, kind: str) -> type[Any] | None:
-        """The args type registered for ``kind``, to decode a fetched job's args with."""
-        entry = self.workers.get(kind)
-        return entry.args_type if entry is not None else None
-
     def _chain(self, entry: WorkerEntry[Any]) -> WorkNext:
         chain = build_work_chain(
             entry.fn, self.config.middleware, entry.middleware, (*self.config.hooks, *entry.hooks)

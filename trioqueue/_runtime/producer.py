@@ -226,7 +226,7 @@ class Producer:
                 # No checkpoint between the fetch and queuing the jobs: every claimed job
                 # is run or, after a hard stop, handed back (see run), so it always
                 # reports an outcome.
-                args_type = self.executor.args_type
+                args_type = self.executor.workers.args_type
                 for row in sorted(rows, key=lambda r: (r[5], r[12], r[0])):
                     self._queue(row_to_job(row, args_type(row[1])))
                 if self._queued:

@@ -88,10 +88,6 @@ class Runtime:
     _hard: bool = attrs.field(default=False, init=False)
     _paused: dict[str, bool] = attrs.field(factory=dict, init=False)
 
-    def _args_type_for(self, kind: str) -> type[Any] | None:
-        entry = self.workers.get(kind)
-        return entry.args_type if entry is not None else None
-
     def soft_stop(self) -> None:
         """Stop fetching; let running jobs finish. Idempotent, not a checkpoint."""
         for producer in self.producers.values():
@@ -253,7 +249,7 @@ class Runtime:
                 self.driver,
                 self.now,
                 event_send,
-                self._args_type_for,
+                self.workers.args_type,
                 self.config.shutdown_timeout,
                 self.dispatcher.wants_job_events,
             )
