@@ -46,7 +46,7 @@ from psycopg.waiting import Ready, Wait
 
 from .arrays import dumpers as array_dumpers
 
-__all__ = ["Notify", "PgConnection", "QueryResult"]
+__all__ = ["Notify", "PgConnection", "QueryResult", "acquire_without_yielding"]
 
 RV = TypeVar("RV")
 
@@ -238,13 +238,23 @@ def _quote_ident_bytes(pgconn: PGconn, name: str) -> bytes:
     return bytes(pq.Escaping(pgconn).escape_identifier(name.encode(_ENCODING)))
 
 
-class _StatementLock:
-    """A ``trio.Lock`` (fair: a waiter gets the lock handed over) whose ``async with``
-    takes a free lock without a trip through the scheduler.
+async def acquire_without_yielding(primitive: trio.Lock | trio.Semaphore) -> None:
+    """Acquire ``primitive``, taking it at once if it is free, without a trip through the
+    scheduler; when it is not, wait for it as ``acquire`` does (fairly: trio hands it to
+    the longest waiter). A cancellation point either way.
 
-    Every statement passes through it, and the statement's own I/O wait is a scheduling
-    point anyway; the extra yield cost each single insert a second pass through trio's run
-    loop. Entering is still a cancellation point."""
+    For what every statement passes through (a pool slot, the connection lock): the
+    statement's own I/O wait is a scheduling point anyway, and each extra yield cost a
+    single insert another pass through trio's run loop."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        primitive.acquire_nowait()
+    except trio.WouldBlock:
+        await primitive.acquire()
+
+
+class _StatementLock:
+    """A ``trio.Lock`` whose ``async with`` uses `acquire_without_yielding`."""
 
     __slots__ = ("_lock",)
 
@@ -252,11 +262,7 @@ class _StatementLock:
         self._lock = trio.Lock()
 
     async def __aenter__(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        await acquire_without_yielding(self._lock)
 
     async def __aexit__(self, *exc: object) -> None:
         self._lock.release()

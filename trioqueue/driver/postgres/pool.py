@@ -14,6 +14,7 @@ from trioqueue.driver.postgres.connection import (
     DEFAULT_CANCEL_TIMEOUT,
     PgConnection,
     QueryResult,
+    acquire_without_yielding,
 )
 
 __all__ = ["PgPool", "PoolStatistics", "open_pool"]
@@ -93,13 +94,7 @@ class PgPool:
     async def _get(self) -> PgConnection:
         if self._closed:
             raise trio.ClosedResourceError("the pool is closed")
-        # A free slot is taken without a trip through the scheduler (the statement's I/O
-        # wait is one); a full pool waits, fairly, as before. A cancellation point either way.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
+        await acquire_without_yielding(self._slots)
         try:
             if self._closed:
                 raise trio.ClosedResourceError("the pool is closed")
