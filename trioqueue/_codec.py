@@ -30,8 +30,6 @@ def _c_dumps() -> Callable[[Any], str] | None:
         return None
 
     def encode(value: Any) -> str:
-        if isinstance(value, str):
-            return _ENCODER.encode(value)
         chunks = make({}, _ENCODER.default, basestring, None, ":", ",", False, False, True)(
             value, 0
         )

@@ -411,19 +411,15 @@ class Client:
         # ValidationError propagates as usual.
         self._check_items(jobs)
         now = self._now()
-        available: set[str] = set()
+        sent: list[JobInsertParams] = []
 
         def stream() -> Iterator[JobInsertParams]:
             for item in jobs:
                 p = self._params(item, now)
-                if p.state is JobState.AVAILABLE:
-                    available.add(p.queue)
+                sent.append(p)
                 yield p
 
-        def notify() -> list[str]:
-            return self._notify_limiter.take(sorted(available)) if available else []
-
-        return await self._driver.job_insert_fast(stream(), notify, now)
+        return await self._driver.job_insert_fast(stream(), lambda: self._notify_queues(sent), now)
 
     async def _write_fast(
         self, params: list[JobInsertParams], now: datetime, tx: Transaction | None

@@ -206,8 +206,9 @@ class Producer:
             if free > 0:
                 self._wake = trio.Event()
                 last_fetch = trio.current_time()
+                limit = min(free, max_fetch)
                 try:
-                    rows = await self._fetch(min(free, max_fetch))
+                    rows = await self._fetch(limit)
                 except DatabaseError as exc:
                     log.warning(
                         "fetching from queue %r failed, retrying in %.1f s: %s",
@@ -221,7 +222,7 @@ class Producer:
                 backoff = 0.1
                 self._fetches += 1
                 self._fetched += len(rows)
-                self._last_fetch_full = len(rows) == min(free, max_fetch)
+                self._last_fetch_full = len(rows) == limit
                 last_found_work = bool(rows)
                 # No checkpoint between the fetch and queuing the jobs: every claimed job
                 # is run or, after a hard stop, handed back (see run), so it always
