@@ -50,6 +50,28 @@ class Counter:
         if self.count >= self.target:
             self.reached.set()
 
+    def process_result(
+        self,
+        *,
+        opened: float,
+        end: float,
+        cpu: float,
+        rss_before: float,
+        rss_peak: float,
+        polls: int,
+    ) -> dict[str, Any]:
+        """The ``process`` measure's record, timed from the first job's start."""
+        assert self.first is not None
+        return {
+            "jobs": self.count,
+            "seconds": end - self.first,
+            "startup_seconds": self.first - opened,
+            "cpu_seconds": cpu,
+            "rss_before_mb": rss_before,
+            "rss_peak_mb": rss_peak,
+            "own_transactions": polls,
+        }
+
 
 async def wait_until_zero(fetch_count: Callable[[], Awaitable[int]], limit: float) -> int:
     """Poll ``fetch_count`` every 2 ms until it returns 0; returns how many polls ran."""

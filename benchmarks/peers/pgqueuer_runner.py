@@ -109,16 +109,9 @@ async def process(spec: Spec) -> dict[str, Any]:
     await asyncio.gather(*tasks)
     for conn in [*conns, poller]:
         await conn.close()
-    assert counter.first is not None
-    return {
-        "jobs": counter.count,
-        "seconds": end - counter.first,
-        "startup_seconds": counter.first - opened,
-        "cpu_seconds": cpu,
-        "rss_before_mb": rss_before,
-        "rss_peak_mb": rss_peak,
-        "own_transactions": polls,
-    }
+    return counter.process_result(
+        opened=opened, end=end, cpu=cpu, rss_before=rss_before, rss_peak=rss_peak, polls=polls
+    )
 
 
 async def latency(spec: Spec) -> dict[str, Any]:

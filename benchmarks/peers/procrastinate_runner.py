@@ -116,16 +116,9 @@ async def process(spec: Spec) -> dict[str, Any]:
             cpu = cpu_seconds() - cpu_start
             rss_peak = peak_rss_mb()
             await _stop(worker)
-    assert counter.first is not None
-    return {
-        "jobs": counter.count,
-        "seconds": end - counter.first,
-        "startup_seconds": counter.first - opened,
-        "cpu_seconds": cpu,
-        "rss_before_mb": rss_before,
-        "rss_peak_mb": rss_peak,
-        "own_transactions": polls,
-    }
+    return counter.process_result(
+        opened=opened, end=end, cpu=cpu, rss_before=rss_before, rss_peak=rss_peak, polls=polls
+    )
 
 
 async def latency(spec: Spec) -> dict[str, Any]:
