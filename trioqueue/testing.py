@@ -587,7 +587,6 @@ async def _run_claimed(client: Client, workers: Workers, job: Job[Any]) -> WorkR
         nursery.start_soon(completer.run)
         try:
             finished = await executor.execute(job, JobHandle())
-            await completer.complete(finished)
         finally:
             completer.close()
     with receive:

@@ -55,6 +55,11 @@ def next_retry_delay(
     return min(default_retry_delay(job), MAX_RETRY_DELAY)
 
 
+DEADLINE_SLACK = 0.001
+"""A job's timeout may pass up to this fraction of itself late (60 ms of 60 s), so that
+jobs run back to back can share their cancel scope's deadline (see `Executor.run`)."""
+
+
 class JobTimeoutError(Exception):
     """Recorded when a job runs past its timeout."""
 
@@ -69,28 +74,28 @@ class UnknownKindError(Exception):
 
 @final
 class JobHandle:
-    """A running job's cancel scope, so ``job_cancel`` can reach it.
+    """A claimed job's link to the cancel scope it runs in, so ``job_cancel`` can reach it.
 
-    The scope is made when the job starts, with its deadline (setting a deadline on a
-    scope afterwards costs trio a second round of deadline bookkeeping); a cancel that
-    comes before that is remembered and applied then."""
+    While the job's own code runs, ``lane`` is the scope (see `Executor.run`); a cancel
+    that comes before that is remembered and applied when the job starts."""
 
-    __slots__ = ("cancel_requested", "scope")
+    __slots__ = ("cancel_requested", "lane")
 
     def __init__(self) -> None:
-        self.scope: trio.CancelScope | None = None
+        self.lane: trio.CancelScope | None = None
         self.cancel_requested = False
-
-    def open_scope(self, deadline: float) -> trio.CancelScope:
-        scope = self.scope = trio.CancelScope(deadline=deadline)
-        if self.cancel_requested:
-            scope.cancel()
-        return scope
 
     def cancel_remotely(self) -> None:
         self.cancel_requested = True
-        if self.scope is not None:
-            self.scope.cancel()
+        if self.lane is not None:
+            self.lane.cancel()
+
+
+Take = Callable[[], "tuple[Job[Any], JobHandle] | None"]
+"""Hands out the next claimed job to run, or None when there is none."""
+
+Ended = Callable[["Job[Any]", "Finished"], None]
+"""Called once per job taken, right after its outcome was handed to the completer."""
 
 
 def _error_entry(now: datetime, attempt: int, exc: BaseException) -> str:
@@ -172,59 +177,165 @@ class Executor:
         return chain
 
     async def execute(self, job: Job[Any], handle: JobHandle) -> Finished:
-        """Run ``job``'s worker and return its outcome (not yet queued for writing).
+        """Run one job (see `run`): its outcome is queued with the completer, and also
+        returned."""
+        items = [(job, handle)]
+        outcome: list[Finished] = []
+        await self.run(lambda: items.pop() if items else None, lambda _, f: outcome.append(f))
+        return outcome[0]
 
-        On cancellation from outside (hard stop): the job's "interrupted" outcome (back to
-        ``available``, attempt given back, no error) is queued with the completer before
+    async def run(self, take: Take, ended: Ended) -> None:
+        """Run jobs one after another as ``take()`` hands them out, until it returns None.
+        Each outcome is handed to the completer (waiting while its buffer is full), then
+        ``ended(job, finished)`` is called.
+
+        A job runs inside a cancel scope with its deadline, which ``job_cancel`` and the
+        timeout cancel. Making a trio cancel scope costs more than a no-op job, so the jobs
+        run here share one (a "lane"); its deadline follows each job's as it starts (at
+        most `DEADLINE_SLACK` of the timeout late). A cancel uses the lane up: the job it
+        was meant for gets its outcome outside the lane, and the next job a new lane.
+        Between jobs nothing can cancel the lane: no job's handle points at it, and its
+        deadline is lifted before anything after a job's own code may wait (hooks, the
+        error handler, a full completer buffer).
+
+        On cancellation from outside (hard stop): the job in hand gets its "interrupted"
+        outcome (back to ``available``, attempt given back, no error) queued before
         Cancelled propagates, so the job never stays ``running``.
         """
+        item = take()
+        while item is not None:
+            item = await self._lane(item, take, ended)
+
+    async def _lane(
+        self, item: tuple[Job[Any], JobHandle], take: Take, ended: Ended
+    ) -> tuple[Job[Any], JobHandle] | None:
+        """Run jobs in one lane until ``take()`` runs dry (then None) or a cancel uses the
+        lane up (then the next item to run, from ``take()``)."""
+        job, handle = item
         start = trio.current_time()
-        entry = self.workers.get(job.kind)
-        failure: BaseException | None = None
-        result: BaseException | None = None
+        in_hand = True  # the job's outcome is not queued yet
+        entry: WorkerEntry[Any] | None = None
         done = False
+        ran = False
+        failure: BaseException | None = None
+        timeout: float | None = None
         try:
-            if entry is None:
-                failure = UnknownKindError(
-                    f"no worker is registered for job kind {job.kind!r} on this client"
-                )
-            elif type(job.args) is not entry.args_type:
-                # The producer decodes args as it builds the job; here only when that
-                # failed (so this raises and is recorded) or the job came from elsewhere.
-                try:
-                    job = with_args(job, decode_args(entry.args_type, job.args))
-                except Exception as exc:
-                    failure = exc
-            if entry is not None and failure is None:
-                timeout = self._timeout(entry)
-                with handle.open_scope(math.inf if timeout is None else start + timeout):
-                    try:
-                        await (self._chains.get(job.kind) or self._chain(entry))(job)
-                        done = True
-                    except Exception as exc:
-                        result = exc
-                if not done and result is None:
-                    if handle.cancel_requested:
-                        result = JobCancelledRemotelyError("job cancelled through job_cancel")
+            with trio.CancelScope() as lane:
+                while True:
+                    entry = self.workers.get(job.kind)
+                    done = False
+                    failure = None
+                    if entry is None:
+                        failure = UnknownKindError(
+                            f"no worker is registered for job kind {job.kind!r} on this client"
+                        )
+                    elif type(job.args) is not entry.args_type:
+                        # The producer decodes args as it builds the job; here only when
+                        # that failed (so this raises and is recorded) or the job came
+                        # from elsewhere.
+                        try:
+                            job = with_args(job, decode_args(entry.args_type, job.args))
+                        except Exception as exc:
+                            failure = exc
+                    if entry is not None and failure is None:
+                        timeout = self._timeout(entry)
+                        if timeout is None:
+                            if lane.deadline != math.inf:
+                                lane.deadline = math.inf
+                        else:
+                            # Moving a scope's deadline costs trio about as much as a
+                            # no-op job: keep the lane's while it is within the slack.
+                            due = start + timeout
+                            if not due <= lane.deadline <= due + timeout * DEADLINE_SLACK:
+                                lane.deadline = due + timeout * DEADLINE_SLACK
+                        handle.lane = lane
+                        if handle.cancel_requested:
+                            lane.cancel()
+                        try:
+                            await (self._chains.get(job.kind) or self._chain(entry))(job)
+                            done = True
+                        except Exception as exc:
+                            failure = exc
+                        finally:
+                            handle.lane = None
+                        if lane.cancel_called:
+                            # Cancelled, but the job caught it or never reached a
+                            # checkpoint: it ends outside this lane, like a cancelled one.
+                            break
+                        ran = True
                     else:
-                        result = JobTimeoutError(f"job timed out after {timeout} s")
-                failure = result
-                ends = self._ends.get(job.kind, self._work_ends)
-                if ends:
-                    failure = await run_work_end(ends, job, failure)
-                    done = failure is None
-            finished = await self._decide(
-                job, entry, done, failure, trio.current_time() - start, handle
-            )
-            if failure is not None or log.isEnabledFor(logging.DEBUG):
-                _log_end(job, finished, failure)
-            return finished
+                        ran = False
+                    if lane.deadline != math.inf and (
+                        failure is not None or (ran and self._ends.get(job.kind, self._work_ends))
+                    ):
+                        lane.deadline = math.inf
+                    finished = await self._end(job, entry, ran, done, failure, start, handle)
+                    in_hand = False
+                    await self._hand_over(job, finished, ended, lane)
+                    following = take()
+                    if following is None:
+                        return None
+                    job, handle = following
+                    start = trio.current_time()
+                    in_hand = True
+            if in_hand:
+                # The lane was cancelled for this job: by job_cancel or its timeout.
+                if not done and failure is None:
+                    if handle.cancel_requested:
+                        failure = JobCancelledRemotelyError("job cancelled through job_cancel")
+                    else:
+                        failure = JobTimeoutError(f"job timed out after {timeout} s")
+                finished = await self._end(job, entry, True, done, failure, start, handle)
+                in_hand = False
+                await self._hand_over(job, finished, ended, None)
         except BaseException:
-            interrupted = self.interrupted(job, start)
-            self.completer.complete_nowait(interrupted, force=True)
-            if log.isEnabledFor(logging.DEBUG):
-                _log_end(job, interrupted, None)
+            if in_hand:
+                interrupted = self.interrupted(job, start)
+                self.completer.complete_nowait(interrupted, force=True)
+                if log.isEnabledFor(logging.DEBUG):
+                    _log_end(job, interrupted, None)
+                ended(job, interrupted)
             raise
+        return take()
+
+    async def _hand_over(
+        self, job: Job[Any], finished: Finished, ended: Ended, lane: trio.CancelScope | None
+    ) -> None:
+        """Queue the outcome, waiting while the completer's buffer is full; then
+        ``ended``. On cancellation the outcome is queued all the same."""
+        try:
+            try:
+                self.completer.complete_nowait(finished)
+            except trio.WouldBlock:
+                if lane is not None and lane.deadline != math.inf:
+                    lane.deadline = math.inf
+                await self.completer.complete(finished)
+        finally:
+            ended(job, finished)
+
+    async def _end(
+        self,
+        job: Job[Any],
+        entry: WorkerEntry[Any] | None,
+        ran: bool,
+        done: bool,
+        failure: BaseException | None,
+        start: float,
+        handle: JobHandle,
+    ) -> Finished:
+        """The outcome of a run: the work_end hooks (if the job's code ran), then
+        `_decide`, then the log line."""
+        if ran:
+            ends = self._ends.get(job.kind, self._work_ends)
+            if ends:
+                failure = await run_work_end(ends, job, failure)
+                done = failure is None
+        finished = await self._decide(
+            job, entry, done, failure, trio.current_time() - start, handle
+        )
+        if failure is not None or log.isEnabledFor(logging.DEBUG):
+            _log_end(job, finished, failure)
+        return finished
 
     def _timeout(self, entry: WorkerEntry[Any]) -> float | None:
         if entry.timeout is DEFAULT_TIMEOUT:

@@ -25,7 +25,7 @@ from .._codec import row_to_job
 from ..driver.protocol import Driver, Row
 from ..errors import DatabaseError
 from ..job import Job
-from .completer import Completer
+from .completer import Completer, Finished
 from .executor import Executor, JobHandle
 
 __all__ = ["Producer", "ProducerStatistics"]
@@ -163,19 +163,31 @@ class Producer:
         """Run queued jobs one after another; wait while there are none; end once the
         producer stops fetching and the queue is empty. A worker runs the next queued job
         without a scheduling point in between (a job's own awaits are its checkpoints)."""
-        queued = self._queued
         self._waking -= 1
-        while True:
+
+        def take() -> tuple[Job[Any], JobHandle] | None:
+            queued = self._queued
+            if not queued:
+                return None
+            item = queued.popleft()
             if queued:
-                job, handle = queued.popleft()
-                if queued:
-                    self._call_workers(jobs, min(2, len(queued)))
-                await self._run_job(job, handle)
+                self._call_workers(jobs, min(2, len(queued)))
+            return item
+
+        while True:
+            if self._queued:
+                await self.executor.run(take, self._ended)
             elif self._fetching:
                 await self._idle.park()
                 self._waking -= 1
             else:
                 return
+
+    def _ended(self, job: Job[Any], finished: Finished) -> None:
+        """A job's outcome is with the completer: its slot is free."""
+        del self._running[job.id]
+        if self._last_fetch_full:
+            self._wake.set()
 
     async def _fetch_loop(self, jobs: trio.Nursery) -> None:
         last_fetch = -math.inf
@@ -272,17 +284,3 @@ class Producer:
             return
         for job_id in ids:
             self.cancel_job(job_id)
-
-    async def _run_job(self, job: Job[Any], handle: JobHandle) -> None:
-        try:
-            finished = await self.executor.execute(job, handle)
-            # The task ends right after: no need for complete()'s two scheduling points
-            # unless the completer's buffer is full (then wait, as backpressure).
-            try:
-                self.completer.complete_nowait(finished)
-            except trio.WouldBlock:
-                await self.completer.complete(finished)
-        finally:
-            del self._running[job.id]
-            if self._last_fetch_full:
-                self._wake.set()
