@@ -240,7 +240,7 @@ class Producer:
                 # is run or, after a hard stop, handed back (see run), so it always
                 # reports an outcome.
                 args_type = self.executor.workers.args_type
-                for row in sorted(rows, key=lambda r: (r[5], r[12], r[0])):
+                for row in rows:  # in priority order
                     self._queue(row_to_job(row, args_type(row[1])))
                 if self._queued:
                     self._call_workers(jobs, 1)

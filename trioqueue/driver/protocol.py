@@ -154,7 +154,12 @@ class Driver(Protocol):
 
     async def job_get_available(
         self, queue: str, now: datetime, limit: int, client_id: str
-    ) -> list[Row]: ...
+    ) -> list[Row]:
+        """Claim up to ``limit`` due ``available`` jobs of ``queue`` (none while it is
+        paused) for ``client_id``: each becomes ``running``, its attempt counted. The rows
+        come in the order to run them: by priority, then ``scheduled_at``, then id. Their
+        errors and metadata may be None where empty (`row_to_job` reads both)."""
+        ...
 
     async def job_claim(self, job_id: int, now: datetime, client_id: str) -> Row | None:
         """Claim one job by id for a run outside any producer (``trioqueue.testing``): if

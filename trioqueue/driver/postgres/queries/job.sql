@@ -77,6 +77,9 @@ FROM unnest($1::text[]) AS q;
 -- name: job_get_available
 -- Claim up to $3 available jobs of queue $1 that are due at $2, in priority order, skipping
 -- rows other clients hold, unless the queue is paused. One statement, so a claim is atomic.
+-- The rows come back in priority order (UPDATE ... RETURNING has none of its own), and
+-- empty errors and metadata as NULL: the client decodes every column of every claimed
+-- job, and most of these two are empty.
 WITH locked AS (
     SELECT id
     FROM tq_job
@@ -87,17 +90,20 @@ WITH locked AS (
     ORDER BY priority, scheduled_at, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE tq_job j
+    SET state = 'running',
+        attempt = j.attempt + 1,
+        attempted_at = $2,
+        attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98, 1):] || $4::text
+    FROM locked
+    WHERE j.id = locked.id
+    RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt,
+              j.max_attempts, j.attempted_at, j.attempted_by, j.created_at, j.finalized_at,
+              j.scheduled_at, nullif(j.errors, '[]'), nullif(j.metadata, '{}'), j.tags
 )
-UPDATE tq_job j
-SET state = 'running',
-    attempt = j.attempt + 1,
-    attempted_at = $2,
-    attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98, 1):] || $4::text
-FROM locked
-WHERE j.id = locked.id
-RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
-          j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
-          j.errors, j.metadata, j.tags;
+SELECT * FROM claimed ORDER BY priority, scheduled_at, id;
 
 -- name: job_claim
 -- Claim one job by id for a run outside any producer (trioqueue.testing's work_one): unless
