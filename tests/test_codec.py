@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import attrs
@@ -38,6 +39,34 @@ def test_dumps_errors_match_the_standard_encoder() -> None:
         dumps({"x": object()})
     # An error leaves nothing behind for the next call.
     assert dumps({"ok": [1]}) == '{"ok":[1]}'
+
+
+def test_an_object_that_failed_to_encode_encodes_once_fixed() -> None:
+    # The encoder is reused between calls; a failed encoding leaves the failed dict in
+    # its circular-reference markers, so the encoder must be replaced after a failure.
+    value: dict[str, Any] = {"a": [1], "b": object()}
+    with pytest.raises(TypeError):
+        dumps(value)
+    del value["b"]
+    assert dumps(value) == '{"a":[1]}'
+
+
+def test_each_thread_encodes_with_its_own_encoder() -> None:
+    # One value encoded from several threads at once must not look circular.
+    shared = {"items": list(range(2000)), "nested": [{"k": i} for i in range(200)]}
+    expected = GENERIC(shared)
+    results: list[str] = []
+
+    def work() -> None:
+        for _ in range(20):
+            results.append(dumps(shared))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [expected] * 80
 
 
 @attrs.frozen

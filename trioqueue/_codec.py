@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -23,17 +24,30 @@ def _c_dumps() -> Callable[[Any], str] | None:
     """The C encoder behind ``_ENCODER.encode``, called directly: for the small objects of
     job args, ``JSONEncoder.encode``'s Python layers cost twice what the encoding does.
     Same output and errors (circular references included); None where there is no C
-    encoder (then ``_ENCODER.encode`` is used)."""
+    encoder (then ``_ENCODER.encode`` is used).
+
+    One encoder object per thread serves every call (making one costs as much as a small
+    encoding). Its circular-reference markers are emptied after a successful encoding but
+    may keep stale entries after a failed one, so a failure replaces it."""
     make = getattr(json.encoder, "c_make_encoder", None)
     basestring = getattr(json.encoder, "c_encode_basestring", None)
     if make is None or basestring is None:
         return None
 
+    def new() -> Any:
+        return make({}, _ENCODER.default, basestring, None, ":", ",", False, False, True)
+
+    local = threading.local()
+
     def encode(value: Any) -> str:
-        chunks = make({}, _ENCODER.default, basestring, None, ":", ",", False, False, True)(
-            value, 0
-        )
-        return "".join(chunks)
+        encoder = getattr(local, "encoder", None)
+        if encoder is None:
+            encoder = local.encoder = new()
+        try:
+            return "".join(encoder(value, 0))
+        except BaseException:
+            local.encoder = new()
+            raise
 
     return encode
 

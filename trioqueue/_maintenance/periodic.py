@@ -190,8 +190,8 @@ class PeriodicEnqueuer:
                 plan.run_at.isoformat(),
             )
             return None
-        return attrs.evolve(
-            params, unique_key=run_unique_key(jid, plan.run_at), unique_states=ALL_STATES
+        return params._replace(
+            unique_key=run_unique_key(jid, plan.run_at), unique_states=ALL_STATES
         )
 
     async def _apply(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, final
+from typing import Any, NamedTuple, final
 
 import attrs
 import trio
@@ -28,10 +28,9 @@ __all__ = ["Completer", "CompleterStatistics", "Finished"]
 log = logging.getLogger("trioqueue.completer")
 
 
-@final
-@attrs.frozen
-class Finished:
-    """One finished run: the row update, the event it should produce, and how long it ran."""
+class Finished(NamedTuple):
+    """One finished run: the row update, the event it should produce, and how long it ran.
+    A NamedTuple: one is made per job (see `JobInsertParams`)."""
 
     outcome: JobOutcome
     event_kind: EventKind
