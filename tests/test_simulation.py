@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import attrs
 import psycopg
 import pytest
 import trio
@@ -248,8 +247,7 @@ async def _stale_outcome_is_not_written(d: Any) -> None:
         assert await d.job_set_state_if_running_many([lost], d.clock()) == []
         again = await client.job_get(job.id)
         assert again.state is tq.JobState.RUNNING and again.attempted_by == ["a", "b"]
-        done = attrs.evolve(
-            lost,
+        done = lost._replace(
             state=tq.JobState.COMPLETED,
             finalized_at=d.clock(),
             scheduled_at=None,
