@@ -577,6 +577,38 @@ async def outcomes_without_rows_come_back_as_ids(driver: Driver) -> None:
 
 
 @case
+async def completions_only_without_rows_change_only_their_own_runs(driver: Driver) -> None:
+    # A batch of nothing but plain completions (the common case, which the PostgreSQL
+    # driver writes with a statement of its own) follows the same rules as any batch.
+    done = await running_job(driver, metadata={"keep": 1})
+    any_run = await running_job(driver)
+    stale = await running_job(driver)
+    queued = await insert_one(driver)
+    cancel_asked = await running_job(driver)
+    await driver.job_cancel(cancel_asked[ID], at(5))
+    written = await driver.job_set_state_if_running_many(
+        [
+            outcome(done[ID], JobState.COMPLETED, finalized_at=at(10)),
+            outcome(any_run[ID], JobState.COMPLETED, finalized_at=at(11), attempted_at=None),
+            outcome(stale[ID], JobState.COMPLETED, finalized_at=at(10), attempted_at=at(-1)),
+            outcome(queued[ID], JobState.COMPLETED, finalized_at=at(10)),
+            outcome(cancel_asked[ID], JobState.COMPLETED, finalized_at=at(12)),
+        ],
+        at(12),
+        rows=False,
+    )
+    assert sorted(written) == sorted([(done[ID],), (any_run[ID],), (cancel_asked[ID],)])
+    row = await get(driver, done[ID])
+    assert (row[STATE], row[FINALIZED_AT], row[METADATA]) == ("completed", at(10), {"keep": 1})
+    assert (row[ATTEMPT], row[ERRORS], row[SCHEDULED_AT]) == (1, [], done[SCHEDULED_AT])
+    assert (await get(driver, any_run[ID]))[FINALIZED_AT] == at(11)
+    # A job that finished even though its cancellation was asked for stays completed.
+    assert (await get(driver, cancel_asked[ID]))[STATE] == "completed"
+    assert (await get(driver, stale[ID]))[STATE] == "running"
+    assert (await get(driver, queued[ID]))[STATE] == "available"
+
+
+@case
 async def outcome_records_errors_metadata_and_schedule(driver: Driver) -> None:
     job = await running_job(driver, metadata={"a": 1, "b": 1})
     error = {"at": "2026-01-01T00:00:01+00:00", "attempt": 1, "error": "boom", "trace": "tb"}

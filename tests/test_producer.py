@@ -88,6 +88,47 @@ async def test_prepared_statements_can_be_turned_off(database_url: str) -> None:
             assert counts and sum(counts) == 0
 
 
+async def test_plain_completions_are_written_with_the_short_statement(database_url: str) -> None:
+    # With nobody subscribed, a batch of plain completions is written by a statement
+    # without the general one's CASEs (the server's share of the common case).
+    from trioqueue.driver.postgres.queries import QUERIES
+
+    workers = tq.Workers()
+    done = trio.Event()
+    ran = 0
+
+    async def ping(job: tq.Job[PingArgs]) -> None:
+        nonlocal ran
+        ran += 1
+        if ran == 20:
+            done.set()
+
+    workers.add(PingArgs, ping)
+    async with tq.open_client(database_url) as inserter:
+        await inserter.insert_many([PingArgs(n) for n in range(20)])
+    async with tq.open_client(
+        database_url,
+        workers=workers,
+        queues={"default": tq.QueueConfig(max_workers=20)},
+        fetch_cooldown=0.01,
+    ) as client:
+        with trio.fail_after(10):
+            await done.wait()
+        await client.stop()
+        pool = client.driver.pool  # type: ignore[attr-defined]
+        statements = [
+            str(row[0])
+            for conn in pool._idle
+            for row in await conn.fetch("SELECT statement FROM pg_prepared_statements")
+        ]
+        async with client.transaction() as tx:
+            row = await tx.fetchrow("SELECT count(*) FROM tq_job WHERE state = 'completed'")
+    assert row is not None and row[0] == 20
+    prepared = [s.strip() for s in statements]
+    assert QUERIES["job_complete_many_ids"].strip() in prepared
+    assert QUERIES["job_set_state_if_running_many_ids"].strip() not in prepared
+
+
 @attrs.define
 class SlowFetches:
     """Every fetch takes longer than the fetch cooldown."""

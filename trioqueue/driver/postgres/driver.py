@@ -62,6 +62,17 @@ def _insert_arrays(params: Sequence[JobInsertParams]) -> list[Any]:
     ]
 
 
+def _plain_completion(o: JobOutcome) -> bool:
+    """A completed outcome that changes nothing but the state and finalized_at."""
+    return (
+        o.state is JobState.COMPLETED
+        and o.error_json is None
+        and o.metadata_json is None
+        and o.scheduled_at is None
+        and not o.give_back_attempt
+    )
+
+
 def _copy_text(value: str) -> str:
     """Escape a value for COPY's text format. Our values never hold raw tabs, newlines or
     carriage returns (JSON escapes them; names and tags are validated), only backslashes."""
@@ -271,6 +282,17 @@ class PostgresDriver:
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:
+        if not rows and all(_plain_completion(o) for o in outcomes):
+            return await self._fetch(
+                "writing job outcomes",
+                "job_complete_many_ids",
+                [
+                    int8_array([o.id for o in outcomes]),
+                    timestamptz_array([o.finalized_at for o in outcomes]),
+                    timestamptz_array([o.attempted_at for o in outcomes]),
+                ],
+                None,
+            )
         args = [
             int8_array([o.id for o in outcomes]),
             text_array([o.state.value for o in outcomes]),

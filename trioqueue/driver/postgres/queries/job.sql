@@ -154,6 +154,20 @@ RETURNING j.id, j.kind, NULL::jsonb, j.queue, j.state::text, j.priority, j.attem
           j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
           j.errors, j.metadata, j.tags;
 
+-- name: job_complete_many_ids
+-- The usual batch: every outcome `completed` and nothing else to change, nobody reading the
+-- rows back. job_set_state_if_running_many would do the same (its CASEs change nothing
+-- for a completed job), at about a sixth more server time per row.
+UPDATE tq_job j
+SET state = 'completed',
+    finalized_at = i.finalized_at
+FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[])
+     AS i(id, finalized_at, attempted_at)
+WHERE j.id = i.id
+  AND j.state = 'running'
+  AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
+RETURNING j.id;
+
 -- name: job_get
 SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
        attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
