@@ -261,6 +261,18 @@ async def test_more_bad_options(client: tq.Client, make: Any, field: str) -> Non
     assert field in str(info.value)
 
 
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "5", True])
+def test_bad_worker_timeout_is_refused_when_registered(timeout: Any) -> None:
+    # NaN passed the old `timeout <= 0` check and then broke the worker task at the job's
+    # start (trio refuses a NaN deadline).
+    with pytest.raises(tq.ValidationError, match="timeout"):
+        tq.Workers().add(SortArgs, _noop_sort, timeout=timeout)
+
+
+async def _noop_sort(job: tq.Job[SortArgs]) -> None:
+    pass
+
+
 async def test_unserialisable_args_write_nothing(client: tq.Client) -> None:
     with trio.fail_after(30):
         with pytest.raises(tq.ValidationError, match="args"):

@@ -61,7 +61,8 @@ class WorkerEntry(Generic[A]):
 def _check_timeout(timeout: object) -> None:
     if timeout is DEFAULT_TIMEOUT or timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+    # ``not timeout > 0`` also refuses NaN, which trio would refuse as a deadline later.
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ValidationError("timeout", "must be a positive number of seconds or None")
 
 
