@@ -1,5 +1,6 @@
 """The producer: one per queue. Fetches as many jobs as it has free slots and runs them on
-a pool of worker tasks, each job in a cancel scope of its own.
+a pool of worker tasks, each running its jobs through `Executor.run` (in a cancel scope
+shared with the jobs it ran before, until a cancel uses it up).
 
 Fetches happen when woken (an insert notification, a freed slot after a full fetch, a
 resume), at least every ``fetch_poll_interval``, and — while the queue is busy — at most

@@ -638,9 +638,9 @@ class MemoryDriver:
 
     Differences from PostgreSQL, on purpose:
 
-    - Rows that PostgreSQL returns in no particular order (``job_get_available``, outcome and
-      rescue batches, ``queue_pause("*")``) come back in a fixed order: claim order, input
-      order, queue creation order.
+    - Rows that PostgreSQL returns in no particular order (outcome and rescue batches,
+      ``queue_pause("*")``) come back in a fixed order: input order, queue creation order.
+      (``job_get_available`` returns claim order on both.)
     - A task that would wait for a row lock held by a transaction that the same task has
       open (a hang in PostgreSQL) gets ``DatabaseError`` instead.
     - ``job_schedule`` waits for another transaction's uncommitted unique key and then
