@@ -38,6 +38,15 @@ def _returning_id(sql: str) -> str:
 QUERIES = _load()
 
 
+def _newest_first(sql: str) -> str:
+    """job_list newest first: the cursor ($7) pages on to smaller ids."""
+    after = "($7::bigint IS NULL OR id > $7::bigint)"
+    if after not in sql or not sql.endswith("ORDER BY id\nLIMIT $8"):
+        raise RuntimeError("job_list changed: update _newest_first")
+    sql = sql.replace(after, "($7::bigint IS NULL OR id < $7::bigint)")
+    return sql.removesuffix("ORDER BY id\nLIMIT $8") + "ORDER BY id DESC\nLIMIT $8"
+
+
 def _live_states_variant(sql: str) -> str:
     """``sql`` (job_list or job_list_desc) for a list of live states only: it sorts by
     ``id + 0``, which the primary key cannot serve, so the planner takes those states'
@@ -53,6 +62,7 @@ def _live_states_variant(sql: str) -> str:
     )
 
 
+QUERIES["job_list_desc"] = _newest_first(QUERIES["job_list"])
 for _name in ("job_list", "job_list_desc"):
     QUERIES[f"{_name}_live"] = _live_states_variant(QUERIES[_name])
 # Writing outcomes when no subscriber wants the jobs back: the same statement, id only.

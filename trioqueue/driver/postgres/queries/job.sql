@@ -192,22 +192,6 @@ WHERE ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
 ORDER BY id
 LIMIT $8;
 
--- name: job_list_desc
--- job_list newest first: the cursor $7 pages on to smaller ids.
-SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
-FROM tq_job
-WHERE ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
-  AND ($2::text[] IS NULL OR kind = ANY($2::text[]))
-  AND ($3::text[] IS NULL OR queue = ANY($3::text[]))
-  AND ($4::text[] IS NULL OR state = ANY($4::text[]::tq_job_state[]))
-  AND ($5::smallint[] IS NULL OR priority = ANY($5::smallint[]))
-  AND ($6::text[] IS NULL OR tags @> $6::text[]::varchar(255)[])
-  AND ($7::bigint IS NULL OR id < $7::bigint)
-  AND ($9::bigint IS NULL OR id > (SELECT max(id) FROM tq_job) - $9::bigint)
-ORDER BY id DESC
-LIMIT $8;
-
 -- name: job_cancel
 -- Queued jobs are cancelled at once; a running job is marked so that its owner cancels it
 -- (the caller then sends a control notification); finalized jobs are left as they are.
