@@ -64,12 +64,16 @@ def _job(n: int, kind: str = "step") -> tq.Job[Any]:
 
 
 async def _run(
-    workers: tq.Workers, jobs: list[tq.Job[Any]], **config: Any
+    workers: tq.Workers,
+    jobs: list[tq.Job[Any]],
+    handles: list[JobHandle] | None = None,
+    **config: Any,
 ) -> tuple[list[Finished], list[JobHandle]]:
-    """Run ``jobs`` on one worker task, as a producer's worker runs what it has queued."""
+    """Run ``jobs`` on one worker task, as a producer's worker runs what it has queued
+    (with these ``handles``, or new ones)."""
     completer = _Completer()
     executor = Executor(workers, ClientConfig(**config), completer, lambda: NOW)  # type: ignore[arg-type]
-    handles = [JobHandle() for _ in jobs]
+    handles = handles if handles is not None else [JobHandle() for _ in jobs]
     queue = list(zip(jobs, handles, strict=True))
     ended: list[int] = []
 
@@ -168,7 +172,7 @@ async def test_a_job_that_swallows_its_cancel_completes_and_the_next_runs_normal
 async def test_a_cancel_for_a_finished_job_does_not_reach_the_next(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    handles: list[JobHandle] = []
+    handles = [JobHandle(), JobHandle()]
 
     async def step(job: tq.Job[Step]) -> None:
         if job.args.n == 1:
@@ -177,12 +181,8 @@ async def test_a_cancel_for_a_finished_job_does_not_reach_the_next(
 
     workers = tq.Workers()
     workers.add(Step, step)
-    completer = _Completer()
-    executor = Executor(workers, ClientConfig(), completer, lambda: NOW)  # type: ignore[arg-type]
-    queue = [(_job(0), JobHandle()), (_job(1), JobHandle())]
-    handles.extend(h for _, h in queue)
-    await executor.run(lambda: queue.pop(0) if queue else None, lambda job, _: None)
-    assert _kinds(completer.outcomes) == [EventKind.JOB_COMPLETED, EventKind.JOB_COMPLETED]
+    outcomes, _ = await _run(workers, [_job(0), _job(1)], handles)
+    assert _kinds(outcomes) == [EventKind.JOB_COMPLETED, EventKind.JOB_COMPLETED]
 
 
 async def test_a_cancel_requested_before_the_job_starts_cancels_it_at_its_first_checkpoint(
@@ -193,14 +193,11 @@ async def test_a_cancel_requested_before_the_job_starts_cancels_it_at_its_first_
 
     workers = tq.Workers()
     workers.add(Step, step)
-    completer = _Completer()
-    executor = Executor(workers, ClientConfig(), completer, lambda: NOW)  # type: ignore[arg-type]
     first = JobHandle()
     first.cancel_remotely()
-    queue = [(_job(0), first), (_job(1), JobHandle())]
-    await executor.run(lambda: queue.pop(0) if queue else None, lambda job, _: None)
-    assert _kinds(completer.outcomes) == [EventKind.JOB_CANCELLED, EventKind.JOB_COMPLETED]
-    assert "JobCancelledRemotelyError" in (completer.outcomes[0].outcome.error_json or "")
+    outcomes, _ = await _run(workers, [_job(0), _job(1)], [first, JobHandle()])
+    assert _kinds(outcomes) == [EventKind.JOB_CANCELLED, EventKind.JOB_COMPLETED]
+    assert "JobCancelledRemotelyError" in (outcomes[0].outcome.error_json or "")
 
 
 @pytest.mark.parametrize("where", ["error_handler", "work_end"])

@@ -49,10 +49,11 @@ async def test_job_whose_notification_was_rate_limited_still_runs_soon(database_
     assert started == [1, 2]
 
 
-async def _prepared_counts(client: tq.Client) -> list[int]:
+async def _prepared(client: tq.Client) -> list[list[str]]:
+    """The statements prepared on each idle connection of the client's pool."""
     pool = client.driver.pool  # type: ignore[attr-defined]
     return [
-        int(await conn.fetchval("SELECT count(*) FROM pg_prepared_statements"))
+        [str(row[0]) for row in await conn.fetch("SELECT statement FROM pg_prepared_statements")]
         for conn in pool._idle
     ]
 
@@ -81,7 +82,7 @@ async def test_prepared_statements_can_be_turned_off(database_url: str) -> None:
                     for _ in range(5):
                         await events.receive()
             await client.stop()
-            counts = await _prepared_counts(client)
+            counts = [len(statements) for statements in await _prepared(client)]
         if prepared:
             assert sum(counts) > 0
         else:
@@ -115,16 +116,11 @@ async def test_plain_completions_are_written_with_the_short_statement(database_u
         with trio.fail_after(10):
             await done.wait()
         await client.stop()
-        pool = client.driver.pool  # type: ignore[attr-defined]
-        statements = [
-            str(row[0])
-            for conn in pool._idle
-            for row in await conn.fetch("SELECT statement FROM pg_prepared_statements")
-        ]
+        statements = await _prepared(client)
         async with client.transaction() as tx:
             row = await tx.fetchrow("SELECT count(*) FROM tq_job WHERE state = 'completed'")
     assert row is not None and row[0] == 20
-    prepared = [s.strip() for s in statements]
+    prepared = [s.strip() for on_one in statements for s in on_one]
     assert QUERIES["job_complete_many_ids"].strip() in prepared
     assert QUERIES["job_set_state_if_running_many_ids"].strip() not in prepared
 
