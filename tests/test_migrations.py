@@ -249,3 +249,79 @@ def test_migrate_from_a_plain_script(empty_database_url: str) -> None:
     )
     assert first.stdout.strip() == str(ALL)
     assert second.stdout.strip() == "[]"
+
+
+async def _job_indexes(url: str) -> dict[str, str]:
+    async with _connect(url) as conn:
+        rows = await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'tq_job'"
+        )
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+async def test_migration_3_keeps_only_indexes_that_earn_their_writes(
+    empty_database_url: str,
+) -> None:
+    # Every index entry costs server time on each state change of each job: version 3
+    # drops the kind index and keeps the fetch index to live jobs; down restores both.
+    url = empty_database_url
+    with trio.fail_after(30):
+        await tq.migrate(url, target_version=2)
+        before = await _job_indexes(url)
+        assert "tq_job_kind_idx" in before
+        assert "WHERE" not in before["tq_job_fetch_idx"]
+
+        await tq.migrate(url)
+        after = await _job_indexes(url)
+        assert "tq_job_kind_idx" not in after
+        fetch_idx = after["tq_job_fetch_idx"]
+        assert "(state, queue, priority, scheduled_at, id)" in fetch_idx
+        for state in ("available", "pending", "retryable", "running", "scheduled"):
+            assert f"'{state}'" in fetch_idx
+        for state in ("cancelled", "completed", "discarded"):
+            assert f"'{state}'" not in fetch_idx
+        await _client_works(url)
+
+        assert await tq.migrate(url, direction="down", target_version=2) == [3]
+        assert await _job_indexes(url) == before
+
+
+# Every statement that reads live jobs by state, with literal arguments for its parameters
+# (None: the statement has none).
+_LIVE_STATE_READERS: dict[str, str | None] = {
+    "job_get_available": "'q', now(), 10, 'client-1'",
+    "job_schedule": "now(), 100, now()",
+    "job_get_stuck": "now(), 100, 0",
+    "job_count_live": None,
+    "queue_list": None,
+    "job_list_live": "NULL, NULL, NULL, '{available,running}', NULL, NULL, NULL, 51, NULL",
+    "job_list_desc_live": "NULL, NULL, NULL, '{running}', NULL, NULL, NULL, 51, NULL",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LIVE_STATE_READERS))
+async def test_live_state_readers_can_use_the_partial_fetch_index(
+    database_url: str, name: str
+) -> None:
+    # A partial index serves a query only when the query's own conditions imply the
+    # index's predicate, and a prepared statement runs a generic plan, which knows no
+    # parameter values. So each of these must name its states in the SQL itself.
+    from trioqueue.driver.postgres.queries import QUERIES
+
+    args = _LIVE_STATE_READERS[name]
+    with trio.fail_after(30):
+        async with _connect(database_url) as conn:
+            await conn.execute(
+                "INSERT INTO tq_job (state, max_attempts, finalized_at, args, kind)"
+                " SELECT 'completed', 1, now(), '{}', 'k' FROM generate_series(1, 2000)"
+            )
+            await conn.execute("ANALYZE tq_job")
+            await conn.execute("SET enable_seqscan = off")
+            if args is None:
+                plan = await conn.fetch("EXPLAIN " + QUERIES[name])
+            else:
+                await conn.execute("SET plan_cache_mode = force_generic_plan")
+                await conn.execute("PREPARE under_test AS " + QUERIES[name])
+                plan = await conn.fetch(f"EXPLAIN EXECUTE under_test({args})")
+    text = "\n".join(str(r[0]) for r in plan)
+    assert "tq_job_fetch_idx" in text, text

@@ -47,19 +47,25 @@ def _newest_first(sql: str) -> str:
     return sql.removesuffix("ORDER BY id\nLIMIT $8") + "ORDER BY id DESC\nLIMIT $8"
 
 
+# The predicate of tq_job_fetch_idx (migration 3), as SQL.
+_LIVE_STATES = "'available', 'pending', 'retryable', 'running', 'scheduled'"
+
+
 def _live_states_variant(sql: str) -> str:
     """``sql`` (job_list or job_list_desc) for a list of live states only: it sorts by
     ``id + 0``, which the primary key cannot serve, so the planner takes those states'
     entries from tq_job_fetch_idx and sorts them (as many as the backlog) instead of
     walking the primary key through finalized jobs until it has a page; and the states
     ($4, never NULL here) are compared as an enum array the planner can estimate, which a
-    text array cast to the enum is not (that made it pick a sequential scan)."""
+    text array cast to the enum is not (that made it pick a sequential scan). The live
+    states are also spelled out: the fetch index holds live jobs only (migration 3), and
+    the planner uses a partial index only when the query's own conditions imply its
+    predicate, which ``$4`` alone does not in a generic plan."""
     state_filter = "($4::text[] IS NULL OR state = ANY($4::text[]::tq_job_state[]))"
     if state_filter not in sql or "ORDER BY id" not in sql:
         raise RuntimeError("job_list changed: update _live_states_variant")
-    return sql.replace(state_filter, "state = ANY($4::tq_job_state[])").replace(
-        "ORDER BY id", "ORDER BY id + 0"
-    )
+    live = "state = ANY($4::tq_job_state[])\n  AND state IN (" + _LIVE_STATES + ")"
+    return sql.replace(state_filter, live).replace("ORDER BY id", "ORDER BY id + 0")
 
 
 QUERIES["job_list_desc"] = _newest_first(QUERIES["job_list"])
