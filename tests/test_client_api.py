@@ -390,6 +390,73 @@ async def test_insert_many_fast(client: tq.Client) -> None:
     assert [(j.kind, j.args) for j in others] == [("email", {"to": "x@y"})]
 
 
+@attrs.frozen
+class OwnOptsArgs:
+    """Args whose every job picks its own opts."""
+
+    kind: ClassVar[str] = "own_opts"
+    n: int
+
+    def insert_opts(self) -> tq.InsertOpts:
+        return tq.InsertOpts(queue=f"own{self.n % 3}", priority=1 + self.n % 4)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_batch_jobs_sharing_opts_keep_their_own_fields(client: tq.Client, fast: bool) -> None:
+    # A batch works out a job's fields once per args type and opts object and reuses them
+    # (and COPY reuses the previous row's formatted columns): whatever differs per job
+    # must still differ, and whatever comes from the opts must follow each job's opts.
+    later = datetime.now(UTC) + timedelta(hours=1)
+    shared = tq.InsertOpts(queue="shared", tags=["t-1", "t_2"], metadata={"m": "a\\b"})
+    unique = tq.InsertOpts(queue="uniq", unique=tq.UniqueOpts(by_args=True))
+    items: list[Any] = []
+    for i in range(40):
+        items.append((SortArgs([str(i)]), shared))
+        items.append((EmailArgs(f"{i}@x"), shared))  # the same opts object, another kind
+        items.append(OwnOptsArgs(i))  # opts of each job's own
+        items.append((SortArgs([f"u{i}"]), unique))  # a unique key of each job's own
+        items.append((SortArgs([f"s{i}"]), tq.InsertOpts(scheduled_at=later, max_attempts=3)))
+        items.append(SortArgs([f"d{i}\\"]))  # default opts
+    with trio.fail_after(30):
+        if fast:
+            assert await client.insert_many_fast(items) == len(items)
+        else:
+            await client.insert_many(items)
+        jobs = await _all_jobs(client)
+    assert len(jobs) == len(items)
+    seen: set[str] = set()
+    for job in jobs:
+        fields = (job.kind, job.queue, job.priority, job.tags, job.metadata, job.max_attempts)
+        if job.kind == "own_opts":
+            n = job.args["n"]
+            assert fields == ("own_opts", f"own{n % 3}", 1 + n % 4, [], {}, 25)
+            key = f"own{n}"
+        elif job.kind == "email":
+            assert fields == ("email", "shared", 1, ["t-1", "t_2"], {"m": "a\\b"}, 25)
+            key = job.args["to"]
+        else:
+            key = job.args["strings"][0]
+            if key.startswith("u"):
+                assert fields == ("sort", "uniq", 1, [], {}, 25)
+            elif key.startswith("s"):
+                assert fields == ("sort", "default", 1, [], {}, 3)
+                assert job.state is tq.JobState.SCHEDULED
+                assert abs((job.scheduled_at - later).total_seconds()) < 1e-3
+            elif key.startswith("d"):
+                assert key.endswith("\\")
+                assert fields == ("sort", "default", 1, [], {}, 25)
+            else:
+                assert fields == ("sort", "shared", 1, ["t-1", "t_2"], {"m": "a\\b"}, 25)
+        assert job.state is tq.JobState.SCHEDULED or not key.startswith("s")
+        seen.add(key)
+    assert len(seen) == len(items)
+    # Each unique job got its own key: the same args again are duplicates, one by one.
+    for i in (0, 39):
+        again = await client.insert(SortArgs([f"u{i}"]), unique)
+        assert again.unique_skipped_as_duplicate
+        assert again.job.args == {"strings": [f"u{i}"]}
+
+
 async def test_insert_many_fast_validates_before_writing(typed_client: tq.Client) -> None:
     with trio.fail_after(30):
         with pytest.raises(tq.UnknownJobKindError):

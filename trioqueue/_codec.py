@@ -89,22 +89,33 @@ def _attrs_dict(args: Any) -> dict[str, Any]:
     return data
 
 
+def _converter(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
+    """How to turn an instance of ``cls`` into its JSON object; ValidationError if no way."""
+    if attrs.has(cls):
+        return _attrs_dict
+    if dataclasses.is_dataclass(cls):
+        return dataclasses.asdict
+    if issubclass(cls, Mapping):
+        return dict
+    raise ValidationError(
+        "args", f"{cls.__name__} must be an attrs class, a dataclass or a mapping"
+    )
+
+
+# Per args type: deciding the kind of class takes longer than converting a small one.
+_converters: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
+
+
 def args_to_dict(args: object) -> dict[str, Any]:
     """The JSON object for an args value: attrs and dataclass instances, or a mapping.
 
-    Raises ValidationError when the args are not JSON-serialisable.
+    Raises ValidationError when the args are none of these.
     """
-    if attrs.has(type(args)):
-        data = _attrs_dict(args)
-    elif dataclasses.is_dataclass(args) and not isinstance(args, type):
-        data = dataclasses.asdict(args)
-    elif isinstance(args, Mapping):
-        data = dict(args)
-    else:
-        raise ValidationError(
-            "args", f"{type(args).__name__} must be an attrs class, a dataclass or a mapping"
-        )
-    return data
+    cls = type(args)
+    convert = _converters.get(cls)
+    if convert is None:
+        convert = _converters[cls] = _converter(cls)
+    return convert(args)
 
 
 def encode_args(args: object) -> str:
