@@ -403,13 +403,30 @@ class Client:
 
         Raises ValidationError (nothing written) for bad input; DatabaseError on failure.
         """
-        return (await self._insert_many([(args, opts)], None))[0]
+        return await self._insert_one(args, opts, None)
 
     async def insert_tx(
         self, tx: Transaction, args: Any, opts: InsertOpts | None = None
     ) -> JobInsertResult[Any]:
         """Insert one job inside ``tx``: it exists only if ``tx`` commits."""
-        return (await self._insert_many([(args, opts)], tx))[0]
+        return await self._insert_one(args, opts, tx)
+
+    async def _insert_one(
+        self, args: Any, opts: InsertOpts | None, tx: Transaction | None
+    ) -> JobInsertResult[Any]:
+        """``_insert_many`` of one job, without a batch's bookkeeping."""
+        if self._insert_layers or self._insert_begins:
+            return (await self._insert_many([(args, opts)], tx))[0]
+        now = self._now()
+        params = [self._params((args, opts), now)]
+        rows = await self._driver.job_insert_many(
+            params,
+            self._notify_queues(params),
+            now,
+            ex=tx.connection if tx is not None else None,
+        )
+        row, skipped = rows[0]
+        return JobInsertResult(self._job(row), skipped)
 
     async def insert_many(self, jobs: Sequence[InsertItem]) -> list[JobInsertResult[Any]]:
         """Insert a batch in one statement; results are in input order."""

@@ -120,7 +120,12 @@ def _bytes_array(cls: type[BinaryArray], elem_oid: int, values: Sequence[bytes |
 
 def text_array(values: Sequence[str | None]) -> bytes:
     """``text[]``; ``None`` elements are NULL."""
+    if not values:
+        return _EMPTY_TEXT_ARRAY  # most jobs' tags
     return _bytes_array(_TextArray, 25, [None if v is None else v.encode() for v in values])
+
+
+_EMPTY_TEXT_ARRAY: Final = _array(_TextArray, 25, 0, False, b"")
 
 
 def timestamptz_array(values: Iterable[datetime | None]) -> bytes:
