@@ -3,9 +3,10 @@ transactions, unique jobs, managing jobs, pausing queues and the schema check.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import enum
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import attrs
 import pytest
@@ -455,6 +456,65 @@ async def test_batch_jobs_sharing_opts_keep_their_own_fields(client: tq.Client, 
         again = await client.insert(SortArgs([f"u{i}"]), unique)
         assert again.unique_skipped_as_duplicate
         assert again.job.args == {"strings": [f"u{i}"]}
+
+
+class _OptsMadeOnRead(Sequence[Any]):
+    """A batch that builds each job's opts anew every time an item is read."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Any]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        i %= self._n
+        return (SortArgs([str(i)]), tq.InsertOpts(queue=f"q{i}", priority=1 + i % 4))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_batch_whose_opts_are_made_on_read_keeps_each_jobs_opts(
+    client: tq.Client, fast: bool
+) -> None:
+    # Each item's opts object is freed once read, so a later one may get its address:
+    # fields shared by opts object identity must not go to that later job.
+    with trio.fail_after(30):
+        if fast:
+            assert await client.insert_many_fast(_OptsMadeOnRead(12)) == 12
+        else:
+            await client.insert_many(_OptsMadeOnRead(12))
+        jobs = await _all_jobs(client)
+    got = sorted((int(j.args["strings"][0]), j.queue, j.priority) for j in jobs)
+    assert got == [(i, f"q{i}", 1 + i % 4) for i in range(12)]
+
+
+class _Level(int, enum.Enum):
+    """An int enum whose str() is its name, not its value."""
+
+    HIGH = 2
+    TRIES = 5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_int_enum_priority_and_max_attempts_are_stored_as_numbers(
+    client: tq.Client, fast: bool
+) -> None:
+    opts = tq.InsertOpts(priority=_Level.HIGH, max_attempts=_Level.TRIES)
+    with trio.fail_after(30):
+        if fast:
+            assert await client.insert_many_fast([(SortArgs(["e"]), opts)]) == 1
+        else:
+            await client.insert_many([(SortArgs(["e"]), opts)])
+        (job,) = await _all_jobs(client)
+    assert (job.priority, job.max_attempts) == (2, 5)
 
 
 async def test_insert_many_fast_validates_before_writing(typed_client: tq.Client) -> None:

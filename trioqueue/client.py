@@ -283,7 +283,9 @@ class Client:
         args: the other fields depend on nothing else, unless a unique key (it may hash
         the args) or the args type's own ``insert_opts`` is involved, which are never
         shared. Saves most of the per-job work of a big batch."""
-        shared: dict[tuple[type[Any], int], tuple[Any, ...]] = {}
+        # Keyed by id(opts), holding opts itself: a sequence may build its items as they
+        # are read, and an id is only unique while its object lives.
+        shared: dict[tuple[type[Any], int], tuple[object, tuple[Any, ...]]] = {}
         make = JobInsertParams._make
         for item in items:
             if isinstance(item, tuple):
@@ -294,13 +296,13 @@ class Client:
             else:
                 args, opts = item, None
             key = (type(args), id(opts))
-            rest = shared.get(key)
-            if rest is not None:
-                yield make((encode_args(args), *rest))
+            entry = shared.get(key)
+            if entry is not None and entry[0] is opts:
+                yield make((encode_args(args), *entry[1]))
                 continue
             p = self._params(item, now)
             if p.unique_key is None and (opts is not None or not self._own_opts[key[0]]):
-                shared[key] = p[1:]
+                shared[key] = (opts, p[1:])
             yield p
 
     @staticmethod

@@ -111,9 +111,9 @@ def _copy_text_chunks(params: Iterable[JobInsertParams], now: datetime) -> Itera
             tail = "\t" + "\t".join(
                 (
                     p.kind,
-                    str(p.max_attempts),
+                    str(int(p.max_attempts)),  # int(): an int enum's str() is its name
                     _copy_text(p.metadata_json),
-                    str(p.priority),
+                    str(int(p.priority)),
                     p.queue,
                     created if p.scheduled_at is now else p.scheduled_at.isoformat(),
                     p.state.value,
