@@ -1,4 +1,5 @@
-"""Runs one job in its own cancel scope and decides what its outcome does to the row."""
+"""Runs jobs in cancel scopes shared by the jobs run back to back (lanes) and decides what
+each outcome does to the row."""
 
 from __future__ import annotations
 

@@ -123,8 +123,7 @@ def _copy_text_chunks(params: Iterable[JobInsertParams], now: datetime) -> Itera
                     created,
                 )
             )
-        args = p.args_json
-        lines.append((args.replace("\\", "\\\\") if "\\" in args else args) + tail)
+        lines.append(_copy_text(p.args_json) + tail)
         if len(lines) >= _COPY_CHUNK_ROWS:
             yield ("\n".join(lines) + "\n").encode()
             lines = []
