@@ -22,6 +22,8 @@ __all__ = [
     "JobListResult",
     "JobState",
     "UniqueOpts",
+    "check_bigint",
+    "parse_bigint",
     "validate_kind",
     "validate_queue_name",
 ]
@@ -30,6 +32,9 @@ T = TypeVar("T")
 
 MAX_PRIORITY = 4
 MAX_LIST_LIMIT = 10_000
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+"""The range of PostgreSQL's ``bigint``: job ids, cursors and counts must fit in it."""
 
 _QUEUE_RE = re.compile(r"^[a-z0-9]+(?:[_\-]?[a-z0-9]+)*$")
 _TAG_RE = re.compile(r"^\w[\w\-]*\w$")
@@ -107,6 +112,22 @@ def validate_kind(kind: object) -> str:
             f"job kind {kind!r} must be 1-128 characters: letters, digits, _ and - [ ] < > / . : +",
         )
     return kind
+
+
+def check_bigint(field: str, value: object) -> int:
+    """Return ``value`` if it is an ``int`` (not a bool) that a PostgreSQL ``bigint`` can
+    hold, such as a job id or a cursor; else raise ValidationError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
+        raise ValidationError(field, f"must be an integer from {INT64_MIN} to {INT64_MAX}")
+    return value
+
+
+def parse_bigint(field: str, text: str) -> int:
+    """A non-negative ``bigint`` from text of ASCII digits only (``"²"`` and ``"-1"`` are
+    refused, as is a number past ``INT64_MAX``); ValidationError naming ``field`` else."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > INT64_MAX:
+        raise ValidationError(field, f"{text!r} is not a whole number from 0 to {INT64_MAX}")
+    return int(text)
 
 
 def _check_priority(field: str, value: object) -> None:
