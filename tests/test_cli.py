@@ -19,6 +19,7 @@ import pytest
 import trio
 
 import trioqueue as tq
+from trioqueue._cli import common
 from trioqueue.cli import main
 from trioqueue.embedded import DATABASE_URL_ENV
 
@@ -338,6 +339,68 @@ def test_unreachable_database_in_every_command(capsys: pytest.CaptureFixture[str
 
 UNUSED_URL = "postgresql://unused@127.0.0.1:1/none"
 """Usage errors are found before any connection is made."""
+
+
+@pytest.mark.parametrize("bad", ["9999999999999999999", "9223372036854775808", "-1", "²",
+                                 "\uff19", "1_0", " 1", "0x1", "0"])  # fmt: skip
+def test_job_ids_must_be_digits_within_bigint(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for action in ("get", "cancel", "retry", "delete"):
+        code, _, err = cli(capsys, "jobs", action, "--database-url", UNUSED_URL, "--", bad)
+        assert code == 2, (action, err)
+        assert "Invalid value for 'ID'" in err and "Traceback" not in err
+    if bad != "0":  # 0 is a fine cursor
+        code, _, err = cli(capsys, "jobs", "list", "--after", bad, "--database-url", UNUSED_URL)
+        assert code == 2 and "Invalid value for '--after'" in err, err
+
+
+def test_closed_output_pipe_ends_quietly(database_url: str) -> None:
+    """`trioqueue jobs list | head -1`: once the reader has gone, the command ends with 0 and
+    says nothing (no "Broken pipe" error, no message from the interpreter's last flush)."""
+    [job_id] = insert(database_url, Quick(1))
+    for args in (
+        ("jobs", "list"),
+        ("jobs", "list", "--json"),
+        ("jobs", "get", str(job_id)),
+        ("jobs", "retry", str(job_id)),
+        ("queues", "list"),
+        ("queues", "pause", "default"),
+        ("migrate", "list"),
+        ("jobs", "list", "--help"),  # click's own output
+    ):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before the first write
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "trioqueue.cli", *args, "--database-url", database_url],
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            os.close(write)
+        assert (result.returncode, result.stderr) == (0, ""), args
+
+
+def test_ctrl_c_anywhere_is_exit_130(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def interrupted_in_a_nursery() -> None:
+        async def child() -> None:
+            raise KeyboardInterrupt
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+
+    assert common.run_trio(interrupted_in_a_nursery) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+    def interrupted_import(spec: str) -> tq.Workers:
+        raise KeyboardInterrupt  # Ctrl-C while the worker module is imported
+
+    monkeypatch.setattr(sys.modules["trioqueue._cli.worker"], "load_workers", interrupted_import)
+    code, _, err = cli(capsys, "worker", "app:workers", "--database-url", UNUSED_URL)
+    assert code == 130 and err.strip().endswith("interrupted"), err
 
 
 @pytest.mark.parametrize(

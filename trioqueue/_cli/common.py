@@ -4,11 +4,17 @@ Errors: a usage error (bad option, missing argument, no database URL where one i
 is click's :class:`click.UsageError`, exit code 2. A runtime error (database unreachable,
 schema not migrated, job not found, ...) is :class:`CliError`, shown as one line
 ``trioqueue COMMAND: error: MESSAGE`` on stderr, exit code 1. No tracebacks for either.
+
+Output: when the reader of stdout (or stderr) goes away, as ``trioqueue jobs list | head -1``
+does, the command ends quietly with exit code 0 (:class:`OutputClosed`, see ``run``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import IO, Any, TypeVarTuple, Unpack
@@ -18,10 +24,14 @@ import click
 import trio
 
 from ..embedded import DATABASE_URL_ENV, EmbeddedServerError, resolve_database_url
-from ..errors import TrioqueueError
+from ..errors import TrioqueueError, ValidationError
+from ..job import INT64_MAX, parse_bigint
 
 __all__ = [
+    "INTERRUPTED",
     "CliError",
+    "OutputClosed",
+    "JobIdType",
     "database_url_option",
     "dump_json",
     "format_time",
@@ -55,6 +65,76 @@ class CliError(click.ClickException):
         click.echo(
             f"{self.command_path}: error: {self.format_message()}", err=file is None, file=file
         )
+
+
+class OutputClosed(Exception):
+    """Writing stdout or stderr failed because the pipe's reader has gone: not an error of
+    the command, which ends quietly (see ``trioqueue._cli.run``)."""
+
+
+class JobIdType(click.ParamType[int]):
+    """A job id or cursor on the command line: ASCII digits from ``minimum`` to the largest
+    bigint (no sign, no ``²`` or fullwidth digits, no ``1_000``); else a usage error, exit 2."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value)  # click passes defaults through here too, as ints
+        try:
+            number = parse_bigint("id", text)
+        except ValidationError:
+            number = None
+        if number is None or number < self.minimum:
+            self.fail(
+                f"{text!r} is not a whole number from {self.minimum} to {INT64_MAX}", param, ctx
+            )
+        return number
+
+
+def output_closed() -> bool:
+    """Whether stdout or stderr is a pipe (or socket) whose reader has gone.
+
+    A write there fails with BrokenPipeError; this tells that failure apart from a broken
+    pipe anywhere else (which stays an error). Where ``poll`` is missing, assume so.
+    """
+    if not hasattr(select, "poll"):
+        return True
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            fd = stream.fileno() if stream is not None else -1
+        except (OSError, ValueError):
+            continue
+        if fd < 0:
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            return True
+    return False
+
+
+def silence_stdout() -> None:
+    """Point stdout's file descriptor at the null device, so that the interpreter's final
+    flush of whatever is still buffered does not fail again (Python's docs, "Note on
+    SIGPIPE")."""
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else -1
+    except (OSError, ValueError):
+        return
+    if fd >= 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions ``exc`` consists of, exception groups flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 _USER_ERRORS = (CliError, TrioqueueError, OSError, EmbeddedServerError)
@@ -103,17 +183,22 @@ def _user_errors(exc: BaseException) -> list[BaseException] | None:
 
 
 def run_trio(fn: Callable[[Unpack[Ts]], Awaitable[int | None]], *args: *Ts) -> int:
-    """``trio.run(fn, *args)``; returns its exit code (None counts as 0), 130 after Ctrl-C.
+    """``trio.run(fn, *args)``; returns its exit code (None counts as 0), 130 after Ctrl-C
+    (a KeyboardInterrupt alone or anywhere in an exception group, as a nursery leaves it).
 
-    Raises CliError for user errors (see ``_USER_ERRORS``), with one line per distinct
+    Raises OutputClosed when a BrokenPipeError came from stdout or stderr losing its
+    reader; CliError for user errors (see ``_USER_ERRORS``), with one line per distinct
     message.
     """
     try:
         result = trio.run(fn, *args)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return INTERRUPTED
     except BaseException as exc:
+        leaves = _leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            click.echo("interrupted", err=True)
+            return INTERRUPTED
+        if any(isinstance(e, BrokenPipeError) for e in leaves) and output_closed():
+            raise OutputClosed from None
         errors = _user_errors(exc)
         if errors is None:
             raise

@@ -15,6 +15,7 @@ import click
 from ..client import Client, open_client
 from ..job import MAX_LIST_LIMIT, Job, JobListParams, JobState
 from .common import (
+    JobIdType,
     database_url_option,
     dump_json,
     format_time,
@@ -27,7 +28,7 @@ from .queues import queue_names_option
 
 __all__ = ["jobs"]
 
-_JOB_ID = click.IntRange(min=1)
+_JOB_ID = JobIdType(minimum=1)
 
 
 @click.group()
@@ -71,7 +72,7 @@ async def _with_client(url: str, action: Callable[[Client], Awaitable[None]]) ->
 )
 @click.option(
     "--after",
-    type=click.IntRange(min=0),
+    type=JobIdType(minimum=0),
     default=None,
     metavar="ID",
     help="Only jobs with a higher id: the next page after a listing that ended at ID.",
