@@ -6,7 +6,8 @@ and Jinja2); ``import trioqueue`` never imports it. See docs/dashboard.md.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import trio
 
@@ -15,7 +16,10 @@ from ..errors import ValidationError
 from ._app import PAGE_SIZE, SCAN_NEWEST, build_app
 from ._security import loopback_hosts
 
-__all__ = ["PAGE_SIZE", "SCAN_NEWEST", "create_app", "serve"]
+__all__ = ["GRACEFUL_SECONDS", "PAGE_SIZE", "SCAN_NEWEST", "create_app", "serve"]
+
+GRACEFUL_SECONDS: Final = 3.0
+"""On a graceful stop, how long open requests get to finish before they are cancelled."""
 
 
 def create_app(
@@ -55,15 +59,22 @@ async def serve(
     read_only: bool = False,
     token: str | None = None,
     *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the dashboard on ``host:port`` until cancelled.
+    """Serve the dashboard on ``host:port`` until ``shutdown_trigger()`` returns, or until
+    cancelled.
 
     Opens an insert-only client on ``database_url`` (None: ``$TRIOQUEUE_DATABASE_URL``),
     builds the app and serves it with Hypercorn's trio worker. ``task_status.started()``
     is called, with the bound addresses (``http://HOST:PORT``), once it is listening;
-    ``port=0`` picks a free port. On cancellation the server stops accepting, open
-    requests are cancelled, and the client's connections are closed.
+    ``port=0`` picks a free port.
+
+    When ``shutdown_trigger()`` (an async function, such as ``event.wait``) returns: a
+    graceful stop. The server stops accepting, open requests get up to
+    ``GRACEFUL_SECONDS`` to finish before they are cancelled, the client's connections are
+    closed, and ``serve`` returns. On cancellation: the same without the grace, open
+    requests are cancelled at once.
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
@@ -81,4 +92,7 @@ async def serve(
         config.bind = [_bind(host, port)]
         config.accesslog = None
         config.errorlog = "-"
-        await hypercorn_serve(app, config, task_status=task_status)
+        config.graceful_timeout = GRACEFUL_SECONDS
+        await hypercorn_serve(
+            app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+        )
