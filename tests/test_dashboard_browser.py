@@ -128,8 +128,7 @@ def run_dashboard(database_url: str, log_path: Path, *options: str) -> Iterator[
         str(port),
         *options,
     ]
-    token = options[options.index("--token") + 1] if "--token" in options else None
-    health = f"{base}/healthz" + (f"?token={token}" if token else "")
+    health = f"{base}/healthz"  # needs no token
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -261,3 +260,20 @@ def test_token_is_required_and_kept_in_a_cookie(
             assert response.status in (401, 403), response.status
         finally:
             other.close()
+
+
+def test_a_token_of_any_characters_works_from_the_printed_address(
+    page: Page, database_url: str, tmp_path: Path
+) -> None:
+    token = 'a b;c"d=é&x#y+z%20'
+    log = tmp_path / "dashboard.log"
+    with run_dashboard(database_url, log, "--token", token) as base:
+        printed = re.search(r"^open (\S+)$", log.read_text(), re.MULTILINE)
+        assert printed, log.read_text()
+        assert printed.group(1).startswith(f"{base}/?token=")
+        accepted = page.goto(printed.group(1))
+        assert accepted is not None and accepted.ok, accepted
+        expect(page.locator("#state-counts")).to_be_visible()
+        assert "token" not in page.url
+        page.goto(f"{base}/queues")  # the cookie alone from now on
+        expect(page.locator("#auto-refresh")).to_have_count(1)

@@ -1,8 +1,14 @@
 """The dashboard's routes: server-rendered pages over the client API, and the actions.
 
 Every page reads through the :class:`~trioqueue.Client` it was given, with bounded work on
-any table size (docs/dashboard.md shows the plans). Actions are POSTs carrying a CSRF token;
-each answers with a redirect (303) to a page that shows what happened.
+any table size (docs/dashboard.md shows the plans). Actions are POSTs carrying a CSRF token,
+with a form of at most ``MAX_FORM_BYTES`` (413 past it, refused before it is buffered); each
+answers with a redirect (303) to a page that shows what happened in a flash message, whose
+query carries a signature so that a link cannot make the page say anything else.
+
+Every value a page shows goes through one Jinja ``finalize`` hook that HTML-escapes it (the
+autoescape) and shows bidirectional-text controls as visible escapes (``\\u202e``), so a
+job's kind, args or error cannot reorder what the page says around it.
 """
 
 from __future__ import annotations
@@ -16,18 +22,19 @@ from importlib import resources
 from typing import Any, Final
 
 import jinja2
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..client import Client
 from ..errors import JobNotFoundError, JobRunningError, ValidationError
-from ..job import FINALIZED_STATES, Job, JobListParams, JobState, validate_kind
+from ..job import FINALIZED_STATES, Job, JobListParams, JobState, parse_bigint, validate_kind
 from ..job import validate_queue_name as _validate_queue_name
-from ._security import CsrfSigner, SafetyMiddleware
+from ._security import CSRF_MAX_AGE, FLASH_MAX_AGE, SafetyMiddleware, Signer, redirect
 
-__all__ = ["PAGE_SIZE", "SCAN_NEWEST", "build_app"]
+__all__ = ["MAX_FORM_BYTES", "PAGE_SIZE", "SCAN_NEWEST", "build_app"]
 
 PAGE_SIZE: Final = 50
 """Jobs per page of the job list."""
@@ -35,7 +42,8 @@ SCAN_NEWEST: Final = 100_000
 """A job list filtered by anything but a live state (no index serves those filters in id
 order) looks at the newest this many job ids only, and says so."""
 REFRESH_SECONDS: Final = 5
-_MAX_FORM_BYTES: Final = 16 * 1024
+MAX_FORM_BYTES: Final = 16 * 1024
+"""The largest action form (request body) accepted; a longer one gets 413 unread."""
 _TAG_RE: Final = re.compile(r"^\w[\w\-]*\w$")
 _LIVE_STATES: Final = [s for s in JobState if s not in FINALIZED_STATES]
 _FINALIZED: Final = [JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED]
@@ -53,6 +61,12 @@ _FLASH: Final[Mapping[str, str]] = {
 }
 
 
+_BIDI_CONTROLS: Final = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+"""Characters that reorder the text around them: the embeddings, overrides and isolates and
+the marks (Unicode's Bidi_Control property)."""
+_SHOW_BIDI: Final = {c: f"\\u{c:04x}" for c in _BIDI_CONTROLS}
+
+
 class BadInput(Exception):
     """A query or form value the dashboard refuses: a 400 page naming the field."""
 
@@ -62,6 +76,23 @@ class BadInput(Exception):
         self.rule = rule
 
 
+class TooLarge(Exception):
+    """A request body past ``MAX_FORM_BYTES``: a 413 page."""
+
+
+def _visible(value: Any) -> Any:
+    """Every ``{{ value }}`` of every template, before its autoescape: bidi controls shown as
+    escapes such as ``\\u202e``. Markup (already escaped, from ``join`` say) stays Markup;
+    the escapes hold no HTML-special character."""
+    if isinstance(value, Markup):
+        return Markup(str(value).translate(_SHOW_BIDI))
+    if isinstance(value, str):
+        return value.translate(_SHOW_BIDI)
+    text = str(value)
+    shown = text.translate(_SHOW_BIDI)
+    return value if shown == text else shown
+
+
 def _templates() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("trioqueue.dashboard", "templates"),
@@ -69,6 +100,7 @@ def _templates() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=_visible,
     )
     env.filters["time"] = _format_time
     env.filters["count"] = lambda n: f"{n:,}"
@@ -92,11 +124,16 @@ def _args_json(job: Job[Any]) -> Any:
         return repr(args)
 
 
+def _bigint(field: str, text: str) -> int:
+    """A job id or cursor: ASCII digits within int64, else BadInput (a 400 page)."""
+    try:
+        return parse_bigint(field, text)
+    except ValidationError as exc:
+        raise BadInput(field, exc.rule) from None
+
+
 def _job_id(request: Request) -> int:
-    raw = request.path_params["job_id"]
-    if not raw.isdigit() or len(raw) > 19:
-        raise BadInput("job id", f"{raw!r} is not a job id (a positive integer)")
-    return int(raw)
+    return _bigint("job id", request.path_params["job_id"])
 
 
 def _queue_name(request: Request) -> str:
@@ -143,11 +180,7 @@ def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]
                 "tag", f"{tag!r} is not a tag (letters, digits, '_' and '-', 2-255 characters)"
             )
         filters["tag"] = tag
-    cursor = None
-    if after is not None:
-        if not after.isdigit() or len(after) > 19:
-            raise BadInput("after", f"{after!r} is not a cursor (a job id)")
-        cursor = int(after)
+    cursor = None if after is None else _bigint("after", after)
     # Live states are listed from the fetch index (bounded by the backlog); any other
     # filter walks the primary key, so it looks at the newest SCAN_NEWEST ids only.
     live = state is not None and JobState(state) not in FINALIZED_STATES
@@ -166,10 +199,23 @@ def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]
 
 
 async def _form(request: Request) -> dict[str, str]:
-    """The POSTed url-encoded form (first value of each field)."""
-    body = await request.body()
-    if len(body) > _MAX_FORM_BYTES:
-        raise BadInput("form", "too large")
+    """The POSTed url-encoded form (first value of each field).
+
+    Raises TooLarge, having read at most ``MAX_FORM_BYTES`` and a chunk, for a body past the
+    limit: a ``Content-Length`` over it is refused before any of the body is read, and a
+    body without one (chunked) is counted as it streams in.
+    """
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not (length.isascii() and length.isdigit()):
+            raise BadInput("Content-Length", f"{length!r} is not a number of bytes")
+        if len(length) > 12 or int(length) > MAX_FORM_BYTES:
+            raise TooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise TooLarge
     try:
         fields = urllib.parse.parse_qs(body.decode("utf-8"), max_num_fields=20)
     except (UnicodeDecodeError, ValueError):
@@ -187,22 +233,26 @@ def build_app(
 ) -> SafetyMiddleware:
     """The whole dashboard as an ASGI app (see ``trioqueue.dashboard.create_app``)."""
     env = _templates()
-    csrf = CsrfSigner()
+    signer = Signer()
     static = resources.files("trioqueue.dashboard").joinpath("static")
 
+    def flash_of(request: Request) -> str | None:
+        """The flash message of a redirect from ``back``, if its signature holds."""
+        query = request.query_params
+        code, subject_id, subject_name = (query.get(k, "") for k in ("flash", "id", "name"))
+        message = f"{code}\n{subject_id}\n{subject_name}"
+        if code not in _FLASH or not signer.check(
+            query.get("sig"), "flash", message, max_age=FLASH_MAX_AGE
+        ):
+            return None
+        return _FLASH[code].format(id=subject_id, name=subject_name)
+
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        flash = None
-        code = request.query_params.get("flash", "")
-        if code in _FLASH:
-            subject_id = request.query_params.get("id", "")
-            subject_name = request.query_params.get("name", "")
-            if subject_id.isdigit() or (subject_name and _queue_ok(subject_name)):
-                flash = _FLASH[code].format(id=subject_id, name=subject_name)
         html = env.get_template(name).render(
             read_only=read_only,
-            csrf_token=csrf.make(),
+            csrf_token=signer.make("csrf"),
             refresh_seconds=refresh_seconds,
-            flash=flash,
+            flash=flash_of(request),
             path=request.url.path,
             **context,
         )
@@ -221,6 +271,9 @@ def build_app(
                 return error_page(request, 400, "Bad request", f"{exc.field}: {exc.rule}")
             except JobNotFoundError as exc:
                 return error_page(request, 404, "Not found", f"There is no job {exc.job_id}.")
+            except TooLarge:
+                message = f"A form holds at most {MAX_FORM_BYTES:,} bytes."
+                return error_page(request, 413, "Request too large", message)
 
         return run
 
@@ -229,7 +282,7 @@ def build_app(
             if read_only:
                 return error_page(request, 403, "Read-only", "This dashboard is read-only.")
             form = await _form(request)
-            if not csrf.check(form.get("csrf_token")):
+            if not signer.check(form.get("csrf_token"), "csrf", max_age=CSRF_MAX_AGE):
                 return error_page(
                     request,
                     403,
@@ -240,8 +293,13 @@ def build_app(
 
         return guarded(run)
 
-    def back(path: str, **query: str | int) -> RedirectResponse:
-        return RedirectResponse(f"{path}?{urllib.parse.urlencode(query)}", status_code=303)
+    def back(path: str, flash: str, *, job_id: int | None = None, queue: str = "") -> Response:
+        """A 303 to ``path`` showing the flash message ``flash`` about job ``job_id`` or
+        queue ``queue``, signed so that only this app can make such a link."""
+        subject = {"id": "" if job_id is None else str(job_id), "name": queue}
+        sig = signer.make("flash", f"{flash}\n{subject['id']}\n{queue}")
+        query = {"flash": flash, **{k: v for k, v in subject.items() if v}, "sig": sig}
+        return redirect(path, urllib.parse.urlencode(query))
 
     async def overview(request: Request) -> Response:
         counts = await client.job_counts()
@@ -299,13 +357,13 @@ def build_app(
             code = "cancel-requested"
         else:
             code = "cancelled"
-        return back(f"/jobs/{job_id}", flash=code, id=job_id)
+        return back(f"/jobs/{job_id}", code, job_id=job_id)
 
     async def job_retry(request: Request) -> Response:
         job_id = _job_id(request)
         job = await client.job_retry(job_id)
         code = "running" if job.state is JobState.RUNNING else "retried"
-        return back(f"/jobs/{job_id}", flash=code, id=job_id)
+        return back(f"/jobs/{job_id}", code, job_id=job_id)
 
     async def job_delete_confirm(request: Request) -> Response:
         if read_only:
@@ -324,8 +382,8 @@ def build_app(
         try:
             await client.job_delete(job_id)
         except JobRunningError:
-            return back(f"/jobs/{job_id}", flash="not-deleted-running", id=job_id)
-        return back("/jobs", flash="deleted", id=job_id)
+            return back(f"/jobs/{job_id}", "not-deleted-running", job_id=job_id)
+        return back("/jobs", "deleted", job_id=job_id)
 
     async def queues(request: Request) -> Response:
         rows = {q.name: q for q in await client.queue_list()}
@@ -344,12 +402,12 @@ def build_app(
     async def queue_pause(request: Request) -> Response:
         name = _queue_name(request)
         await client.queue_pause(name)
-        return back("/queues", flash="paused", name=name)
+        return back("/queues", "paused", queue=name)
 
     async def queue_resume(request: Request) -> Response:
         name = _queue_name(request)
         await client.queue_resume(name)
-        return back("/queues", flash="resumed", name=name)
+        return back("/queues", "resumed", queue=name)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -362,6 +420,10 @@ def build_app(
         return Response(static.joinpath(name).read_bytes(), media_type=media)
 
     async def not_found(request: Request, exc: Exception) -> Response:
+        path = request.url.path
+        if request.method in ("GET", "HEAD") and path != "/" and path.endswith("/"):
+            # Starlette's own slash redirect is off: it names the Host header's site.
+            return redirect(path.rstrip("/"), request.url.query, status_code=307)
         return error_page(request, 404, "Not found", "There is no such page.")
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
@@ -382,12 +444,5 @@ def build_app(
         Route("/static/{name}", static_file, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
+    app.router.redirect_slashes = False
     return SafetyMiddleware(app, token=token, allowed_hosts=allowed_hosts)
-
-
-def _queue_ok(name: str) -> bool:
-    try:
-        _validate_queue_name("queue", name)
-    except ValidationError:
-        return False
-    return True

@@ -4,7 +4,7 @@
   var KEY = "trioqueue-dashboard-auto-refresh";
   var url = new URL(window.location.href);
   if (url.searchParams.has("flash")) {
-    ["flash", "id", "name"].forEach(function (k) { url.searchParams.delete(k); });
+    ["flash", "id", "name", "sig"].forEach(function (k) { url.searchParams.delete(k); });
     window.history.replaceState(null, "", url.toString());
   }
   var box = document.getElementById("auto-refresh");
