@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 import pytest
 
-from trioqueue._codec import args_to_dict, dumps, encode_args
+from trioqueue._codec import args_to_dict, dumps, encode_args, encode_metadata, unique_key
 from trioqueue.errors import ValidationError
+from trioqueue.job import InsertOpts, UniqueOpts
 
 GENERIC = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -90,3 +93,56 @@ def test_attrs_args_become_the_same_dict_as_attrs_asdict() -> None:
     assert args_to_dict(empty()) == {}
     with pytest.raises(ValidationError, match="args"):
         encode_args(Nested(Scalars(1, "z"), [object()]))  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Scalars(1, "x"),
+        Scalars(-(2**70), 'ünï "q"\n\t\\ \\u0000 \x01', 5e-324),
+        Nested(Scalars(2, "y", -0.0), [3, 2**64]),
+        {"plain": {"mapping": [1, "two", None, True]}},
+    ],
+)
+def test_encode_args_text_is_what_the_standard_encoder_writes(value: Any) -> None:
+    """The checks refuse values; they never change the text of one they accept (unique
+    keys and stored rows stay the same)."""
+    assert encode_args(value) == GENERIC(args_to_dict(value))
+
+
+def test_the_strict_encoder_is_reusable_after_a_refusal() -> None:
+    with pytest.raises(ValidationError, match="finite"):
+        encode_args(Scalars(1, "x", float("nan")))
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValidationError, match="circular"):
+        encode_args({"loop": loop})
+    assert encode_args(Scalars(1, "x", 2.5)) == '{"i":1,"s":"x","f":2.5}'
+
+
+def test_encode_metadata_checks_like_args() -> None:
+    assert encode_metadata({"trace": "abc", "n": [1, {"k": None}]}) == (
+        '{"trace":"abc","n":[1,{"k":null}]}'
+    )
+    for bad, rule in [
+        ({"k": "\x00"}, "NUL"),
+        ({"k": [float("inf")]}, "finite"),
+        ({2: "two"}, "keys must be str"),
+        ({"snoozes": 1}, "reserved"),
+    ]:
+        with pytest.raises(ValidationError, match=rule) as info:
+            encode_metadata(bad)
+        assert info.value.field == "InsertOpts.metadata"
+
+
+def test_unique_key_of_a_period_before_year_one() -> None:
+    """A period that would start before year 1 is named by its seconds, not a datetime;
+    keys of periods that a datetime can name are unchanged."""
+    early = InsertOpts(scheduled_at=datetime(1, 1, 1, tzinfo=UTC))
+    unique = UniqueOpts(by_period=7)
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    assert unique_key("k", None, early, unique, now) == unique_key("k", None, early, unique, now)
+    later = InsertOpts(scheduled_at=datetime(2024, 5, 1, 10, 17, tzinfo=UTC))
+    hourly = UniqueOpts(by_period=3600)
+    expected = hashlib.sha256(b"kind=k&period=2024-05-01T10:00:00+00:00").digest()
+    assert unique_key("k", None, later, hourly, now) == expected

@@ -12,15 +12,33 @@ from typing import Any
 
 import attrs
 
+from ._validate import (
+    MAX_JSON_DEPTH,
+    NUMERIC_MAX_DIGITS,
+    RESERVED_METADATA_KEYS,
+    check_json,
+    check_metadata_keys,
+    check_shape,
+)
 from .errors import ValidationError
 from .job import AttemptError, InsertOpts, Job, JobState, UniqueOpts
 
-__all__ = ["args_to_dict", "decode_args", "dumps", "row_to_job", "unique_key", "unique_states_bits"]
+__all__ = [
+    "args_to_dict",
+    "decode_args",
+    "dumps",
+    "encode_args",
+    "encode_metadata",
+    "row_to_job",
+    "unique_key",
+    "unique_states_bits",
+]
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_STRICT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _c_dumps() -> Callable[[Any], str] | None:
+def _c_dumps(allow_nan: bool = True) -> Callable[[Any], str] | None:
     """The C encoder behind ``_ENCODER.encode``, called directly: for the small objects of
     job args, ``JSONEncoder.encode``'s Python layers cost twice what the encoding does.
     Same output and errors (circular references included); None where there is no C
@@ -35,7 +53,7 @@ def _c_dumps() -> Callable[[Any], str] | None:
         return None
 
     def new() -> Any:
-        return make({}, _ENCODER.default, basestring, None, ":", ",", False, False, True)
+        return make({}, _ENCODER.default, basestring, None, ":", ",", False, False, allow_nan)
 
     local = threading.local()
 
@@ -53,6 +71,8 @@ def _c_dumps() -> Callable[[Any], str] | None:
 
 
 _dumps: Callable[[Any], str] = _c_dumps() or _ENCODER.encode
+_dumps_strict: Callable[[Any], str] = _c_dumps(allow_nan=False) or _STRICT_ENCODER.encode
+"""For args and metadata: NaN and ±Infinity raise ValueError (jsonb refuses them)."""
 _dumps_sorted = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
 
 
@@ -79,38 +99,47 @@ def _field_reader(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
     return reader
 
 
-def _attrs_dict(args: Any) -> dict[str, Any]:
+def _attrs_object(args: Any) -> tuple[dict[str, Any], bool]:
     """``attrs.asdict(args)``, fast when every field holds a plain JSON scalar (the usual
-    case); anything else (nested attrs classes, collections) goes through attrs."""
+    case; then the flag is True); anything else (nested attrs classes, collections) goes
+    through attrs."""
     data = _field_reader(type(args))(args)
     for value in data.values():
         if not isinstance(value, _SCALARS):
-            return attrs.asdict(args)
-    return data
+            return attrs.asdict(args), False
+    return data, True
 
 
-def _converter(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
-    """How to turn an instance of ``cls`` into its JSON object; ValidationError if no way."""
+def _dataclass_object(args: Any) -> tuple[dict[str, Any], bool]:
+    return dataclasses.asdict(args), False
+
+
+def _mapping_object(args: Any) -> tuple[dict[str, Any], bool]:
+    return dict(args), False
+
+
+_Converter = Callable[[Any], tuple[dict[str, Any], bool]]
+
+
+def _converter(cls: type[Any]) -> _Converter:
+    """How to turn an instance of ``cls`` into its JSON object, and whether that object is
+    known to be flat (str keys, scalar values); ValidationError if there is no way."""
     if attrs.has(cls):
-        return _attrs_dict
+        return _attrs_object
     if dataclasses.is_dataclass(cls):
-        return dataclasses.asdict
+        return _dataclass_object
     if issubclass(cls, Mapping):
-        return dict
+        return _mapping_object
     raise ValidationError(
         "args", f"{cls.__name__} must be an attrs class, a dataclass or a mapping"
     )
 
 
 # Per args type: deciding the kind of class takes longer than converting a small one.
-_converters: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
+_converters: dict[type[Any], _Converter] = {}
 
 
-def args_to_dict(args: object) -> dict[str, Any]:
-    """The JSON object for an args value: attrs and dataclass instances, or a mapping.
-
-    Raises ValidationError when the args are none of these.
-    """
+def _args_object(args: object) -> tuple[dict[str, Any], bool]:
     cls = type(args)
     convert = _converters.get(cls)
     if convert is None:
@@ -118,11 +147,84 @@ def args_to_dict(args: object) -> dict[str, Any]:
     return convert(args)
 
 
-def encode_args(args: object) -> str:
+def args_to_dict(args: object) -> dict[str, Any]:
+    """The JSON object for an args value: attrs and dataclass instances, or a mapping.
+
+    Raises ValidationError when the args are none of these.
+    """
+    return _args_object(args)[0]
+
+
+def _encode(field: str, data: dict[str, Any], flat: bool, text: str | None = None) -> str:
+    """``data`` as JSON text that ``jsonb`` stores unchanged, else ValidationError naming
+    ``field``, where in ``data`` and the rule (see ``_validate``).
+
+    Cheap for the usual flat object (``flat``: the caller knows every key is a str and
+    every value a scalar): the encoder refuses NaN, ±Infinity, ints too long for text and
+    non-JSON types, and its text shows the rest: NUL as an escape, a lone surrogate as
+    text with no UTF-8 encoding. Only then is ``data`` walked, to name the place and the
+    rule. Anything nested first has its shape checked (str keys, depth, no cycles), which
+    also bounds the encoder's recursion. ``text``: ``data`` already encoded."""
+    if text is None:
+        if not flat:
+            check_shape(field, data)
+        try:
+            text = _dumps_strict(data)
+        except (TypeError, ValueError) as exc:
+            check_json(field, data)  # names the place and the rule
+            raise ValidationError(field, f"must be JSON-serialisable: {exc}") from None
+    if text.isascii():
+        if "\\u0000" in text or len(text) > NUMERIC_MAX_DIGITS:
+            check_json(field, data)  # a NUL; or a literal backslash-u0000, or a long text
+        return text
     try:
-        return _dumps(args_to_dict(args))
+        text.encode()
+    except UnicodeEncodeError:
+        check_json(field, data)  # names the place
+        raise ValidationError(field, "text holds a lone surrogate") from None
+    if "\\u0000" in text or len(text) > NUMERIC_MAX_DIGITS:
+        check_json(field, data)
+    return text
+
+
+def encode_args(args: object) -> str:
+    """The args object's JSON text; ValidationError (field ``args``) for args that are not
+    an attrs class, a dataclass or a mapping, or hold anything jsonb cannot store."""
+    cls = type(args)
+    convert = _converters.get(cls)
+    try:
+        if convert is None:
+            convert = _converters[cls] = _converter(cls)
+        data, flat = convert(args)
+    except RecursionError:
+        raise ValidationError(
+            "args", f"nested more than {MAX_JSON_DEPTH} levels deep, or circular"
+        ) from None
+    except ValidationError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ValidationError("args", f"must be JSON-serialisable: {exc}") from None
+    if not flat:
+        return _encode("args", data, False)
+    # The hot path, inlined: a flat object whose text is plainly fine.
+    try:
+        text = _dumps_strict(data)
+    except (TypeError, ValueError):
+        return _encode("args", data, True)  # fails again, and says why
+    if text.isascii() and "\\u0000" not in text and len(text) <= NUMERIC_MAX_DIGITS:
+        return text
+    return _encode("args", data, True, text)
+
+
+def encode_metadata(metadata: Mapping[str, Any]) -> str:
+    """``InsertOpts.metadata`` as JSON text; ValidationError for a key trioqueue reserves
+    or anything jsonb cannot store."""
+    data = dict(metadata)
+    for key, value in data.items():
+        if type(key) is not str or not isinstance(value, _SCALARS) or key in RESERVED_METADATA_KEYS:
+            check_metadata_keys("InsertOpts.metadata", data)
+            return _encode("InsertOpts.metadata", data, False)
+    return _encode("InsertOpts.metadata", data, True)
 
 
 def decode_args(args_type: type[Any] | None, data: Any) -> Any:
@@ -164,7 +266,13 @@ def unique_key(
         at = opts.scheduled_at or now
         ts = at.timestamp()
         start = ts - (ts % unique.by_period)
-        parts.append(f"period={datetime.fromtimestamp(start, UTC).isoformat()}")
+        try:
+            period = datetime.fromtimestamp(start, UTC).isoformat()
+        except (OverflowError, OSError, ValueError):
+            # A period starting before year 1 (a long by_period, an early time): no
+            # datetime names it, its number of seconds does.
+            period = repr(start)
+        parts.append(f"period={period}")
     if unique.by_queue:
         parts.append(f"queue={opts.queue}")
     return hashlib.sha256("&".join(parts).encode()).digest()

@@ -21,8 +21,8 @@ import attrs
 import trio
 
 from ._codec import (
-    dumps,
     encode_args,
+    encode_metadata,
     row_to_job,
     sorted_args_json,
     unique_key,
@@ -242,15 +242,7 @@ class Client:
     def _params(self, item: InsertItem, now: datetime) -> JobInsertParams:
         args, kind, opts = self._split(item)
         args_json = encode_args(args)
-        if opts.metadata:
-            try:
-                metadata_json = dumps(dict(opts.metadata))
-            except (TypeError, ValueError) as exc:
-                raise ValidationError(
-                    "InsertOpts.metadata", f"must be JSON-serialisable: {exc}"
-                ) from None
-        else:
-            metadata_json = "{}"
+        metadata_json = encode_metadata(opts.metadata) if opts.metadata else "{}"
         scheduled_at = opts.scheduled_at.astimezone(UTC) if opts.scheduled_at else now
         if opts.pending:
             state = JobState.PENDING
