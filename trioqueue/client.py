@@ -49,6 +49,7 @@ from .job import (
     JobListParams,
     JobListResult,
     JobState,
+    check_bigint,
     validate_queue_name,
 )
 from .middleware import InsertParams, insert_layers, run_insert_begin, run_insert_chain
@@ -494,9 +495,7 @@ class Client:
 
     @staticmethod
     def _check_id(job_id: object) -> int:
-        if isinstance(job_id, bool) or not isinstance(job_id, int):
-            raise ValidationError("job_id", "must be an integer")
-        return job_id
+        return check_bigint("job_id", job_id)
 
     async def job_get(self, job_id: int) -> Job[Any]:
         """The job with this id. Raises JobNotFoundError."""

@@ -11,6 +11,7 @@ from typing import Any, final
 
 import attrs
 
+from ._validate import check_text
 from .errors import ErrorHandlerResult, ValidationError
 from .job import Job, validate_queue_name
 from .middleware import check_hooks, check_middleware
@@ -113,6 +114,7 @@ class ClientConfig:
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.id, str) or not 1 <= len(self.id) <= 100:
             raise ValidationError("id", "must be a string of 1-100 characters")
+        check_text("id", self.id)  # stored in attempted_by and the leader row
         _positive("job_timeout", self.job_timeout, allow_none=True)
         if (
             isinstance(self.max_attempts, bool)

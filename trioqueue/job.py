@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, final
 
 import attrs
 
+from ._validate import check_text
 from .errors import ValidationError
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "JobState",
     "UniqueOpts",
     "check_bigint",
+    "check_tag",
     "parse_bigint",
     "validate_kind",
     "validate_queue_name",
@@ -36,9 +39,11 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 """The range of PostgreSQL's ``bigint``: job ids, cursors and counts must fit in it."""
 
-_QUEUE_RE = re.compile(r"^[a-z0-9]+(?:[_\-]?[a-z0-9]+)*$")
-_TAG_RE = re.compile(r"^\w[\w\-]*\w$")
-_KIND_RE = re.compile(r"^\w[\w\-\[\]<>/.:+]*$")
+# Always used with fullmatch: ``$`` also matches before a trailing newline, so ``match``
+# would take "default\n" for a queue name.
+_QUEUE_RE = re.compile(r"[a-z0-9]+(?:[_\-]?[a-z0-9]+)*")
+_TAG_RE = re.compile(r"\w[\w\-]*\w")
+_KIND_RE = re.compile(r"\w[\w\-\[\]<>/.:+]*")
 
 
 @final
@@ -95,7 +100,7 @@ class Job(Generic[T]):
 
 def validate_queue_name(field: str, name: object) -> str:
     """Return ``name`` if it is a valid queue name, else raise ValidationError for ``field``."""
-    if not isinstance(name, str) or not (1 <= len(name) <= 64) or not _QUEUE_RE.match(name):
+    if not isinstance(name, str) or not (1 <= len(name) <= 64) or not _QUEUE_RE.fullmatch(name):
         raise ValidationError(
             field,
             f"queue name {name!r} must be 1-64 characters of a-z and 0-9, "
@@ -104,11 +109,11 @@ def validate_queue_name(field: str, name: object) -> str:
     return name
 
 
-def validate_kind(kind: object) -> str:
-    """Return ``kind`` if it is a valid job kind, else raise ValidationError."""
-    if not isinstance(kind, str) or not (1 <= len(kind) <= 128) or not _KIND_RE.match(kind):
+def validate_kind(kind: object, field: str = "kind") -> str:
+    """Return ``kind`` if it is a valid job kind, else raise ValidationError for ``field``."""
+    if not isinstance(kind, str) or not (1 <= len(kind) <= 128) or not _KIND_RE.fullmatch(kind):
         raise ValidationError(
-            "kind",
+            field,
             f"job kind {kind!r} must be 1-128 characters: letters, digits, _ and - [ ] < > / . : +",
         )
     return kind
@@ -147,18 +152,30 @@ def _check_aware(field: str, value: object) -> None:
         return
     if not isinstance(value, datetime) or value.utcoffset() is None:
         raise ValidationError(field, "must be a timezone-aware datetime")
+    try:
+        value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValidationError(
+            field, f"{value.isoformat()} is outside the years 1-9999 once converted to UTC"
+        ) from None
+
+
+def check_tag(field: str, tag: object) -> str:
+    """Return ``tag`` if it is a valid tag, else raise ValidationError for ``field``."""
+    if not isinstance(tag, str) or len(tag) > 255 or not _TAG_RE.fullmatch(tag):
+        raise ValidationError(
+            field,
+            f"tag {tag!r} must be 2-255 characters of letters, digits, '_' and '-', "
+            "starting and ending with a letter, digit or '_'",
+        )
+    return tag
 
 
 def _check_tags(field: str, tags: object) -> None:
     if isinstance(tags, str) or not isinstance(tags, Sequence):
         raise ValidationError(field, "tags must be a sequence of strings")
     for tag in tags:
-        if not isinstance(tag, str) or len(tag) > 255 or not _TAG_RE.match(tag):
-            raise ValidationError(
-                field,
-                f"tag {tag!r} must be 2-255 characters of letters, digits, '_' and '-', "
-                "starting and ending with a letter, digit or '_'",
-            )
+        check_tag(field, tag)
 
 
 _REQUIRED_UNIQUE_STATES = frozenset(
@@ -194,9 +211,12 @@ class UniqueOpts:
         if self.by_period is not None and (
             isinstance(self.by_period, bool)
             or not isinstance(self.by_period, int | float)
+            or not math.isfinite(self.by_period)
             or self.by_period < 1
         ):
-            raise ValidationError("UniqueOpts.by_period", "must be at least 1 second")
+            raise ValidationError(
+                "UniqueOpts.by_period", "must be a finite number of seconds, at least 1"
+            )
         if self.by_state is not None:
             missing = _REQUIRED_UNIQUE_STATES - self.by_state
             if missing:
@@ -287,9 +307,11 @@ class JobListParams:
         if self.within_newest is not None and (
             isinstance(self.within_newest, bool)
             or not isinstance(self.within_newest, int)
-            or self.within_newest < 1
+            or not 1 <= self.within_newest <= INT64_MAX
         ):
-            raise ValidationError("JobListParams.within_newest", "must be a positive integer")
+            raise ValidationError(
+                "JobListParams.within_newest", f"must be an integer from 1 to {INT64_MAX}"
+            )
         if (
             isinstance(self.limit, bool)
             or not isinstance(self.limit, int)
@@ -300,10 +322,11 @@ class JobListParams:
             isinstance(self.after, bool) or not isinstance(self.after, int)
         ):
             raise ValidationError("JobListParams.after", "must be a cursor from last_cursor")
-        if self.ids is not None and not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in self.ids
-        ):
-            raise ValidationError("JobListParams.ids", "must be integers")
+        if self.after is not None:
+            check_bigint("JobListParams.after", self.after)
+        if self.ids is not None:
+            for i in self.ids:
+                check_bigint("JobListParams.ids", i)
         if self.states is not None:
             try:
                 object.__setattr__(self, "states", tuple(JobState(s) for s in self.states))
@@ -317,10 +340,16 @@ class JobListParams:
         if self.queues is not None:
             for q in self.queues:
                 validate_queue_name("JobListParams.queues", q)
-        if self.kinds is not None and not all(isinstance(k, str) for k in self.kinds):
-            raise ValidationError("JobListParams.kinds", "must be strings")
-        if self.tags is not None and not all(isinstance(t, str) for t in self.tags):
-            raise ValidationError("JobListParams.tags", "must be strings")
+        if self.kinds is not None:
+            for k in self.kinds:
+                validate_kind(k, "JobListParams.kinds")
+        if self.tags is not None:
+            # Text the database can hold; not the whole tag rule, so that a filter can
+            # still find a tag some other writer stored.
+            for t in self.tags:
+                if not isinstance(t, str):
+                    raise ValidationError("JobListParams.tags", f"tag {t!r} must be a string")
+                check_text("JobListParams.tags", t)
 
 
 @final

@@ -25,7 +25,7 @@ from .errors import ValidationError
 __all__ = ["PeriodicJob", "PeriodicJobHandle", "PeriodicJobs", "Schedule"]
 
 ID_MAX_LENGTH = 128
-_ID_RE = re.compile(r"^[\w][\w.:/@+\-\[\]<>=*, ]*$")
+_ID_RE = re.compile(r"[\w][\w.:/@+\-\[\]<>=*, ]*")  # fullmatch: "$" takes "x\n"
 
 MISSED_RUNS_COUNT_LIMIT = 10_000
 """Missed runs are counted up to this many (counting further would only burn CPU)."""
@@ -211,7 +211,7 @@ class PeriodicJob:
         if self.id is not None and (
             not isinstance(self.id, str)
             or not 1 <= len(self.id) <= ID_MAX_LENGTH
-            or not _ID_RE.match(self.id)
+            or not _ID_RE.fullmatch(self.id)
         ):
             raise ValidationError(
                 "PeriodicJob.id",
