@@ -215,10 +215,25 @@ class PeriodicEnqueuer:
             return PeriodicRun(job.effective_id, plan.run_at, None, False, plan.missed_runs)
         assert plan.run_at is not None
         notify = [params.queue] if params.state is JobState.AVAILABLE else []
-        async with self.driver.transaction() as tx:
-            [(row, duplicate)] = await self.driver.job_insert_many([params], notify, now, ex=tx)
-            if not await self.driver.periodic_job_save(plan.state, stored, now, ex=tx):
-                raise _StateMoved
+        try:
+            async with self.driver.transaction() as tx:
+                [(row, duplicate)] = await self.driver.job_insert_many([params], notify, now, ex=tx)
+                if not await self.driver.periodic_job_save(plan.state, stored, now, ex=tx):
+                    raise _StateMoved
+        except DatabaseError as exc:
+            # Values the database refused would be refused again on every pass, and
+            # would hold back the jobs after this one: skip the run, as a failed build is.
+            if not getattr(exc, "rejected_data", False):
+                raise
+            log.error(
+                "periodic job %r: the database refused the run for %s, run skipped: %s",
+                job.effective_id,
+                plan.run_at.isoformat(),
+                exc,
+            )
+            if not await self.driver.periodic_job_save(plan.state, stored, now):
+                raise _StateMoved from None
+            return PeriodicRun(job.effective_id, plan.run_at, None, False, plan.missed_runs)
         if plan.missed_runs and not duplicate:
             log.warning(
                 "periodic job %r missed %d run(s) since %s; inserted one catch-up run",
