@@ -17,7 +17,7 @@ before anything is written:
   ``None``.
 
 Nothing here is on the hot path of a flat args object: the codec encodes first and looks
-closer only when the text or the value's shape calls for it (see ``_codec.encode_object``).
+closer only when the text or the value's shape calls for it (see ``_codec._encode``).
 """
 
 from __future__ import annotations
