@@ -657,6 +657,31 @@ async def outcome_that_breaks_a_constraint_writes_nothing(driver: Driver) -> Non
 
 
 @case
+async def outcomes_the_database_refuses_are_rejected_data(driver: Driver) -> None:
+    # What no retry can get past is marked rejected_data (so the completer isolates the
+    # outcome instead of retrying it): JSON PostgreSQL cannot store (\u0000), text that
+    # cannot be encoded (a lone surrogate), a broken constraint. Nothing is written.
+    a = await running_job(driver)
+    b = await running_job(driver)
+    good = outcome(a[ID], JobState.COMPLETED, finalized_at=at(1))
+    bad_outcomes = [
+        outcome(b[ID], JobState.RETRYABLE, error_json='{"error": "nul \\u0000 here"}'),
+        outcome(b[ID], JobState.RETRYABLE, error_json='{"error": "lone \udc80 here"}'),
+        outcome(b[ID], JobState.RETRYABLE, metadata_json='{"k": "\udc80"}'),
+        outcome(b[ID], JobState.COMPLETED, finalized_at=None),
+    ]
+    for bad in bad_outcomes:
+        with pytest.raises(tq.DatabaseError) as caught:
+            await driver.job_set_state_if_running_many([good, bad], at(1), rows=False)
+        assert caught.value.rejected_data, bad
+        assert (await get(driver, a[ID]))[STATE] == "running"
+        assert (await get(driver, b[ID]))[STATE] == "running"
+    # A failure of another kind is not the data's fault.
+    listen_error = tq.DatabaseError("doing something", RuntimeError("connection lost"))
+    assert not listen_error.rejected_data
+
+
+@case
 async def snooze_gives_the_attempt_back(driver: Driver) -> None:
     job = await running_job(driver)
     [row] = await driver.job_set_state_if_running_many(
@@ -1169,6 +1194,27 @@ async def rescue_applies_only_to_the_same_attempt(driver: Driver) -> None:
     assert written == [(other[ID], "s", "discarded")]
     row = await get(driver, other[ID])
     assert (row[FINALIZED_AT], row[METADATA]) == (at(0), {"rescue_count": 1})
+
+
+@case
+async def rescue_counts_an_odd_rescue_count_as_none(driver: Driver) -> None:
+    # Inserts refuse the reserved key, but a row written by hand may hold anything: it must
+    # not fail the whole batch of rescues, run after run.
+    odd = [
+        await running_job(driver, now=at(-7200), queue="s", metadata_json=text)
+        for text in ('{"rescue_count": "x"}', '{"rescue_count": 1.5}', '{"rescue_count": -3}')
+    ]
+    normal = await running_job(driver, now=at(-7200), queue="s", metadata={"rescue_count": 4})
+    error = '{"error": "stuck"}'
+    written = await driver.job_rescue_many(
+        [
+            JobRescue(job[ID], JobState.RETRYABLE, None, at(30), error, job[ATTEMPTED_AT])
+            for job in [*odd, normal]
+        ]
+    )
+    assert len(written) == 4
+    assert [(await get(driver, job[ID]))[METADATA]["rescue_count"] for job in odd] == [1, 1, 1]
+    assert (await get(driver, normal[ID]))[METADATA] == {"rescue_count": 5}
 
 
 # ---------------------------------------------------------------------------------- cleaner

@@ -63,12 +63,17 @@ class JobRunningError(TrioqueueError):
 class DatabaseError(TrioqueueError):
     """A database operation failed; the message says what the client was doing.
 
-    The original driver exception is chained as ``__cause__``.
+    The original driver exception is chained as ``__cause__``. ``rejected_data`` is True
+    when the database refused the values it was sent, or they could not be encoded for it
+    (bad text or JSON, a number or date out of range, a constraint): sending the same
+    values again fails the same way. False for every other failure (a lost connection, a
+    timeout, a deadlock), which a retry may get past.
     """
 
-    def __init__(self, doing: str, cause: BaseException) -> None:
+    def __init__(self, doing: str, cause: BaseException, *, rejected_data: bool = False) -> None:
         super().__init__(f"while {doing}: {cause}")
         self.doing = doing
+        self.rejected_data = rejected_data
 
 
 @final
@@ -76,13 +81,27 @@ class JobCancel(Exception):
     """Raise from a worker to cancel its job for good, whatever attempts remain."""
 
 
+MAX_SNOOZE = 10 * 365 * 86400.0
+"""The longest a job may snooze: ten years (the retry delay is capped at the same)."""
+
+
 @final
 class JobSnooze(Exception):
-    """Raise from a worker to run the job again after ``seconds``, without using an attempt."""
+    """Raise from a worker to run the job again after ``seconds``, without using an attempt.
+
+    ``seconds`` must be a finite number from 0 to `MAX_SNOOZE` (ten years), else
+    ValidationError. A value changed after construction to one out of that range makes
+    the attempt fail, with the reason recorded as its error."""
 
     def __init__(self, seconds: float) -> None:
-        if not isinstance(seconds, int | float) or seconds < 0:
-            raise ValidationError("JobSnooze.seconds", "must be a number >= 0")
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 <= seconds <= MAX_SNOOZE  # also refuses NaN
+        ):
+            raise ValidationError(
+                "JobSnooze.seconds", f"must be a number of seconds from 0 to {MAX_SNOOZE:g}"
+            )
         super().__init__(f"snoozed for {seconds} s")
         self.seconds = float(seconds)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -74,7 +73,6 @@ DEFAULT_LISTENER_BUFFER: Final = 10_000
 """Notifications a listener holds before it overflows (see :class:`MemoryListener`)."""
 
 _SMALLINT_MAX: Final = 32767
-_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _NAMEDATALEN: Final = 64
 _NOTIFY_PAYLOAD_MAX: Final = 8000
 _MAX_ATTEMPTED_BY: Final = 100
@@ -93,12 +91,16 @@ _BIT_ORDER: Final = (
 )
 _CANCEL_OVERRIDES: Final = frozenset({JobState.RETRYABLE, JobState.SCHEDULED, JobState.AVAILABLE})
 _SCHEDULABLE: Final = (JobState.RETRYABLE, JobState.SCHEDULED)
-_INT_TEXT = re.compile(r"^\s*[+-]?[0-9]+\s*$")
 
 
 class MemoryStoreError(Exception):
     """What PostgreSQL would have reported (a constraint violation, bad input, a
     deadlock); the memory driver raises it as the cause of a ``DatabaseError``."""
+
+
+class MemoryDataError(MemoryStoreError):
+    """What PostgreSQL (or psycopg, before sending) would have refused because of the
+    values themselves: the ``DatabaseError`` it causes is ``rejected_data``."""
 
 
 class _Blocked(Exception):
@@ -150,25 +152,50 @@ def _jsonb_sorted(value: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(value.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode())))
 
 
+def _text(value: str) -> str:
+    """``value`` if PostgreSQL can take it as text: psycopg refuses a NUL before sending,
+    and a lone surrogate cannot be encoded at all."""
+    if "\x00" in value:
+        raise MemoryDataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MemoryDataError(str(exc)) from None
+    return value
+
+
+def _json_string(value: str) -> str:
+    """A string inside a jsonb value: no NUL (``\\u0000``) and no lone surrogate."""
+    if "\x00" in value:
+        raise MemoryDataError("unsupported Unicode escape sequence (\\u0000)")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MemoryDataError("invalid Unicode surrogate in a JSON string") from None
+    return value
+
+
 def _normalize(value: Any) -> Any:
     if isinstance(value, dict):
         for key in value:
-            if "\x00" in key:
-                raise MemoryStoreError("unsupported Unicode escape sequence (\\u0000)")
+            _json_string(key)
         return _jsonb_sorted({k: _normalize(v) for k, v in value.items()})
     if isinstance(value, list):
         return [_normalize(v) for v in value]
-    if isinstance(value, str) and "\x00" in value:
-        raise MemoryStoreError("unsupported Unicode escape sequence (\\u0000)")
+    if isinstance(value, str):
+        return _json_string(value)
     return value
 
 
 def _jsonb(text: str) -> Any:
     """Parse ``text`` as ``::jsonb`` would, or raise MemoryStoreError."""
+    _text(text)
     try:
         value = json.loads(text, parse_float=_numeric, parse_constant=_reject_constant)
     except (TypeError, ValueError) as exc:
-        raise MemoryStoreError(f"invalid input syntax for type json: {exc}") from None
+        raise MemoryDataError(f"invalid input syntax for type json: {exc}") from None
     return _normalize(value)
 
 
@@ -205,27 +232,18 @@ def _minus(value: Any, key: str) -> Any:
         return {k: v for k, v in value.items() if k != key}
     if isinstance(value, list):
         return [v for v in value if v != key or not isinstance(v, str)]
-    raise MemoryStoreError("cannot delete from scalar")
+    raise MemoryDataError("cannot delete from scalar")
 
 
 def _rescue_count(metadata: Any) -> int:
-    """``coalesce((metadata ->> 'rescue_count')::int, 0)``."""
+    """The ``rescue_count`` as job_rescue_many reads it: a JSON number of one to nine
+    digits, anything else 0 (so one odd row cannot fail a whole rescue)."""
     if not isinstance(metadata, dict):
         return 0
     value = metadata.get("rescue_count")
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, int | float):
-        text = json.dumps(value)
-    else:
-        text = json.dumps(value, separators=(", ", ": "))
-    if not _INT_TEXT.match(text) or not _INT_MIN <= int(text) <= _INT_MAX:
-        raise MemoryStoreError(f'invalid input syntax for type integer: "{text}"')
-    return int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 999_999_999:
+        return value
+    return 0
 
 
 def _json_text(value: str) -> str:
@@ -241,13 +259,13 @@ def _unique_states(bits: str | None) -> frozenset[JobState] | None:
     if bits is None:
         return None
     if len(bits) != 8 or set(bits) - {"0", "1"}:
-        raise MemoryStoreError(f'"{bits}" is not a valid bit(8) value')
+        raise MemoryDataError(f'"{bits}" is not a valid bit(8) value')
     return frozenset(state for state, bit in zip(_BIT_ORDER, bits, strict=True) if bit == "1")
 
 
 def _smallint(value: int) -> int:
     if not -_SMALLINT_MAX - 1 <= value <= _SMALLINT_MAX:
-        raise MemoryStoreError("smallint out of range")
+        raise MemoryDataError("smallint out of range")
     return value
 
 
@@ -257,7 +275,7 @@ def _check_length(relation: str, constraint: str, value: str) -> None:
 
 
 def _violation(relation: str, constraint: str) -> NoReturn:
-    raise MemoryStoreError(
+    raise MemoryDataError(
         f'new row for relation "{relation}" violates check constraint "{constraint}"'
     )
 
@@ -335,7 +353,7 @@ class _Job:
             _violation("tq_job", "tq_job_finalized_or_finalized_at_null")
         for tag in self.tags:
             if len(tag) > 255:
-                raise MemoryStoreError("value too long for type character varying(255)")
+                raise MemoryDataError("value too long for type character varying(255)")
 
 
 @final
@@ -588,7 +606,7 @@ class _Stmt:
             assert new.unique_key is not None
             found = self.holder(new.unique_key)
             if found is not None and found != new.id:
-                raise MemoryStoreError(
+                raise MemoryDataError(
                     'duplicate key value violates unique constraint "tq_job_unique_idx"'
                 )
         if old is not None and old.holds_key and not new.holds_key:
@@ -755,7 +773,7 @@ class MemoryDriver:
     def _failure(doing: str, tx: MemoryTransaction | None, exc: MemoryStoreError) -> DatabaseError:
         if tx is not None and tx._open and tx._failed is None:
             tx._failed = exc
-        return DatabaseError(doing, exc)
+        return DatabaseError(doing, exc, rejected_data=isinstance(exc, MemoryDataError))
 
     async def _wait(self, blocker: MemoryTransaction, tx: MemoryTransaction | None) -> None:
         if blocker._owner is trio.lowlevel.current_task():
@@ -889,7 +907,7 @@ class MemoryDriver:
                     assert job.unique_key is not None
                     other = self._holders.get(job.unique_key)
                     if other is not None and other != job.id and other not in tx._jobs:
-                        raise MemoryStoreError(
+                        raise MemoryDataError(
                             'duplicate key value violates unique constraint "tq_job_unique_idx"'
                         )
             for job_id, maybe in tx._jobs.items():
@@ -927,9 +945,9 @@ class MemoryDriver:
     def _new_job(self, p: JobInsertParams, tags: tuple[str, ...], now: datetime) -> _Job:
         job = _Job(
             id=next(self._ids),
-            kind=p.kind,
+            kind=_text(p.kind),
             args=_jsonb(p.args_json),
-            queue=p.queue,
+            queue=_text(p.queue),
             state=JobState(p.state),
             priority=p.priority,
             attempt=0,
@@ -941,7 +959,7 @@ class MemoryDriver:
             scheduled_at=_ts(p.scheduled_at),
             errors=(),
             metadata=_jsonb(p.metadata_json),
-            tags=tags,
+            tags=tuple(_text(tag) for tag in tags),
             unique_key=p.unique_key,
             unique_states=_unique_states(p.unique_states),
         )
@@ -1051,7 +1069,7 @@ class MemoryDriver:
 
         def op(st: _Stmt) -> list[Row]:
             if limit < 0:
-                raise MemoryStoreError("LIMIT must not be negative")
+                raise MemoryDataError("LIMIT must not be negative")
             paused = self._queues.get(queue)
             if paused is not None and paused.paused_at is not None:
                 return []
@@ -1181,7 +1199,7 @@ class MemoryDriver:
 
         def op(st: _Stmt) -> list[Row]:
             if params.limit < 0:
-                raise MemoryStoreError("LIMIT must not be negative")
+                raise MemoryDataError("LIMIT must not be negative")
             visible = list(st.visible_jobs())
             floor = None
             if params.within_newest is not None and visible:
@@ -1349,7 +1367,7 @@ class MemoryDriver:
 
         def op(st: _Stmt) -> dict[str, int]:
             if limit < 0:
-                raise MemoryStoreError("LIMIT must not be negative")
+                raise MemoryDataError("LIMIT must not be negative")
             candidates = [
                 job
                 for state in _SCHEDULABLE
@@ -1530,12 +1548,12 @@ class MemoryDriver:
             if not payloads:
                 return
             if not channel:
-                raise MemoryStoreError("channel name cannot be empty")
+                raise MemoryDataError("channel name cannot be empty")
             if len(channel.encode()) >= _NAMEDATALEN:
-                raise MemoryStoreError("channel name too long")
+                raise MemoryDataError("channel name too long")
             for payload in payloads:
                 if len(payload.encode()) >= _NOTIFY_PAYLOAD_MAX:
-                    raise MemoryStoreError("payload string too long")
+                    raise MemoryDataError("payload string too long")
                 st.notify(channel, payload)
 
         await self._run("sending notifications", None, op)
@@ -1612,7 +1630,7 @@ class MemoryDriver:
 
         def op(st: _Stmt) -> list[Row]:
             if limit < 0:
-                raise MemoryStoreError("LIMIT must not be negative")
+                raise MemoryDataError("LIMIT must not be negative")
             found = sorted(
                 (
                     j
@@ -1669,7 +1687,7 @@ class MemoryDriver:
 
         def op(st: _Stmt) -> int:
             if limit < 0:
-                raise MemoryStoreError("LIMIT must not be negative")
+                raise MemoryDataError("LIMIT must not be negative")
             doomed = sorted(
                 (
                     j

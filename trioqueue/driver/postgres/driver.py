@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
@@ -37,12 +38,33 @@ _INSERT_COLUMNS = (
 )
 
 
+_ENCODING_ERRORS = (UnicodeEncodeError, OverflowError, struct.error)
+"""What encoding a value for the server raises when the value cannot be sent at all (a lone
+surrogate in text, a number too big for its column's type)."""
+_FAILURES = (psycopg.Error, *_ENCODING_ERRORS)
+
+
+def _database_error(doing: str, exc: BaseException) -> DatabaseError:
+    """``exc`` (one of `_FAILURES`) as a DatabaseError. It is ``rejected_data`` when the
+    values sent were at fault — a data exception or constraint (SQLSTATE classes 22 and
+    23; psycopg raises DataError for a NUL in text before sending), a program limit
+    (class 54: too big), or a value that could not be encoded — so that the caller does
+    not send them again as they are."""
+    if isinstance(exc, psycopg.Error):
+        rejected = isinstance(exc, psycopg.DataError | psycopg.IntegrityError) or (
+            exc.sqlstate or ""
+        ).startswith("54")
+    else:
+        rejected = True
+    return DatabaseError(doing, exc, rejected_data=rejected)
+
+
 @contextmanager
 def _wrapped(doing: str) -> Iterator[None]:
     try:
         yield
-    except psycopg.Error as exc:
-        raise DatabaseError(doing, exc) from exc
+    except _FAILURES as exc:
+        raise _database_error(doing, exc) from exc
 
 
 def _insert_arrays(params: Sequence[JobInsertParams]) -> list[Any]:
@@ -200,8 +222,8 @@ class PostgresDriver:
             if ex is not None:
                 return await ex.fetch(QUERIES[name], params, prepare=self._prepare)  # type: ignore[no-any-return]
             return await self._pool.fetch(QUERIES[name], params, prepare=self._prepare)
-        except psycopg.Error as exc:
-            raise DatabaseError(doing, exc) from exc
+        except _FAILURES as exc:
+            raise _database_error(doing, exc) from exc
 
     async def _fetchrow(self, doing: str, name: str, params: Sequence[Any], ex: Any) -> Row | None:
         rows = await self._fetch(doing, name, params, ex)
@@ -214,6 +236,16 @@ class PostgresDriver:
         now: datetime,
         *,
         ex: Any = None,
+    ) -> list[tuple[Row, bool]]:
+        with _wrapped("inserting jobs"):
+            return await self._job_insert_many(params, notify_queues, now, ex)
+
+    async def _job_insert_many(
+        self,
+        params: Sequence[JobInsertParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        ex: Any,
     ) -> list[tuple[Row, bool]]:
         if len(params) == 1:
             p = params[0]
@@ -289,30 +321,29 @@ class PostgresDriver:
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[Row]:
+        doing = "writing job outcomes"
         if not rows and all(_plain_completion(o) for o in outcomes):
-            return await self._fetch(
-                "writing job outcomes",
-                "job_complete_many_ids",
-                [
+            with _wrapped(doing):
+                ids = [
                     int8_array([o.id for o in outcomes]),
                     timestamptz_array([o.finalized_at for o in outcomes]),
                     timestamptz_array([o.attempted_at for o in outcomes]),
-                ],
-                None,
-            )
-        args = [
-            int8_array([o.id for o in outcomes]),
-            text_array([o.state.value for o in outcomes]),
-            timestamptz_array([o.finalized_at for o in outcomes]),
-            timestamptz_array([o.scheduled_at for o in outcomes]),
-            bool_array([o.give_back_attempt for o in outcomes]),
-            text_array([o.error_json for o in outcomes]),
-            text_array([o.metadata_json for o in outcomes]),
-            now,
-            timestamptz_array([o.attempted_at for o in outcomes]),
-        ]
+                ]
+            return await self._fetch(doing, "job_complete_many_ids", ids, None)
+        with _wrapped(doing):
+            args = [
+                int8_array([o.id for o in outcomes]),
+                text_array([o.state.value for o in outcomes]),
+                timestamptz_array([o.finalized_at for o in outcomes]),
+                timestamptz_array([o.scheduled_at for o in outcomes]),
+                bool_array([o.give_back_attempt for o in outcomes]),
+                text_array([o.error_json for o in outcomes]),
+                text_array([o.metadata_json for o in outcomes]),
+                now,
+                timestamptz_array([o.attempted_at for o in outcomes]),
+            ]
         name = "job_set_state_if_running_many" if rows else "job_set_state_if_running_many_ids"
-        return await self._fetch("writing job outcomes", name, args, None)
+        return await self._fetch(doing, name, args, None)
 
     async def job_get(self, job_id: int, *, ex: Any = None) -> Row | None:
         return await self._fetchrow(f"getting job {job_id}", "job_get", [job_id], ex)

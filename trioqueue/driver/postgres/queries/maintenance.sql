@@ -13,14 +13,20 @@ ORDER BY id
 LIMIT $2;
 
 -- name: job_rescue_many
--- Apply the rescuer's decisions, only to rows still running the same attempt.
+-- Apply the rescuer's decisions, only to rows still running the same attempt. A
+-- rescue_count that is not a plain count (written by hand: inserts refuse the key) counts
+-- as 0, so that one such row cannot fail the whole batch, rescue after rescue.
 UPDATE tq_job j
 SET state = i.state::tq_job_state,
     finalized_at = i.finalized_at,
     scheduled_at = coalesce(i.scheduled_at, j.scheduled_at),
     errors = j.errors || jsonb_build_array(i.error::jsonb),
     metadata = j.metadata || jsonb_build_object(
-        'rescue_count', coalesce((j.metadata ->> 'rescue_count')::int, 0) + 1)
+        'rescue_count',
+        CASE WHEN jsonb_typeof(j.metadata -> 'rescue_count') = 'number'
+                  AND (j.metadata ->> 'rescue_count') ~ '^[0-9]{1,9}$'
+             THEN (j.metadata ->> 'rescue_count')::int
+             ELSE 0 END + 1)
 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[],
             $6::timestamptz[])
      AS i(id, state, finalized_at, scheduled_at, error, attempted_at)
