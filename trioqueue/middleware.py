@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar, final, runtime_checkable
 
 import attrs
 
+from ._runtime.failure import cancelled_for_real
 from .errors import ValidationError
 from .job import InsertOpts, Job, UniqueOpts
 
@@ -230,12 +231,15 @@ async def run_work_end(
     ends: Sequence[Callable[..., Any]], job: Job[Any], error: BaseException | None
 ) -> BaseException | None:
     """Call each ``work_end(job, error)`` in order. One that returns an exception (or
-    raises one) replaces the outcome for the hooks after it and for the record; one that
-    returns None leaves it as it is."""
+    raises one, whatever it is) replaces the outcome for the hooks after it and for the
+    record; one that returns None leaves it as it is. Only a genuine cancellation (a
+    stop) propagates."""
     for end in ends:
         try:
             replaced = await _maybe_await(end(job, error))
-        except Exception as exc:
+        except BaseException as exc:
+            if cancelled_for_real(exc):
+                raise
             replaced = exc
         if isinstance(replaced, BaseException):
             error = replaced

@@ -2,9 +2,22 @@
 
 Workers hand outcomes over with :meth:`Completer.complete`; the completer writes them in
 batches (by size or after a short linger), one statement per batch, applied only to rows
-still ``running``, then sends one event per written job to the dispatcher. A failed write
-is retried with backoff and never dropped. When too many outcomes wait, ``complete``
-blocks (backpressure) instead of letting memory grow without bound.
+still ``running``, then sends one event per written job to the dispatcher.
+
+A write can fail in two ways, and neither loses an outcome or stops the others:
+
+- The database is unreachable, slow or restarting: the same batch is retried with backoff.
+  Meanwhile :attr:`Completer.writable` is False, and producers fetch no new jobs until a
+  write goes through again (see `Producer`).
+- The database refuses the data of some outcome (``DatabaseError.rejected_data``): the
+  batch is halved until the refused outcomes stand alone, every other outcome is written,
+  and each refused one is written in a storable form (its error replaced by a note saying
+  why); it is never retried as it was.
+
+At most ``max_pending`` outcomes wait to be written (the runtime makes that the client's
+worker slots, and at least one flush); past it ``complete`` blocks, and a blocked worker
+keeps its slot, so nothing new is fetched either. A crash therefore re-runs at most those
+outcomes and the jobs that were running: about one batch.
 """
 
 from __future__ import annotations
@@ -17,11 +30,12 @@ from typing import Any, NamedTuple, final
 import attrs
 import trio
 
-from .._codec import row_to_job
+from .._codec import dumps, row_to_job
 from ..driver.protocol import Driver, JobOutcome, Row
 from ..errors import DatabaseError
 from ..events import Event, EventKind
 from ..job import JobListParams, JobState
+from .failure import storable_text
 
 __all__ = ["Completer", "CompleterStatistics", "Finished"]
 
@@ -39,6 +53,40 @@ class Finished(NamedTuple):
     """When the run began (the row's ``attempted_at``): identifies this run of the job."""
     args: Any = None
     """The job's args as the worker saw them, for the event (the write returns none)."""
+    attempt: int = 0
+    """The attempt that ran (for an error entry the completer must write in its place)."""
+
+
+class _Rejected(Exception):
+    """A write failed because the database refused the data (not worth retrying as is)."""
+
+    def __init__(self, error: DatabaseError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+FLUSH_SIZE = 100
+"""A batch is written as soon as this many outcomes wait."""
+
+REFUSED_NOTE_LIMIT = 500
+"""Characters of the database's complaint kept in a refused outcome's stand-in error."""
+
+
+def storable_stand_in(finished: Finished, error: DatabaseError, now: datetime) -> Finished:
+    """What to write for an outcome the database refused: the same state, times and
+    attempt, with no metadata change and its error replaced by a note of trioqueue's own,
+    built from nothing the job supplied. Not a checkpoint."""
+    complaint = storable_text(str(error))[:REFUSED_NOTE_LIMIT]
+    note = dumps(
+        {
+            "at": now.isoformat(),
+            "attempt": finished.attempt,
+            "error": "trioqueue could not store this attempt's outcome as it was; "
+            f"the database refused it: {complaint}",
+            "trace": "",
+        }
+    )
+    return finished._replace(outcome=finished.outcome._replace(error_json=note, metadata_json=None))
 
 
 @final
@@ -54,6 +102,10 @@ class CompleterStatistics:
     """Write attempts that failed and were retried."""
     waiting_for_space: int
     """Workers blocked by backpressure right now."""
+    refused: int = 0
+    """Outcomes the database refused as they were, written in a storable form instead."""
+    writable: bool = True
+    """False while writes fail (producers then fetch nothing)."""
 
 
 @final
@@ -66,14 +118,15 @@ class Completer:
     shutdown_timeout: float
     wants_events: Callable[[], bool] = attrs.field(default=lambda: True)
     """Whether anyone would receive job events now; if not, written jobs are not read back."""
-    flush_size: int = 100
+    flush_size: int = FLUSH_SIZE
     """Write as soon as this many outcomes wait."""
     linger: float = 0.05
     """Otherwise write this long after the first outcome arrived."""
     max_batch: int = 5000
     """At most this many rows per statement."""
     max_pending: int = 10_000
-    """``complete`` blocks while this many wait, until fewer than half remain."""
+    """``complete`` blocks while this many wait, until fewer than half remain (the runtime
+    sets it from the client's worker slots)."""
     _pending: list[Finished] = attrs.field(factory=list, init=False)
     _work: trio.Event = attrs.field(factory=trio.Event, init=False)
     _space: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -82,13 +135,42 @@ class Completer:
     _batches: int = attrs.field(default=0, init=False)
     _failed: int = attrs.field(default=0, init=False)
     _waiting: int = attrs.field(default=0, init=False)
+    _refused: int = attrs.field(default=0, init=False)
+    _writable: trio.Event = attrs.field(factory=trio.Event, init=False)
+    """Set while writes go through; cleared from a failed write to the next success."""
     _write_interrupted: bool = attrs.field(default=False, init=False)
     """A write was cancelled mid-statement: it may have committed (see ``_write``)."""
 
+    def __attrs_post_init__(self) -> None:
+        self._writable.set()
+
     def statistics(self) -> CompleterStatistics:
         return CompleterStatistics(
-            len(self._pending), self._written, self._batches, self._failed, self._waiting
+            len(self._pending),
+            self._written,
+            self._batches,
+            self._failed,
+            self._waiting,
+            self._refused,
+            self.writable,
         )
+
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until a write goes through again. Not a checkpoint."""
+        return self._writable.is_set()
+
+    async def wait_writable(self) -> None:
+        """Return once writes go through (at once when they do). Always a checkpoint; on
+        cancellation nothing changed."""
+        await self._writable.wait()
+
+    def _set_writable(self, writable: bool) -> None:
+        if writable and not self._writable.is_set():
+            self._writable.set()
+            log.info("writing job outcomes works again")
+        elif not writable and self._writable.is_set():
+            self._writable = trio.Event()
 
     def complete_nowait(self, item: Finished, *, force: bool = False) -> None:
         """Queue an outcome without waiting. Not a checkpoint.
@@ -186,9 +268,10 @@ class Completer:
     async def _write_with_retries(
         self, batch: list[Finished], want_rows: bool
     ) -> tuple[list[Row], bool]:
-        """Write the batch, retrying with backoff until it succeeds; return the rows
-        written (``(id,)`` only unless ``want_rows``) and whether any attempt failed
-        first."""
+        """Write the batch, retrying with backoff while the write fails for reasons other
+        than its data; return the rows written (``(id,)`` only unless ``want_rows``) and
+        whether any attempt failed first. Raises `_Rejected` when the database refuses the
+        data (nothing was written)."""
         delay = 0.5
         # A write cancelled mid-statement (an outside cancel, before the shielded final
         # flush) may have committed all the same: treat it like a failed attempt.
@@ -199,15 +282,20 @@ class Completer:
                 rows = await self.driver.job_set_state_if_running_many(
                     [f.outcome for f in batch], self.now(), rows=want_rows
                 )
+                self._set_writable(True)
                 return rows, failed_before
             except trio.Cancelled:
                 self._write_interrupted = True
                 raise
             except DatabaseError as exc:
+                if exc.rejected_data:
+                    raise _Rejected(exc) from exc
                 self._failed += 1
                 failed_before = True
+                self._set_writable(False)
                 log.warning(
-                    "writing %d job outcomes failed, retrying in %.1f s: %s",
+                    "writing %d job outcomes failed, retrying in %.1f s (no new jobs are "
+                    "fetched meanwhile): %s",
                     len(batch),
                     delay,
                     exc,
@@ -215,9 +303,47 @@ class Completer:
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
+    async def _write_isolating(
+        self, batch: list[Finished], want_rows: bool
+    ) -> tuple[list[Row], bool]:
+        """`_write_with_retries`, but when the database refuses the batch's data, halve
+        it until each refused outcome stands alone: every other outcome is written, and a
+        refused one in its storable stand-in (`storable_stand_in`). If even the stand-in
+        is refused (which no job's data can cause), the outcome is logged and dropped:
+        its job stays ``running`` for the rescuer, never retried as it was."""
+        try:
+            return await self._write_with_retries(batch, want_rows)
+        except _Rejected as rejected:
+            if len(batch) > 1:
+                half = len(batch) // 2
+                first, failed_first = await self._write_isolating(batch[:half], want_rows)
+                rest, failed_rest = await self._write_isolating(batch[half:], want_rows)
+                return first + rest, failed_first or failed_rest
+            refused = batch[0]
+            self._refused += 1
+            log.error(
+                "the database refused the outcome of job %s (%s); writing it with a "
+                "stand-in error instead: %s",
+                refused.outcome.id,
+                refused.outcome.state.value,
+                rejected.error,
+            )
+            try:
+                return await self._write_with_retries(
+                    [storable_stand_in(refused, rejected.error, self.now())], want_rows
+                )
+            except _Rejected as again:
+                log.error(
+                    "the database refused even the stand-in outcome of job %s; it stays "
+                    "running until the rescuer returns it to work: %s",
+                    refused.outcome.id,
+                    again.error,
+                )
+                return [], False
+
     async def _write(self, batch: list[Finished]) -> None:
         want_events = self.wants_events()
-        rows, failed_before = await self._write_with_retries(batch, want_events)
+        rows, failed_before = await self._write_isolating(batch, want_events)
         self._batches += 1
         self._written += len(batch)
         if want_events and failed_before and len(rows) < len(batch):

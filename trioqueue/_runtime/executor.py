@@ -1,59 +1,32 @@
-"""Runs jobs in cancel scopes shared by the jobs run back to back (lanes) and decides what
-each outcome does to the row."""
+"""Runs jobs in cancel scopes shared by the jobs run back to back (lanes), and turns
+whatever each run did into exactly one outcome for the completer — whatever the job
+raised or returned (see `failure` for hostile errors, `outcome` for the row changes)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import random
-import traceback
 from collections.abc import Callable
-from datetime import datetime, timedelta
-from typing import Any, final
+from datetime import datetime
+from typing import Any, NamedTuple, final
 
 import attrs
 import trio
 
-from .._codec import decode_args, dumps, with_args
-from ..config import ClientConfig, RetryPolicy, call_error_handler
-from ..driver.protocol import JobOutcome
+from .._codec import decode_args, with_args
+from ..config import ClientConfig, call_error_handler
 from ..errors import JobCancel, JobSnooze
 from ..events import EventKind
 from ..job import Job, JobState
 from ..middleware import WorkNext, build_work_chain, run_work_end, work_end_hooks
 from ..workers import DEFAULT_TIMEOUT, WorkerEntry, Workers
+from . import outcome
 from .completer import Completer, Finished
+from .failure import cancelled_for_real, describe, is_fatal
 
-__all__ = ["Executor", "JobHandle", "default_retry_delay", "next_retry_delay"]
+__all__ = ["Executor", "JobHandle"]
 
 log = logging.getLogger("trioqueue.executor")
-
-
-def default_retry_delay(job: Job[Any]) -> float:
-    """``(errors + 1) ** 4`` seconds, ±10% jitter; ``job.errors`` holds earlier errors."""
-    base = float((len(job.errors) + 1) ** 4)
-    return base * random.uniform(0.9, 1.1)
-
-
-MAX_RETRY_DELAY = 10 * 365 * 86400.0
-
-
-def next_retry_delay(
-    job: Job[Any], entry: WorkerEntry[Any] | None, retry_policy: RetryPolicy | None
-) -> float:
-    """Seconds until ``job``'s retry: the worker's ``next_retry``, else the client's
-    ``retry_policy``, else the default. A policy that raises or returns a negative or
-    non-finite number is logged and the default used instead."""
-    policy = (entry.next_retry if entry is not None else None) or retry_policy
-    if policy is not None:
-        try:
-            delay = float(policy(job))
-            if math.isfinite(delay) and delay >= 0:
-                return min(delay, MAX_RETRY_DELAY)
-            log.warning("retry policy gave %r for job %s; using the default", delay, job.id)
-        except Exception:
-            log.exception("retry policy raised for job %s; using the default", job.id)
-    return min(default_retry_delay(job), MAX_RETRY_DELAY)
 
 
 DEADLINE_SLACK = 0.001
@@ -71,6 +44,10 @@ class JobCancelledRemotelyError(Exception):
 
 class UnknownKindError(Exception):
     """Recorded when a fetched job's kind has no worker on this client."""
+
+
+class ArgsDecodeError(Exception):
+    """Recorded when a job's stored args cannot be made into its worker's args type."""
 
 
 @final
@@ -99,10 +76,31 @@ Ended = Callable[["Job[Any]", "Finished"], None]
 """Called once per job taken, right after its outcome was handed to the completer."""
 
 
-def _error_entry(now: datetime, attempt: int, exc: BaseException) -> str:
-    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    trace = "".join(traceback.format_exception(exc))
-    return dumps({"at": now.isoformat(), "attempt": attempt, "error": message, "trace": trace})
+class _Run(NamedTuple):
+    """What one run of a job's code came to, before hooks and the decision."""
+
+    job: Job[Any]
+    """The job, with its args decoded for the worker when they could be."""
+    entry: WorkerEntry[Any] | None
+    ran: bool
+    """The job's code was called (so its work_end hooks are owed)."""
+    error: BaseException | None
+    """What it raised, whatever that was (None: it returned)."""
+    timeout: float | None
+
+
+def _decoded(job: Job[Any], entry: WorkerEntry[Any]) -> Job[Any]:
+    """``job`` with its args as ``entry``'s args type. The producer decodes them as it
+    builds the job; here only when that failed, or the job came from elsewhere. Raises
+    ArgsDecodeError when the stored args are not a JSON object, and whatever the type
+    raises when it refuses them."""
+    args = job.args
+    if not isinstance(args, dict):
+        raise ArgsDecodeError(
+            f"the stored args are a JSON {type(args).__name__}, not an object: "
+            f"cannot make a {entry.args_type.__name__} of them"
+        )
+    return with_args(job, decode_args(entry.args_type, args))
 
 
 def _log_end(job: Job[Any], finished: Finished, failure: BaseException | None) -> None:
@@ -115,14 +113,14 @@ def _log_end(job: Job[Any], finished: Finished, failure: BaseException | None) -
         level = logging.DEBUG
     if not log.isEnabledFor(level):
         return
-    outcome = finished.event_kind.value.removeprefix("job_")
+    outcome_name = finished.event_kind.value.removeprefix("job_")
     extra = {
         "job_id": job.id,
         "kind": job.kind,
         "queue": job.queue,
         "attempt": job.attempt,
         "duration": finished.duration,
-        "outcome": outcome,
+        "outcome": outcome_name,
         "state": state.value,
     }
     if failure is not None and level > logging.DEBUG:
@@ -131,11 +129,11 @@ def _log_end(job: Job[Any], finished: Finished, failure: BaseException | None) -
             "job %s (%s) %s on attempt %s/%s, now %s: %s",
             job.id,
             job.kind,
-            outcome,
+            outcome_name,
             job.attempt,
             job.max_attempts,
             state.value,
-            f"{type(failure).__name__}: {failure}",
+            describe(failure),
             extra=extra,
         )
     else:
@@ -144,7 +142,7 @@ def _log_end(job: Job[Any], finished: Finished, failure: BaseException | None) -
             "job %s (%s) %s in %.6f s",
             job.id,
             job.kind,
-            outcome,
+            outcome_name,
             finished.duration,
             extra=extra,
         )
@@ -199,9 +197,16 @@ class Executor:
         deadline is lifted before anything after a job's own code may wait (hooks, the
         error handler, a full completer buffer).
 
+        Whatever a job raises is its outcome (docs/failure-modes.md): an error recorded
+        and the attempt counted, even for a ``BaseException`` or a hand-made
+        ``trio.Cancelled``. ``KeyboardInterrupt`` and ``SystemExit`` (alone or in a group)
+        are recorded the same way, and then propagate once the outcome is queued.
+
         On cancellation from outside (hard stop): the job in hand gets its "interrupted"
         outcome (back to ``available``, attempt given back, no error) queued before
-        Cancelled propagates, so the job never stays ``running``.
+        Cancelled propagates, so the job never stays ``running``. Should anything else
+        escape while a job is in hand (a hook or error handler raising a
+        ``BaseException``), that job's outcome records it as a failed attempt first.
         """
         item = take()
         while item is not None:
@@ -215,89 +220,121 @@ class Executor:
         job, handle = item
         start = trio.current_time()
         in_hand = True  # the job's outcome is not queued yet
-        entry: WorkerEntry[Any] | None = None
-        done = False
-        ran = False
-        failure: BaseException | None = None
-        timeout: float | None = None
         try:
             with trio.CancelScope() as lane:
                 while True:
-                    entry = self.workers.get(job.kind)
-                    done = False
-                    failure = None
-                    if entry is None:
-                        failure = UnknownKindError(
-                            f"no worker is registered for job kind {job.kind!r} on this client"
-                        )
-                    elif type(job.args) is not entry.args_type:
-                        # The producer decodes args as it builds the job; here only when
-                        # that failed (so this raises and is recorded) or the job came
-                        # from elsewhere.
-                        try:
-                            job = with_args(job, decode_args(entry.args_type, job.args))
-                        except Exception as exc:
-                            failure = exc
-                    if entry is not None and failure is None:
-                        timeout = self._timeout(entry)
-                        if timeout is None:
-                            if lane.deadline != math.inf:
-                                lane.deadline = math.inf
-                        else:
-                            # Moving a scope's deadline costs trio about as much as a
-                            # no-op job: keep the lane's while it is within the slack.
-                            due = start + timeout
-                            if not due <= lane.deadline <= due + timeout * DEADLINE_SLACK:
-                                lane.deadline = due + timeout * DEADLINE_SLACK
-                        handle.lane = lane
-                        if handle.cancel_requested:
-                            lane.cancel()
-                        try:
-                            await (self._chains.get(job.kind) or self._chain(entry))(job)
-                            done = True
-                        except Exception as exc:
-                            failure = exc
-                        finally:
-                            handle.lane = None
-                        if lane.cancel_called:
-                            # Cancelled, but the job caught it or never reached a
-                            # checkpoint: it ends outside this lane, like a cancelled one.
-                            break
-                        ran = True
-                    else:
-                        ran = False
+                    run = await self._run_job(job, handle, lane)
+                    job = run.job
+                    if lane.cancel_called:
+                        # Cancelled (by job_cancel or the timeout), whether the job caught
+                        # it or never reached a checkpoint: it ends outside this lane.
+                        break
                     if lane.deadline != math.inf and (
-                        failure is not None or (ran and self._ends.get(job.kind, self._work_ends))
+                        run.error is not None
+                        or (run.ran and self._ends.get(job.kind, self._work_ends))
                     ):
                         lane.deadline = math.inf
-                    finished = await self._end(job, entry, ran, done, failure, start, handle)
+                    finished, fatal = await self._end(run, start, handle)
                     in_hand = False
                     await self._hand_over(job, finished, ended, lane)
+                    if fatal is not None:
+                        raise fatal
                     following = take()
                     if following is None:
                         return None
                     job, handle = following
                     start = trio.current_time()
                     in_hand = True
+            # The lane was cancelled for this job: by job_cancel or its timeout. That cancel
+            # is no error of the job's; anything else it raised is.
+            error = run.error
+            if isinstance(error, BaseExceptionGroup):
+                error = error.split(trio.Cancelled)[1]
+                cancelled = error is None
+            else:
+                cancelled = isinstance(error, trio.Cancelled)
+            if cancelled:
+                if handle.cancel_requested:
+                    error = JobCancelledRemotelyError("job cancelled through job_cancel")
+                else:
+                    error = JobTimeoutError(f"job timed out after {run.timeout} s")
+            finished, fatal = await self._end(run._replace(error=error), start, handle)
+            in_hand = False
+            await self._hand_over(job, finished, ended, None)
+            if fatal is not None:
+                raise fatal
+        except BaseException as exc:
             if in_hand:
-                # The lane was cancelled for this job: by job_cancel or its timeout.
-                if not done and failure is None:
-                    if handle.cancel_requested:
-                        failure = JobCancelledRemotelyError("job cancelled through job_cancel")
-                    else:
-                        failure = JobTimeoutError(f"job timed out after {timeout} s")
-                finished = await self._end(job, entry, True, done, failure, start, handle)
-                in_hand = False
-                await self._hand_over(job, finished, ended, None)
-        except BaseException:
-            if in_hand:
-                interrupted = self.interrupted(job, start)
-                self.completer.complete_nowait(interrupted, force=True)
-                if log.isEnabledFor(logging.DEBUG):
-                    _log_end(job, interrupted, None)
-                ended(job, interrupted)
+                self._hand_back(job, exc, start, ended)
             raise
         return take()
+
+    async def _run_job(self, job: Job[Any], handle: JobHandle, lane: trio.CancelScope) -> _Run:
+        """Run the job's code in ``lane`` (with its deadline), catching whatever it raises.
+
+        Cancelled from outside while the job runs (its error holds a ``Cancelled`` and the
+        lane itself was not cancelled): raises trio's Cancelled, never the job's own
+        exception, which might be a group also holding errors that must not escape."""
+        entry = self.workers.get(job.kind)
+        if entry is None:
+            unknown = UnknownKindError(
+                f"no worker is registered for job kind {job.kind!r} on this client"
+            )
+            return _Run(job, None, False, unknown, None)
+        if type(job.args) is not entry.args_type:
+            try:
+                job = _decoded(job, entry)
+            except Exception as exc:
+                return _Run(job, entry, False, exc, None)
+        timeout = self._timeout(entry)
+        if timeout is None:
+            if lane.deadline != math.inf:
+                lane.deadline = math.inf
+        else:
+            # Moving a scope's deadline costs trio about as much as a no-op job: keep the
+            # lane's while it is within the slack.
+            due = trio.current_time() + timeout
+            if not due <= lane.deadline <= due + timeout * DEADLINE_SLACK:
+                lane.deadline = due + timeout * DEADLINE_SLACK
+        handle.lane = lane
+        if handle.cancel_requested:
+            lane.cancel()
+        error: BaseException | None = None
+        try:
+            await (self._chains.get(job.kind) or self._chain(entry))(job)
+        except BaseException as exc:
+            error = exc
+        finally:
+            handle.lane = None
+        if error is not None and not lane.cancel_called and cancelled_for_real(error):
+            await trio.lowlevel.checkpoint()  # raises Cancelled: the task's scope is cancelled
+        return _Run(job, entry, True, error, timeout)
+
+    def _hand_back(self, job: Job[Any], exc: BaseException, start: float, ended: Ended) -> None:
+        """``exc`` escaped while ``job`` was in hand: queue its outcome before it
+        propagates. A cancellation interrupts the job (back to ``available``, attempt
+        given back); anything else is a failed attempt with ``exc`` recorded, retried on
+        the default delay (no user code runs here). Not a checkpoint."""
+        duration = trio.current_time() - start
+        if cancelled_for_real(exc):
+            finished = outcome.interrupted(job, duration)
+            failure = None
+        else:
+            finished = outcome.failed(
+                job,
+                None,
+                exc,
+                self.now(),
+                duration,
+                cancel=False,
+                retry_policy=None,
+                scheduler_interval=self.config.scheduler_interval,
+            )
+            failure = exc
+        self.completer.complete_nowait(finished, force=True)
+        if failure is not None or log.isEnabledFor(logging.DEBUG):
+            _log_end(job, finished, failure)
+        ended(job, finished)
 
     async def _hand_over(
         self, job: Job[Any], finished: Finished, ended: Ended, lane: trio.CancelScope | None
@@ -315,28 +352,23 @@ class Executor:
             ended(job, finished)
 
     async def _end(
-        self,
-        job: Job[Any],
-        entry: WorkerEntry[Any] | None,
-        ran: bool,
-        done: bool,
-        failure: BaseException | None,
-        start: float,
-        handle: JobHandle,
-    ) -> Finished:
-        """The outcome of a run: the work_end hooks (if the job's code ran), then
-        `_decide`, then the log line."""
-        if ran:
+        self, run: _Run, start: float, handle: JobHandle
+    ) -> tuple[Finished, BaseException | None]:
+        """The outcome of a run — the work_end hooks (if the job's code ran), then
+        `_decide`, then the log line — and the KeyboardInterrupt or SystemExit to raise
+        once it is queued, if the job raised one."""
+        job, error = run.job, run.error
+        fatal = error if error is not None and is_fatal(error) else None
+        if run.ran:
             ends = self._ends.get(job.kind, self._work_ends)
             if ends:
-                failure = await run_work_end(ends, job, failure)
-                done = failure is None
-        finished = await self._decide(
-            job, entry, done, failure, trio.current_time() - start, handle
-        )
-        if failure is not None or log.isEnabledFor(logging.DEBUG):
-            _log_end(job, finished, failure)
-        return finished
+                error = await run_work_end(ends, job, error)
+                if fatal is None and error is not None and is_fatal(error):
+                    fatal = error
+        finished = await self._decide(job, run.entry, error, trio.current_time() - start, handle)
+        if error is not None or log.isEnabledFor(logging.DEBUG):
+            _log_end(job, finished, error)
+        return finished, fatal
 
     def _timeout(self, entry: WorkerEntry[Any]) -> float | None:
         if entry.timeout is DEFAULT_TIMEOUT:
@@ -345,110 +377,42 @@ class Executor:
         return entry.timeout
 
     def interrupted(self, job: Job[Any], start: float) -> Finished:
-        return Finished(
-            JobOutcome(
-                id=job.id,
-                state=JobState.AVAILABLE,
-                finalized_at=None,
-                scheduled_at=None,
-                give_back_attempt=True,
-                error_json=None,
-                metadata_json=None,
-                attempted_at=job.attempted_at,
-            ),
-            EventKind.JOB_INTERRUPTED,
-            trio.current_time() - start,
-            job.attempted_at,
-            job.args,
-        )
+        """The outcome of a claimed job a stop cut short (see `outcome.interrupted`)."""
+        return outcome.interrupted(job, trio.current_time() - start)
 
     async def _decide(
         self,
         job: Job[Any],
         entry: WorkerEntry[Any] | None,
-        done: bool,
-        failure: BaseException | None,
+        error: BaseException | None,
         duration: float,
         handle: JobHandle,
     ) -> Finished:
         now = self.now()
-        if done:
-            return Finished(
-                JobOutcome(
-                    job.id, JobState.COMPLETED, now, None, False, None, None, job.attempted_at
-                ),
-                EventKind.JOB_COMPLETED,
-                duration,
-                job.attempted_at,
-                job.args,
+        if error is None:
+            return outcome.completed(job, now, duration)
+        if isinstance(error, JobSnooze):
+            snooze = outcome.snoozed(
+                job, now, error.seconds, self.config.scheduler_interval, duration
             )
-        assert failure is not None
-        if isinstance(failure, JobSnooze):
-            at = now + timedelta(seconds=failure.seconds)
-            soon = failure.seconds <= self.config.scheduler_interval
-            snoozes = int(job.metadata.get("snoozes", 0)) + 1
-            return Finished(
-                JobOutcome(
-                    job.id,
-                    JobState.AVAILABLE if soon else JobState.SCHEDULED,
-                    None,
-                    at,
-                    True,
-                    None,
-                    dumps({"snoozes": snoozes}),
-                    job.attempted_at,
-                ),
-                EventKind.JOB_SNOOZED,
-                duration,
-                job.attempted_at,
-                job.args,
-            )
-        error_json = _error_entry(now, job.attempt, failure)
-        cancel = isinstance(failure, JobCancel | JobCancelledRemotelyError) or (
-            handle.cancel_requested
-        )
+            if isinstance(snooze, Finished):
+                return snooze
+            error = snooze
+        cancel = handle.cancel_requested or isinstance(error, JobCancel | JobCancelledRemotelyError)
         if not cancel and self.config.error_handler is not None:
             try:
-                verdict = await call_error_handler(self.config.error_handler, job, failure)
+                verdict = await call_error_handler(self.config.error_handler, job, error)
             except Exception:
                 log.exception("error_handler raised for job %s; ignoring it", job.id)
                 verdict = None
             cancel = bool(verdict and verdict.set_cancelled)
-        if cancel:
-            return Finished(
-                JobOutcome(
-                    job.id, JobState.CANCELLED, now, None, False, error_json, None, job.attempted_at
-                ),
-                EventKind.JOB_CANCELLED,
-                duration,
-                job.attempted_at,
-                job.args,
-            )
-        if job.attempt >= job.max_attempts:
-            return Finished(
-                JobOutcome(
-                    job.id, JobState.DISCARDED, now, None, False, error_json, None, job.attempted_at
-                ),
-                EventKind.JOB_FAILED,
-                duration,
-                job.attempted_at,
-                job.args,
-            )
-        delay = next_retry_delay(job, entry, self.config.retry_policy)
-        soon = delay <= self.config.scheduler_interval
-        return Finished(
-            JobOutcome(
-                job.id,
-                JobState.AVAILABLE if soon else JobState.RETRYABLE,
-                None,
-                now + timedelta(seconds=delay),
-                False,
-                error_json,
-                None,
-                job.attempted_at,
-            ),
-            EventKind.JOB_FAILED,
+        return outcome.failed(
+            job,
+            entry,
+            error,
+            now,
             duration,
-            job.attempted_at,
-            job.args,
+            cancel=cancel,
+            retry_policy=self.config.retry_policy,
+            scheduler_interval=self.config.scheduler_interval,
         )

@@ -5,6 +5,8 @@ shared with the jobs it ran before, until a cancel uses it up).
 Fetches happen when woken (an insert notification, a freed slot after a full fetch, a
 resume), at least every ``fetch_poll_interval``, and — while the queue is busy — at most
 once per ``fetch_cooldown``; a wake-up after a fetch that found nothing fetches at once.
+While the completer cannot write outcomes, nothing is fetched (backpressure: see
+`Completer`).
 A fetch is shielded (with a deadline) so a claimed job is never dropped on the floor by a
 cancellation arriving mid-statement.
 """
@@ -216,6 +218,11 @@ class Producer:
                     await trio.sleep(wait)
                     free = self.max_workers - len(self._running)
             again = False
+            if free > 0 and not self.completer.writable:
+                # Outcomes cannot be written now: fetch nothing until they can, so that
+                # finished runs do not pile up unwritten (a crash would run them again).
+                await self.completer.wait_writable()
+                continue
             if free > 0:
                 self._wake = trio.Event()
                 last_fetch = trio.current_time()

@@ -45,10 +45,11 @@ from ..events import Event, EventKind
 from ..job import Job
 from ..periodic import PeriodicJobs
 from ..workers import Workers
-from .completer import Completer
+from .completer import FLUSH_SIZE, Completer
 from .dispatcher import Dispatcher
-from .executor import Executor, next_retry_delay
+from .executor import Executor
 from .notifier import Notifier
+from .outcome import next_retry_delay
 from .producer import Producer
 
 __all__ = ["Runtime"]
@@ -132,12 +133,18 @@ class Runtime:
         elif action in ("pause", "resume"):
             self.queue_changed(str(action), str(payload.get("queue")))
 
+    def max_pending(self) -> int:
+        """How many finished-but-unwritten outcomes the completer holds before workers
+        wait: the client's worker slots, and at least one flush. With the jobs that are
+        running, that is all a crash can make run again (docs/failure-modes.md)."""
+        return max(sum(q.max_workers for q in self.queues.values()), FLUSH_SIZE)
+
     @property
     def is_leader(self) -> bool:
         return self.elector is not None and self.elector.is_leader
 
     def _retry_delay(self, job: Job[Any]) -> float:
-        return next_retry_delay(job, self.workers.get(job.kind), self.config.retry_policy)
+        return next_retry_delay(job, self.workers.get(job.kind), self.config.retry_policy)[0]
 
     def _maintenance_services(self) -> list[Callable[[], Any]]:
         cfg = self.config
@@ -253,6 +260,7 @@ class Runtime:
                 self.config.shutdown_timeout,
                 self.dispatcher.wants_job_events,
             )
+            self.completer.max_pending = self.max_pending()
             async with trio.open_nursery() as completion:
                 completion.start_soon(self.completer.run)
                 try:

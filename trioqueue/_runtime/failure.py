@@ -1,0 +1,151 @@
+"""What a failed attempt records, whatever the job raised (DESIGN §2, hostile jobs).
+
+A job may raise anything: an exception whose ``str()`` raises, text PostgreSQL cannot
+store (NUL, lone surrogates), a message of megabytes, a ``BaseException``, an exception
+group holding any of these. This module turns each into an error entry that can always be
+stored, and tells the executor which of them it must treat specially:
+
+- a *genuine* cancellation (a ``trio.Cancelled`` while the task's scope really is
+  cancelled) is the runtime's own doing: the job is interrupted, not failed;
+- ``KeyboardInterrupt`` and ``SystemExit`` (alone or inside a group) are recorded like any
+  error and then stop the client (docs/failure-modes.md);
+- everything else, a hand-made ``trio.Cancelled`` included, is an ordinary failure.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from datetime import datetime
+from typing import Final
+
+import trio
+
+from .._codec import dumps
+
+__all__ = [
+    "MAX_ERROR_MESSAGE",
+    "MAX_ERROR_TRACE",
+    "cancelled_for_real",
+    "describe",
+    "error_entry",
+    "is_fatal",
+    "lone_fatal",
+    "storable_text",
+]
+
+MAX_ERROR_MESSAGE: Final = 4_000
+"""Characters of an error's message kept in the job's ``errors`` (then a marker)."""
+MAX_ERROR_TRACE: Final = 16_000
+"""Characters of an error's traceback kept: its start and its end, with a marker between."""
+
+_FATAL: Final = (KeyboardInterrupt, SystemExit)
+
+
+def _holds(
+    exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]
+) -> bool:
+    """Whether ``exc`` is one of ``types`` or an exception group holding one, at any depth."""
+    if isinstance(exc, types):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.subgroup(types) is not None
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """``KeyboardInterrupt`` or ``SystemExit``, alone or in a group: the client stops after
+    recording it. Not a checkpoint."""
+    return _holds(exc, _FATAL)
+
+
+def lone_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The ``KeyboardInterrupt`` or ``SystemExit`` that ``group`` (as nurseries nest it)
+    holds and nothing else, or None. Lets ``open_client`` re-raise a job's Ctrl-C or
+    ``sys.exit()`` as itself, so that the process stops as it would without the client."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], _FATAL):
+        return leaves[0]
+    return None
+
+
+def cancelled_for_real(exc: BaseException) -> bool:
+    """Whether ``exc`` holds a ``trio.Cancelled`` *and* the calling task sits in a
+    cancelled scope, so trio delivered it. A job can hand-make a ``Cancelled``
+    (``trio.Cancelled._create()``) and raise it with nothing cancelled: that is an error of
+    the job's, not a stop. Not a checkpoint."""
+    return _holds(exc, trio.Cancelled) and trio.current_effective_deadline() == -math.inf
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it in text and jsonb: NUL becomes the four
+    characters ``\\x00`` and a lone surrogate its ``\\udc80`` escape; the rest is kept."""
+    if text.isascii():
+        return text.replace("\x00", "\\x00") if "\x00" in text else text
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _capped(text: str, limit: int, *, keep_end: bool) -> str:
+    """``text`` storable and at most about ``limit`` characters: its start (and, with
+    ``keep_end``, its end) with a marker saying how much was cut."""
+    if len(text) <= limit:
+        return storable_text(text)
+    # Escaping can lengthen text (up to six times): cut the raw text first, then escape.
+    if keep_end:
+        head, tail = storable_text(text[: limit // 2]), storable_text(text[-(limit // 2) :])
+        cut = len(text) - 2 * (limit // 2)
+        return f"{head[: limit // 2]}\n… [{cut} characters cut] …\n{tail[-(limit // 2) :]}"
+    head = storable_text(text[:limit])[:limit]
+    return f"{head} … [{len(text) - limit} characters cut]"
+
+
+def _class_name(exc: BaseException) -> str:
+    return storable_text(type(exc).__name__)
+
+
+def describe(exc: BaseException) -> str:
+    """``"ValueError: message"`` (just the class name when the message is empty), storable
+    and capped at `MAX_ERROR_MESSAGE`. Never raises: an exception whose ``str()`` raises
+    is described by its ``repr()``, and one whose ``repr()`` raises too by its class name."""
+    name = _class_name(exc)
+    try:
+        text = str(exc)
+    except BaseException:
+        try:
+            text = repr(exc)
+        except BaseException:
+            text = ""
+    if not isinstance(text, str):  # a str subclass whose methods misbehave is still a str
+        text = ""
+    return _capped(f"{name}: {text}" if text else name, MAX_ERROR_MESSAGE, keep_end=False)
+
+
+def _trace(exc: BaseException) -> str:
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except BaseException as failure:  # a broken __cause__ chain, an exotic group...
+        text = f"(the traceback could not be formatted: {_class_name(failure)})"
+    return _capped(text, MAX_ERROR_TRACE, keep_end=True)
+
+
+def error_entry(now: datetime, attempt: int, exc: BaseException, note: str | None = None) -> str:
+    """The JSON of one ``errors`` entry for ``exc``: when, which attempt, its description
+    and traceback, every text storable and capped. ``note`` (trioqueue's own words, such as
+    why a retry policy's answer was ignored) is added to the description."""
+    message = describe(exc)
+    if note:
+        message = f"{message} [{storable_text(note)}]"
+    return dumps(
+        {"at": now.isoformat(), "attempt": attempt, "error": message, "trace": _trace(exc)}
+    )

@@ -1,0 +1,225 @@
+"""What a finished run does to its job row: the `Finished` records the executor hands to
+the completer, one builder per kind of ending (DESIGN §4, the job lifecycle).
+
+Everything here is sync and never raises on values that came from user code: a retry
+policy's odd answer falls back to the default delay, an impossible snooze becomes an
+error of the attempt, an odd ``snoozes`` count in the metadata counts as none.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+from .._codec import dumps
+from ..config import RetryPolicy
+from ..driver.protocol import JobOutcome
+from ..errors import MAX_SNOOZE
+from ..events import EventKind
+from ..job import Job, JobState
+from ..workers import WorkerEntry
+from .completer import Finished
+from .failure import error_entry
+
+__all__ = [
+    "MAX_RETRY_DELAY",
+    "InvalidSnoozeError",
+    "completed",
+    "default_retry_delay",
+    "failed",
+    "interrupted",
+    "next_retry_delay",
+    "snoozed",
+]
+
+log = logging.getLogger("trioqueue.executor")
+
+MAX_RETRY_DELAY = MAX_SNOOZE
+"""The longest a retry waits, whatever a policy answers: ten years."""
+
+
+class InvalidSnoozeError(Exception):
+    """Recorded when a job snoozes for a time that cannot be scheduled."""
+
+
+def default_retry_delay(job: Job[Any]) -> float:
+    """``(errors + 1) ** 4`` seconds, ±10% jitter; ``job.errors`` holds earlier errors."""
+    base = float((len(job.errors) + 1) ** 4)
+    return base * random.uniform(0.9, 1.1)
+
+
+def next_retry_delay(
+    job: Job[Any], entry: WorkerEntry[Any] | None, retry_policy: RetryPolicy | None
+) -> tuple[float, str | None]:
+    """Seconds until ``job``'s retry — the worker's ``next_retry``, else the client's
+    ``retry_policy``, else the default — and, when a policy's answer was not used, why.
+
+    A policy that raises, or answers anything but a number from 0 up (NaN, infinity, a
+    negative number, a string), is logged and the default used instead; an answer past
+    `MAX_RETRY_DELAY` is cut to it."""
+    policy = (entry.next_retry if entry is not None else None) or retry_policy
+    note = None
+    if policy is not None:
+        try:
+            delay = policy(job)
+        except Exception as exc:
+            log.exception("retry policy raised for job %s; using the default", job.id)
+            note = f"the retry policy raised {type(exc).__name__}; the default delay was used"
+        else:
+            if (
+                isinstance(delay, numbers.Real)
+                and not isinstance(delay, bool)
+                and math.isfinite(delay)
+                and delay >= 0
+            ):
+                return min(float(delay), MAX_RETRY_DELAY), None
+            log.warning("retry policy gave %r for job %s; using the default", delay, job.id)
+            note = f"the retry policy answered {_short_repr(delay)}; the default delay was used"
+    return min(default_retry_delay(job), MAX_RETRY_DELAY), note
+
+
+def _short_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _snoozes(metadata: dict[str, Any]) -> int:
+    """How often the job snoozed before, as stored; anything but a sane count is 0."""
+    value = metadata.get("snoozes", 0)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 - 1:
+        return value
+    return 0
+
+
+def _finished(
+    job: Job[Any],
+    state: JobState,
+    kind: EventKind,
+    duration: float,
+    *,
+    finalized_at: datetime | None = None,
+    scheduled_at: datetime | None = None,
+    give_back_attempt: bool = False,
+    error_json: str | None = None,
+    metadata_json: str | None = None,
+) -> Finished:
+    return Finished(
+        JobOutcome(
+            id=job.id,
+            state=state,
+            finalized_at=finalized_at,
+            scheduled_at=scheduled_at,
+            give_back_attempt=give_back_attempt,
+            error_json=error_json,
+            metadata_json=metadata_json,
+            attempted_at=job.attempted_at,
+        ),
+        kind,
+        duration,
+        job.attempted_at,
+        job.args,
+        job.attempt,
+    )
+
+
+def completed(job: Job[Any], now: datetime, duration: float) -> Finished:
+    """The job returned: ``completed``. (Built positionally: every job that succeeds
+    makes one.)"""
+    return Finished(
+        JobOutcome(job.id, JobState.COMPLETED, now, None, False, None, None, job.attempted_at),
+        EventKind.JOB_COMPLETED,
+        duration,
+        job.attempted_at,
+        job.args,
+        job.attempt,
+    )
+
+
+def interrupted(job: Job[Any], duration: float) -> Finished:
+    """The run was cut short by a stop: back to ``available``, its attempt given back and
+    no error recorded."""
+    return _finished(
+        job, JobState.AVAILABLE, EventKind.JOB_INTERRUPTED, duration, give_back_attempt=True
+    )
+
+
+def snoozed(
+    job: Job[Any], now: datetime, seconds: object, scheduler_interval: float, duration: float
+) -> Finished | InvalidSnoozeError:
+    """The job raised ``JobSnooze(seconds)``: ``scheduled`` that much later (``available``
+    when due within ``scheduler_interval``), its attempt given back, no error. A time that
+    cannot be scheduled (``seconds`` changed after the JobSnooze was made) comes back as
+    the error to record instead."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 <= seconds <= MAX_SNOOZE
+    ):
+        return InvalidSnoozeError(
+            f"JobSnooze.seconds is {_short_repr(seconds)}: must be a number of seconds "
+            f"from 0 to {MAX_SNOOZE:g}"
+        )
+    try:
+        at = now + timedelta(seconds=seconds)
+    except OverflowError:
+        return InvalidSnoozeError(f"JobSnooze.seconds is {seconds!r}: past the last date")
+    return _finished(
+        job,
+        JobState.AVAILABLE if seconds <= scheduler_interval else JobState.SCHEDULED,
+        EventKind.JOB_SNOOZED,
+        duration,
+        scheduled_at=at,
+        give_back_attempt=True,
+        metadata_json=dumps({"snoozes": _snoozes(job.metadata) + 1}),
+    )
+
+
+def failed(
+    job: Job[Any],
+    entry: WorkerEntry[Any] | None,
+    error: BaseException,
+    now: datetime,
+    duration: float,
+    *,
+    cancel: bool,
+    retry_policy: RetryPolicy | None,
+    scheduler_interval: float,
+) -> Finished:
+    """The attempt failed with ``error`` (recorded on the job, storable whatever it is):
+    ``cancelled`` when ``cancel``; ``discarded`` once the attempts are used up; else
+    retried after the retry delay (``available`` when that is within
+    ``scheduler_interval``, else ``retryable``)."""
+    if cancel:
+        return _finished(
+            job,
+            JobState.CANCELLED,
+            EventKind.JOB_CANCELLED,
+            duration,
+            finalized_at=now,
+            error_json=error_entry(now, job.attempt, error),
+        )
+    if job.attempt >= job.max_attempts:
+        return _finished(
+            job,
+            JobState.DISCARDED,
+            EventKind.JOB_FAILED,
+            duration,
+            finalized_at=now,
+            error_json=error_entry(now, job.attempt, error),
+        )
+    delay, note = next_retry_delay(job, entry, retry_policy)
+    return _finished(
+        job,
+        JobState.AVAILABLE if delay <= scheduler_interval else JobState.RETRYABLE,
+        EventKind.JOB_FAILED,
+        duration,
+        scheduled_at=now + timedelta(seconds=delay),
+        error_json=error_entry(now, job.attempt, error, note),
+    )
