@@ -20,6 +20,7 @@ import pytest
 import trio
 
 import trioqueue as tq
+import trioqueue.testing as tqt
 from trioqueue._runtime.failure import MAX_ERROR_MESSAGE, MAX_ERROR_TRACE
 
 _stores = itertools.count()
@@ -292,3 +293,13 @@ async def test_stored_args_that_are_not_an_object_fail_the_attempt(url: str) -> 
     assert job.errors[0].error.startswith(
         "ArgsDecodeError: the stored args are a JSON list, not an object"
     )
+
+
+async def test_work_one_records_a_system_exit_then_raises_it() -> None:
+    driver = tq.MemoryDriver()
+    with pytest.raises(SystemExit) as raised:
+        await tqt.work_one(_act, Act("system_exit"), driver=driver)
+    assert raised.value.code == 3
+    async with tq.open_client(driver=driver) as client:
+        [job] = (await client.job_list()).jobs
+    assert (job.attempt, [e.error for e in job.errors]) == (1, ["SystemExit: 3"])

@@ -29,7 +29,7 @@ from ._codec import (
     unique_states_bits,
 )
 from ._runtime.dispatcher import Subscription
-from ._runtime.failure import lone_fatal
+from ._runtime.failure import fatal_unwrapped
 from ._runtime.notifier import NotifyLimiter
 from ._runtime.tree import Runtime
 from .config import ClientConfig, QueueConfig, validate_queues
@@ -755,18 +755,12 @@ async def _run_client(
     if client._runtime is None:
         yield client
         return
-    try:
+    # A job's KeyboardInterrupt or SystemExit stops the client once its outcome is written
+    # (docs/failure-modes.md), and comes out as itself, not nested in nursery groups.
+    with fatal_unwrapped():
         async with trio.open_nursery() as nursery:
             await nursery.start(client._runtime.run)
             try:
                 yield client
             finally:
                 client._runtime.soft_stop()
-    except BaseExceptionGroup as group:
-        # A job's KeyboardInterrupt or SystemExit stopped the client once its outcome was
-        # written (docs/failure-modes.md): raise it as itself, not nested in the groups
-        # of the runtime's nurseries.
-        fatal = lone_fatal(group)
-        if fatal is None:
-            raise
-        raise fatal from None

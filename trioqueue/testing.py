@@ -47,6 +47,7 @@ import trio
 from ._codec import decode_args, dumps, row_to_job, with_args
 from ._runtime.completer import Completer
 from ._runtime.executor import Executor, JobHandle
+from ._runtime.failure import fatal_unwrapped
 from .client import Client, open_client
 from .config import ClientConfig
 from .driver.memory import MemoryDriver
@@ -548,7 +549,8 @@ async def work_one(
 
     Raises ``ValidationError`` (nothing written) for bad arguments, ``UnknownJobKindError``
     when ``workers`` has no worker for the kind; never raises the worker's exception (it is
-    recorded on the job).
+    recorded on the job), except ``KeyboardInterrupt`` and ``SystemExit``, which propagate
+    once recorded, as they stop a client (docs/failure-modes.md).
 
     On cancellation from outside while the worker runs: as on a client's hard stop, the
     job goes back to ``available`` with its attempt given back (written, shielded, within
@@ -583,12 +585,14 @@ async def _run_claimed(client: Client, workers: Workers, job: Job[Any]) -> WorkR
         linger=0.0,
     )
     executor = Executor(workers, cfg, completer, store.clock)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(completer.run)
-        try:
-            finished = await executor.execute(job, JobHandle())
-        finally:
-            completer.close()
+    # A job's KeyboardInterrupt or SystemExit propagates (as itself) once written.
+    with fatal_unwrapped():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(completer.run)
+            try:
+                finished = await executor.execute(job, JobHandle())
+            finally:
+                completer.close()
     with receive:
         while True:
             try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Final
 
@@ -29,8 +31,8 @@ __all__ = [
     "cancelled_for_real",
     "describe",
     "error_entry",
+    "fatal_unwrapped",
     "is_fatal",
-    "lone_fatal",
     "storable_text",
 ]
 
@@ -57,10 +59,9 @@ def is_fatal(exc: BaseException) -> bool:
     return _holds(exc, _FATAL)
 
 
-def lone_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def _lone_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The ``KeyboardInterrupt`` or ``SystemExit`` that ``group`` (as nurseries nest it)
-    holds and nothing else, or None. Lets ``open_client`` re-raise a job's Ctrl-C or
-    ``sys.exit()`` as itself, so that the process stops as it would without the client."""
+    holds and nothing else, or None."""
     leaves: list[BaseException] = []
     stack: list[BaseException] = [group]
     while stack:
@@ -72,6 +73,20 @@ def lone_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException | None
     if len(leaves) == 1 and isinstance(leaves[0], _FATAL):
         return leaves[0]
     return None
+
+
+@contextmanager
+def fatal_unwrapped() -> Iterator[None]:
+    """Around a nursery: a lone ``KeyboardInterrupt`` or ``SystemExit`` coming out of it
+    (a job's, once its outcome was written) is re-raised as itself, not nested in exception
+    groups, so the process stops as it would without trioqueue. Any other group passes."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        fatal = _lone_fatal(group)
+        if fatal is None:
+            raise
+        raise fatal from None
 
 
 def cancelled_for_real(exc: BaseException) -> bool:
