@@ -225,9 +225,11 @@ class Executor:
                 while True:
                     run = await self._run_job(job, handle, lane)
                     job = run.job
-                    if lane.cancel_called:
+                    if run.ran and lane.cancel_called:
                         # Cancelled (by job_cancel or the timeout), whether the job caught
-                        # it or never reached a checkpoint: it ends outside this lane.
+                        # it or never reached a checkpoint: it ends outside this lane. (A
+                        # job that did not run has no deadline of its own in the lane, and
+                        # reading cancel_called past the last job's would cancel the lane.)
                         break
                     if lane.deadline != math.inf and (
                         run.error is not None
