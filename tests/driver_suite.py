@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -264,6 +265,10 @@ async def insert_stores_json_as_jsonb_does(driver: Driver) -> None:
     row = await insert_one(driver, args_json='{"n": 1e3, "f": 1.0, "g": 1.5e2, "s": "é"}')
     assert row[ARGS] == {"f": 1.0, "g": 150, "n": 1000, "s": "é"}
     assert isinstance(row[ARGS]["n"], int) and isinstance(row[ARGS]["f"], float)
+    # numeric has no negative zero.
+    negative_zero = await insert_one(driver, args_json='{"z": -0.0}')
+    assert math.copysign(1.0, negative_zero[ARGS]["z"]) == 1.0
+    await driver.job_delete(negative_zero[ID])
     for bad in ('{"x": NaN}', '{"x": "\\u0000"}', "{not json"):
         with pytest.raises(tq.DatabaseError):
             await insert(driver, params(args_json=bad))

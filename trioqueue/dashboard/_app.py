@@ -14,7 +14,6 @@ job's kind, args or error cannot reorder what the page says around it.
 from __future__ import annotations
 
 import json
-import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
@@ -30,7 +29,15 @@ from starlette.routing import Route
 
 from ..client import Client
 from ..errors import JobNotFoundError, JobRunningError, ValidationError
-from ..job import FINALIZED_STATES, Job, JobListParams, JobState, parse_bigint, validate_kind
+from ..job import (
+    FINALIZED_STATES,
+    Job,
+    JobListParams,
+    JobState,
+    check_tag,
+    parse_bigint,
+    validate_kind,
+)
 from ..job import validate_queue_name as _validate_queue_name
 from ._security import CSRF_MAX_AGE, FLASH_MAX_AGE, SafetyMiddleware, Signer, redirect
 
@@ -44,7 +51,6 @@ order) looks at the newest this many job ids only, and says so."""
 REFRESH_SECONDS: Final = 5
 MAX_FORM_BYTES: Final = 16 * 1024
 """The largest action form (request body) accepted; a longer one gets 413 unread."""
-_TAG_RE: Final = re.compile(r"^\w[\w\-]*\w$")
 _LIVE_STATES: Final = [s for s in JobState if s not in FINALIZED_STATES]
 _FINALIZED: Final = [JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED]
 
@@ -175,11 +181,10 @@ def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]
         except ValidationError as exc:
             raise BadInput("queue", exc.rule) from None
     if tag is not None:
-        if len(tag) > 255 or not _TAG_RE.match(tag):
-            raise BadInput(
-                "tag", f"{tag!r} is not a tag (letters, digits, '_' and '-', 2-255 characters)"
-            )
-        filters["tag"] = tag
+        try:
+            filters["tag"] = check_tag("tag", tag)
+        except ValidationError as exc:
+            raise BadInput("tag", exc.rule) from None
     cursor = None if after is None else _bigint("after", after)
     # Live states are listed from the fetch index (bounded by the backlog); any other
     # filter walks the primary key, so it looks at the newest SCAN_NEWEST ids only.

@@ -140,7 +140,7 @@ def _numeric(text: str) -> int | float:
     """A JSON number as jsonb keeps it (numeric): ``1e3`` comes back as ``1000``."""
     if Decimal(text).as_tuple().exponent >= 0:  # type: ignore[operator]
         return int(Decimal(text))
-    return float(text)
+    return float(text) + 0.0  # numeric has no negative zero: -0.0 reads back as 0.0
 
 
 def _reject_constant(name: str) -> NoReturn:
