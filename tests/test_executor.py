@@ -274,3 +274,26 @@ async def test_outside_cancel_interrupts_the_running_job_only(
     ]
     assert ended == [0, 1, 2]
     assert len(queue) == 1  # job 3 was never taken
+
+
+async def test_a_hard_stop_wins_over_a_timeout_that_passed_during_shielded_cleanup(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Stopped at 0.8 s, the job's shielded cleanup runs past its 1 s timeout: the lane is
+    # then cancelled too, but the stop came first; the job is interrupted (attempt given
+    # back, no error), not failed as timed out.
+    async def step(job: tq.Job[Step]) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.5)
+
+    workers = tq.Workers()
+    workers.add(Step, step, timeout=1.0)
+    completer = _Completer()
+    executor = Executor(workers, ClientConfig(), completer, lambda: NOW)  # type: ignore[arg-type]
+    queue = [(_job(0), JobHandle())]
+    with trio.move_on_after(0.8):
+        await executor.run(lambda: queue.pop(0) if queue else None, lambda j, _: None)
+    assert _kinds(completer.outcomes) == [EventKind.JOB_INTERRUPTED]

@@ -13,6 +13,7 @@ import itertools
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from typing import Any, ClassVar
 
 import attrs
@@ -22,6 +23,7 @@ import trio
 import trioqueue as tq
 import trioqueue.testing as tqt
 from trioqueue._runtime.failure import MAX_ERROR_MESSAGE, MAX_ERROR_TRACE
+from trioqueue.driver.protocol import JobOutcome
 
 _stores = itertools.count()
 
@@ -91,6 +93,9 @@ FATAL: dict[str, Callable[[], BaseException]] = {
     "keyboard_interrupt": KeyboardInterrupt,
     "system_exit": lambda: SystemExit(3),
     "group_with_keyboard_interrupt": lambda: BaseExceptionGroup("g", [KeyboardInterrupt()]),
+    "group_with_keyboard_interrupt_and_more": lambda: BaseExceptionGroup(
+        "g", [ValueError("also"), KeyboardInterrupt()]
+    ),
 }
 
 
@@ -213,6 +218,8 @@ async def test_keyboard_interrupt_and_system_exit_stop_the_client_once_recorded(
     assert (job.state, job.attempt) == (tq.JobState.RETRYABLE, 1), job
     [error] = job.errors
     assert error.error.startswith(("KeyboardInterrupt", "SystemExit", "BaseExceptionGroup"))
+    if mode == "group_with_keyboard_interrupt_and_more":
+        assert "also" in error.trace  # the whole group is recorded; only the KI is raised
     # The others were interrupted by the stop, as by a hard stop: back to work, attempt
     # given back, no error.
     for blocker in blockers:
@@ -303,3 +310,71 @@ async def test_work_one_records_a_system_exit_then_raises_it() -> None:
     async with tq.open_client(driver=driver) as client:
         [job] = (await client.job_list()).jobs
     assert (job.attempt, [e.error for e in job.errors]) == (1, ["SystemExit: 3"])
+
+
+async def test_several_jobs_exiting_at_once_still_exit_with_their_code(url: str) -> None:
+    # Four jobs in two queues raise SystemExit(3) in the same round: the process must exit
+    # with 3, not with a traceback of a group of four.
+    with pytest.raises(SystemExit) as raised, trio.fail_after(30):
+        async with tq.open_client(
+            url,
+            workers=_workers(),
+            queues={"default": tq.QueueConfig(max_workers=5), "other": tq.QueueConfig()},
+            **FAST,
+        ) as client:
+            await client.insert_many(
+                [
+                    (Act("system_exit", i), tq.InsertOpts(queue=q))
+                    for i in range(2)
+                    for q in ("default", "other")
+                ]
+            )
+            await trio.sleep_forever()
+    assert raised.value.code == 3
+
+
+@pytest.mark.parametrize(
+    ("answer", "delay"),
+    [(2**1100, 10 * 365 * 86400.0), (Decimal("120.5"), 120.5), (1e30, 10 * 365 * 86400.0)],
+    ids=["int-past-float", "decimal", "huge-float"],
+)
+async def test_a_retry_policy_answer_is_taken_as_seconds_and_capped(
+    url: str, answer: object, delay: float
+) -> None:
+    async with _client(url, retry_policy=lambda job: answer) as client:
+        job = (await client.insert(Act("nul"))).job
+        await _until_attempted(client, {job.id})
+        ok = (await client.insert(Act("ok"))).job  # the client goes on
+        await _until_attempted(client, {ok.id})
+    stored = (await _jobs(url))[job.id]
+    assert stored.state is tq.JobState.RETRYABLE
+    assert (stored.scheduled_at - stored.errors[0].at).total_seconds() == pytest.approx(delay)
+    assert "default delay" not in stored.errors[0].error
+
+
+async def test_a_row_with_malformed_errors_and_metadata_is_still_read_and_run(url: str) -> None:
+    # Written by hand: an errors entry that is not an object, one whose time and attempt
+    # are garbage, and metadata that is not an object. Reading such a row used to raise
+    # inside the producer, which killed the client and left its whole fetch running.
+    async with tq.open_client(url) as admin:
+        store = admin.driver
+        now = store.clock()
+        params = admin._params(Act("ok"), now)
+        [(odd, _)] = await store.job_insert_many(
+            [params._replace(metadata_json="[1, 2]", queue="odd")], [], now
+        )
+        for entry in ("7", '{"at": "garbage", "attempt": "x", "error": "by hand"}'):
+            [claimed] = await store.job_get_available("odd", store.clock(), 1, "by-hand")
+            outcome = JobOutcome(
+                claimed[0], tq.JobState.AVAILABLE, None, None, True, entry, None, claimed[8]
+            )
+            await store.job_set_state_if_running_many([outcome], store.clock())
+        await store.job_insert_many([params._replace(queue="odd")] * 3, [], now)
+        read = await admin.job_get(odd[0])
+        assert [e.error for e in read.errors] == ["7", "by hand"]
+        assert read.metadata == {"(stored metadata is not an object)": [1, 2]}
+    async with tq.open_client(
+        url, workers=_workers(), queues={"odd": tq.QueueConfig(max_workers=5)}, **FAST
+    ) as client:
+        await _until_attempted(client, set((await _jobs(url)).keys()))
+    assert {job.state for job in (await _jobs(url)).values()} == {tq.JobState.COMPLETED}

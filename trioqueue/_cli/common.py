@@ -23,6 +23,7 @@ import attrs
 import click
 import trio
 
+from .._runtime.failure import leaves
 from ..embedded import DATABASE_URL_ENV, EmbeddedServerError, resolve_database_url
 from ..errors import TrioqueueError, ValidationError
 from ..job import INT64_MAX, parse_bigint
@@ -98,10 +99,11 @@ def output_closed() -> bool:
     """Whether stdout or stderr is a pipe (or socket) whose reader has gone.
 
     A write there fails with BrokenPipeError; this tells that failure apart from a broken
-    pipe anywhere else (which stays an error). Where ``poll`` is missing, assume so.
+    pipe anywhere else (which stays an error). Where ``poll`` is missing (Windows), it
+    cannot tell, and says no: the broken pipe is then reported as an error.
     """
     if not hasattr(select, "poll"):
-        return True
+        return False
     for stream in (sys.__stdout__, sys.__stderr__):
         try:
             fd = stream.fileno() if stream is not None else -1
@@ -128,13 +130,6 @@ def silence_stdout() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, fd)
         os.close(devnull)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions ``exc`` consists of, exception groups flattened."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 _USER_ERRORS = (CliError, TrioqueueError, OSError, EmbeddedServerError)
@@ -174,10 +169,10 @@ def _user_errors(exc: BaseException) -> list[BaseException] | None:
     if isinstance(exc, BaseExceptionGroup):
         found: list[BaseException] = []
         for inner in exc.exceptions:
-            leaves = _user_errors(inner)
-            if leaves is None:
+            errors = _user_errors(inner)
+            if errors is None:
                 return None
-            found.extend(leaves)
+            found.extend(errors)
         return found
     return [exc] if isinstance(exc, _USER_ERRORS) else None
 
@@ -193,11 +188,11 @@ def run_trio(fn: Callable[[Unpack[Ts]], Awaitable[int | None]], *args: *Ts) -> i
     try:
         result = trio.run(fn, *args)
     except BaseException as exc:
-        leaves = _leaves(exc)
-        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        found = leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in found):
             click.echo("interrupted", err=True)
             return INTERRUPTED
-        if any(isinstance(e, BrokenPipeError) for e in leaves) and output_closed():
+        if any(isinstance(e, BrokenPipeError) for e in found) and output_closed():
             raise OutputClosed from None
         errors = _user_errors(exc)
         if errors is None:

@@ -22,7 +22,7 @@ from ..middleware import WorkNext, build_work_chain, run_work_end, work_end_hook
 from ..workers import DEFAULT_TIMEOUT, WorkerEntry, Workers
 from . import outcome
 from .completer import Completer, Finished
-from .failure import cancelled_for_real, describe, is_fatal
+from .failure import cancelled_for_real, describe, fatal_in
 
 __all__ = ["Executor", "JobHandle"]
 
@@ -247,8 +247,13 @@ class Executor:
                     job, handle = following
                     start = trio.current_time()
                     in_hand = True
-            # The lane was cancelled for this job: by job_cancel or its timeout. That cancel
-            # is no error of the job's; anything else it raised is.
+            # The lane was cancelled for this job: by job_cancel or its timeout. A stop
+            # from outside that came as well wins (out here, only outer scopes count): the
+            # job is interrupted, as a job that outlived its timeout in a shielded cleanup
+            # during a hard stop must be.
+            if run.error is not None and cancelled_for_real(run.error):
+                await trio.lowlevel.checkpoint()
+            # Otherwise that cancel is no error of the job's; anything else it raised is.
             error = run.error
             if isinstance(error, BaseExceptionGroup):
                 error = error.split(trio.Cancelled)[1]
@@ -286,7 +291,7 @@ class Executor:
         if type(job.args) is not entry.args_type:
             try:
                 job = _decoded(job, entry)
-            except Exception as exc:
+            except BaseException as exc:  # the args type's code: whatever it raises
                 return _Run(job, entry, False, exc, None)
         timeout = self._timeout(entry)
         if timeout is None:
@@ -360,13 +365,13 @@ class Executor:
         `_decide`, then the log line — and the KeyboardInterrupt or SystemExit to raise
         once it is queued, if the job raised one."""
         job, error = run.job, run.error
-        fatal = error if error is not None and is_fatal(error) else None
+        fatal = None if error is None else fatal_in(error)
         if run.ran:
             ends = self._ends.get(job.kind, self._work_ends)
             if ends:
                 error = await run_work_end(ends, job, error)
-                if fatal is None and error is not None and is_fatal(error):
-                    fatal = error
+                if fatal is None and error is not None:
+                    fatal = fatal_in(error)
         finished = await self._decide(job, run.entry, error, trio.current_time() - start, handle)
         if error is not None or log.isEnabledFor(logging.DEBUG):
             _log_end(job, finished, error)
@@ -377,10 +382,6 @@ class Executor:
             return self.config.job_timeout
         assert not isinstance(entry.timeout, type(DEFAULT_TIMEOUT))
         return entry.timeout
-
-    def interrupted(self, job: Job[Any], start: float) -> Finished:
-        """The outcome of a claimed job a stop cut short (see `outcome.interrupted`)."""
-        return outcome.interrupted(job, trio.current_time() - start)
 
     async def _decide(
         self,

@@ -31,8 +31,9 @@ __all__ = [
     "cancelled_for_real",
     "describe",
     "error_entry",
+    "fatal_in",
     "fatal_unwrapped",
-    "is_fatal",
+    "leaves",
     "storable_text",
 ]
 
@@ -44,6 +45,13 @@ MAX_ERROR_TRACE: Final = 16_000
 _FATAL: Final = (KeyboardInterrupt, SystemExit)
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions ``exc`` consists of, exception groups flattened (in order)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
 def _holds(
     exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]
 ) -> bool:
@@ -53,40 +61,31 @@ def _holds(
     return isinstance(exc, BaseExceptionGroup) and exc.subgroup(types) is not None
 
 
-def is_fatal(exc: BaseException) -> bool:
-    """``KeyboardInterrupt`` or ``SystemExit``, alone or in a group: the client stops after
-    recording it. Not a checkpoint."""
-    return _holds(exc, _FATAL)
-
-
-def _lone_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The ``KeyboardInterrupt`` or ``SystemExit`` that ``group`` (as nurseries nest it)
-    holds and nothing else, or None."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    if len(leaves) == 1 and isinstance(leaves[0], _FATAL):
-        return leaves[0]
+def fatal_in(exc: BaseException) -> BaseException | None:
+    """The first ``KeyboardInterrupt`` or ``SystemExit`` in ``exc`` (itself, or a leaf of
+    its group), or None: the client stops after recording it. Not a checkpoint."""
+    if isinstance(exc, _FATAL):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        return next((leaf for leaf in leaves(exc) if isinstance(leaf, _FATAL)), None)
     return None
 
 
 @contextmanager
 def fatal_unwrapped() -> Iterator[None]:
-    """Around a nursery: a lone ``KeyboardInterrupt`` or ``SystemExit`` coming out of it
-    (a job's, once its outcome was written) is re-raised as itself, not nested in exception
-    groups, so the process stops as it would without trioqueue. Any other group passes."""
+    """Around a nursery: when what comes out of it is only ``KeyboardInterrupt`` and
+    ``SystemExit`` (jobs', once their outcomes were written), and ``Cancelled``, the first
+    of them is re-raised as itself, not nested in exception groups, so the process stops
+    as it would without trioqueue (a ``sys.exit(3)`` exits with 3). Any other group
+    passes."""
     try:
         yield
     except BaseExceptionGroup as group:
-        fatal = _lone_fatal(group)
-        if fatal is None:
+        found = leaves(group)
+        fatal = [leaf for leaf in found if isinstance(leaf, _FATAL)]
+        if not fatal or not all(isinstance(leaf, (*_FATAL, trio.Cancelled)) for leaf in found):
             raise
-        raise fatal from None
+        raise fatal[0] from None
 
 
 def cancelled_for_real(exc: BaseException) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import random
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from .._codec import dumps
 from ..config import RetryPolicy
 from ..driver.protocol import JobOutcome
-from ..errors import MAX_SNOOZE
+from ..errors import MAX_SNOOZE, snooze_seconds_ok
 from ..events import EventKind
 from ..job import Job, JobState
 from ..workers import WorkerEntry
@@ -59,27 +58,43 @@ def next_retry_delay(
     ``retry_policy``, else the default — and, when a policy's answer was not used, why.
 
     A policy that raises, or answers anything but a number from 0 up (NaN, infinity, a
-    negative number, a string), is logged and the default used instead; an answer past
-    `MAX_RETRY_DELAY` is cut to it."""
+    negative number, a bool, a string, None), is logged and the default used instead; an
+    answer past `MAX_RETRY_DELAY` (an int too big for a float included) is cut to it.
+    Never raises an ``Exception``."""
     policy = (entry.next_retry if entry is not None else None) or retry_policy
     note = None
     if policy is not None:
         try:
-            delay = policy(job)
+            answer = policy(job)
         except Exception as exc:
             log.exception("retry policy raised for job %s; using the default", job.id)
             note = f"the retry policy raised {type(exc).__name__}; the default delay was used"
         else:
-            if (
-                isinstance(delay, numbers.Real)
-                and not isinstance(delay, bool)
-                and math.isfinite(delay)
-                and delay >= 0
-            ):
-                return min(float(delay), MAX_RETRY_DELAY), None
-            log.warning("retry policy gave %r for job %s; using the default", delay, job.id)
-            note = f"the retry policy answered {_short_repr(delay)}; the default delay was used"
+            delay = _seconds(answer)
+            if delay is not None:
+                return delay, None
+            log.warning(
+                "retry policy gave %s for job %s; using the default", _short_repr(answer), job.id
+            )
+            note = f"the retry policy answered {_short_repr(answer)}; the default delay was used"
     return min(default_retry_delay(job), MAX_RETRY_DELAY), note
+
+
+def _seconds(answer: object) -> float | None:
+    """A retry policy's answer as seconds up to `MAX_RETRY_DELAY`; None when it is no
+    number from 0 up. Anything ``float()`` takes counts (a ``Decimal``, a numpy float),
+    but not a bool or a string."""
+    if isinstance(answer, bool | str | bytes) or answer is None:
+        return None
+    try:
+        if isinstance(answer, int) and answer > MAX_RETRY_DELAY:
+            return MAX_RETRY_DELAY  # may be past what a float holds
+        delay = float(answer)  # type: ignore[arg-type]
+    except Exception:
+        return None
+    if not (math.isfinite(delay) and delay >= 0):
+        return None
+    return min(delay, MAX_RETRY_DELAY)
 
 
 def _short_repr(value: object) -> str:
@@ -157,11 +172,7 @@ def snoozed(
     when due within ``scheduler_interval``), its attempt given back, no error. A time that
     cannot be scheduled (``seconds`` changed after the JobSnooze was made) comes back as
     the error to record instead."""
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not 0 <= seconds <= MAX_SNOOZE
-    ):
+    if not snooze_seconds_ok(seconds):
         return InvalidSnoozeError(
             f"JobSnooze.seconds is {_short_repr(seconds)}: must be a number of seconds "
             f"from 0 to {MAX_SNOOZE:g}"
