@@ -129,6 +129,9 @@ class RefuseJob:
     inner: Driver
     job_id: int
     writes: list[list[int]] = attrs.Factory(list)
+    transient: int = 1
+    """The first writes holding the job fail this many times as if the database were
+    away, before it refuses them."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -139,6 +142,9 @@ class RefuseJob:
         self.writes.append([o.id for o in outcomes])
         if any(o.id == self.job_id for o in outcomes):
             await trio.lowlevel.checkpoint()
+            if self.transient:
+                self.transient -= 1
+                raise tq.DatabaseError("writing job outcomes", ConnectionError("gone"))
             raise tq.DatabaseError("writing job outcomes", ValueError("no"), rejected_data=True)
         return await self.inner.job_set_state_if_running_many(outcomes, now, rows=rows)
 
@@ -151,12 +157,17 @@ async def test_an_outcome_refused_even_as_a_stand_in_is_given_up_not_retried(
         now = driver.clock()
         refusing = RefuseJob(driver, rows[3][0])
         items = [_finished(row, tq.JobState.COMPLETED, finalized_at=now) for row in rows]
-        await _complete_all(refusing, items)
+        completer, _ = await _complete_all(refusing, items)
         # Halving found the one outcome; it was tried once more as a stand-in, and that
         # was all: the completer ended instead of retrying it forever.
         alone = [w for w in refusing.writes if w == [rows[3][0]]]
         assert len(alone) == 2
-        assert len(refusing.writes) <= 2 * len(rows)
+        assert len(refusing.writes) <= 2 * len(rows) + 1
+        stats = completer.statistics()
+        assert (stats.written, stats.refused, stats.dropped, stats.failed_writes) == (4, 1, 1, 1)
+        # The database answered after the failed write: writes are possible again, so
+        # producers may fetch (they would otherwise wait for good).
+        assert stats.writable
         states = {row[0]: await driver.job_state(row[0]) for row in rows}
         assert states.pop(rows[3][0]) == "running"  # left for the rescuer
         assert set(states.values()) == {"completed"}

@@ -58,11 +58,13 @@ class Finished(NamedTuple):
 
 
 class _Rejected(Exception):
-    """A write failed because the database refused the data (not worth retrying as is)."""
+    """A write failed because the database refused the data (not worth retrying as is).
+    ``failed_before``: an earlier attempt at it failed in a way that may have committed."""
 
-    def __init__(self, error: DatabaseError) -> None:
+    def __init__(self, error: DatabaseError, failed_before: bool) -> None:
         super().__init__(str(error))
         self.error = error
+        self.failed_before = failed_before
 
 
 FLUSH_SIZE = 100
@@ -95,15 +97,19 @@ class CompleterStatistics:
     pending: int
     """Outcomes waiting to be written."""
     written: int
-    """Outcomes written since start."""
+    """Outcomes written since start (stand-ins of refused ones included)."""
     batches: int
-    """Statements run to write them."""
+    """Statements that wrote them."""
     failed_writes: int
     """Write attempts that failed and were retried."""
     waiting_for_space: int
     """Workers blocked by backpressure right now."""
     refused: int = 0
-    """Outcomes the database refused as they were, written in a storable form instead."""
+    """Outcomes the database refused as they were: each then written in a storable form,
+    or, if even that was refused, dropped (see ``dropped``)."""
+    dropped: int = 0
+    """Refused outcomes whose stand-in was refused too: their jobs stay ``running`` for the
+    rescuer."""
     writable: bool = True
     """False while writes fail (producers then fetch nothing)."""
 
@@ -136,6 +142,7 @@ class Completer:
     _failed: int = attrs.field(default=0, init=False)
     _waiting: int = attrs.field(default=0, init=False)
     _refused: int = attrs.field(default=0, init=False)
+    _dropped: int = attrs.field(default=0, init=False)
     _writable: trio.Event = attrs.field(factory=trio.Event, init=False)
     """Set while writes go through; cleared from a failed write to the next success."""
     _write_interrupted: bool = attrs.field(default=False, init=False)
@@ -152,6 +159,7 @@ class Completer:
             self._failed,
             self._waiting,
             self._refused,
+            self._dropped,
             self.writable,
         )
 
@@ -282,6 +290,7 @@ class Completer:
                 rows = await self.driver.job_set_state_if_running_many(
                     [f.outcome for f in batch], self.now(), rows=want_rows
                 )
+                self._batches += 1
                 self._set_writable(True)
                 return rows, failed_before
             except trio.Cancelled:
@@ -289,7 +298,9 @@ class Completer:
                 raise
             except DatabaseError as exc:
                 if exc.rejected_data:
-                    raise _Rejected(exc) from exc
+                    # The database answered: writes go through, this data does not.
+                    self._set_writable(True)
+                    raise _Rejected(exc, failed_before) from exc
                 self._failed += 1
                 failed_before = True
                 self._set_writable(False)
@@ -318,7 +329,7 @@ class Completer:
                 half = len(batch) // 2
                 first, failed_first = await self._write_isolating(batch[:half], want_rows)
                 rest, failed_rest = await self._write_isolating(batch[half:], want_rows)
-                return first + rest, failed_first or failed_rest
+                return first + rest, rejected.failed_before or failed_first or failed_rest
             refused = batch[0]
             self._refused += 1
             log.error(
@@ -329,23 +340,25 @@ class Completer:
                 rejected.error,
             )
             try:
-                return await self._write_with_retries(
+                rows, failed = await self._write_with_retries(
                     [storable_stand_in(refused, rejected.error, self.now())], want_rows
                 )
+                return rows, rejected.failed_before or failed
             except _Rejected as again:
+                self._dropped += 1
                 log.error(
                     "the database refused even the stand-in outcome of job %s; it stays "
                     "running until the rescuer returns it to work: %s",
                     refused.outcome.id,
                     again.error,
                 )
-                return [], False
+                return [], rejected.failed_before or again.failed_before
 
     async def _write(self, batch: list[Finished]) -> None:
         want_events = self.wants_events()
+        dropped = self._dropped
         rows, failed_before = await self._write_isolating(batch, want_events)
-        self._batches += 1
-        self._written += len(batch)
+        self._written += len(batch) - (self._dropped - dropped)
         if want_events and failed_before and len(rows) < len(batch):
             rows = rows + await self._written_by_lost_reply(batch, {r[0] for r in rows})
         if len(rows) < len(batch):

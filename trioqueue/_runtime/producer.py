@@ -28,6 +28,7 @@ from .._codec import row_to_job
 from ..driver.protocol import Driver, Row
 from ..errors import DatabaseError
 from ..job import Job
+from . import outcome
 from .completer import Completer, Finished
 from .executor import Executor, JobHandle
 
@@ -136,8 +137,7 @@ class Producer:
             # those back here the same way, so no claimed job stays running.
             while self._queued:
                 job, _ = self._queued.popleft()
-                now = trio.current_time()
-                self.completer.complete_nowait(self.executor.interrupted(job, now), force=True)
+                self.completer.complete_nowait(outcome.interrupted(job, 0.0), force=True)
                 del self._running[job.id]
 
     def _queue(self, job: Job[Any]) -> None:
@@ -221,7 +221,11 @@ class Producer:
             if free > 0 and not self.completer.writable:
                 # Outcomes cannot be written now: fetch nothing until they can, so that
                 # finished runs do not pile up unwritten (a crash would run them again).
-                await self.completer.wait_writable()
+                # Cancel requests of running jobs are still polled for meanwhile.
+                with trio.move_on_after(self.fetch_poll_interval) as waited:
+                    await self.completer.wait_writable()
+                if waited.cancelled_caught and self.check_cancels and self._running:
+                    await self._poll_cancels()
                 continue
             if free > 0:
                 self._wake = trio.Event()

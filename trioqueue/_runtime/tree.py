@@ -259,8 +259,8 @@ class Runtime:
                 self.workers.args_type,
                 self.config.shutdown_timeout,
                 self.dispatcher.wants_job_events,
+                max_pending=self.max_pending(),
             )
-            self.completer.max_pending = self.max_pending()
             async with trio.open_nursery() as completion:
                 completion.start_soon(self.completer.run)
                 try:
