@@ -310,18 +310,38 @@ def _parse_ts(value: Any) -> datetime:
     return datetime.fromisoformat(str(value))
 
 
+_UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+"""The ``at`` of a stored error entry whose time cannot be read."""
+
+
+def _error(entry: Any) -> AttemptError:
+    """One stored error entry. A row written by hand may hold anything here: what cannot
+    be read as an entry is shown as its text, so that the job can still be read (and
+    run) and nothing is hidden."""
+    if not isinstance(entry, dict):
+        return AttemptError(_UNKNOWN_TIME, 0, dumps(entry), "")
+    try:
+        at = _parse_ts(entry.get("at"))
+    except (TypeError, ValueError):
+        at = _UNKNOWN_TIME
+    attempt = entry.get("attempt", 0)
+    if isinstance(attempt, bool) or not isinstance(attempt, int):
+        attempt = 0
+    return AttemptError(at, attempt, str(entry.get("error", "")), str(entry.get("trace", "")))
+
+
 def _errors(raw: Any) -> list[AttemptError]:
-    if not raw:
-        return []
-    return [
-        AttemptError(
-            at=_parse_ts(e.get("at")),
-            attempt=int(e.get("attempt", 0)),
-            error=str(e.get("error", "")),
-            trace=str(e.get("trace", "")),
-        )
-        for e in raw
-    ]
+    if not isinstance(raw, list):
+        return [] if not raw else [_error(raw)]
+    return [_error(e) for e in raw]
+
+
+def _metadata(raw: Any) -> dict[str, Any]:
+    """Stored metadata as a dict; a value that is not an object (written by hand) is kept
+    under one key that says so, rather than failing the read or vanishing."""
+    if isinstance(raw, dict):
+        return dict(raw)
+    return {} if raw is None else {"(stored metadata is not an object)": raw}
 
 
 _STATES = {state.value: state for state in JobState}
@@ -352,6 +372,6 @@ def row_to_job(row: tuple[Any, ...], args_type: type[Any] | None) -> Job[Any]:
         row[11],
         row[12],
         _errors(errors) if errors else [],
-        dict(row[14] or {}),
+        _metadata(row[14]),
         list(row[15] or ()),
     )

@@ -81,21 +81,31 @@ def _short(key: str) -> str:
     return text if len(text) <= 40 else f"{text[:30]}...{text[-8:]}"
 
 
-def check_text(field: str, text: str, path: Path = None) -> None:
-    """Raise ValidationError unless ``text`` can be stored as PostgreSQL text (no NUL,
-    no lone surrogate)."""
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL cannot store ``text`` (``"nul"``: a NUL; ``"surrogate"``: a lone
+    surrogate, which has no UTF-8 encoding), or None when it can."""
     if "\x00" in text:
-        raise ValidationError(
-            field, f"{_where(path)}text cannot hold NUL (\\x00): PostgreSQL cannot store it"
-        )
+        return "nul"
     if not text.isascii():
         try:
             text.encode()
         except UnicodeEncodeError:
-            raise ValidationError(
-                field,
-                f"{_where(path)}text holds a lone surrogate, which has no UTF-8 encoding",
-            ) from None
+            return "surrogate"
+    return None
+
+
+def check_text(field: str, text: str, path: Path = None) -> None:
+    """Raise ValidationError unless ``text`` can be stored as PostgreSQL text (no NUL,
+    no lone surrogate)."""
+    problem = text_problem(text)
+    if problem == "nul":
+        raise ValidationError(
+            field, f"{_where(path)}text cannot hold NUL (\\x00): PostgreSQL cannot store it"
+        )
+    if problem == "surrogate":
+        raise ValidationError(
+            field, f"{_where(path)}text holds a lone surrogate, which has no UTF-8 encoding"
+        )
 
 
 def _check_int(field: str, value: int, path: Path) -> None:

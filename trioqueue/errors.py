@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import TypeGuard, final
 
 import attrs
 
@@ -85,6 +85,16 @@ MAX_SNOOZE = 10 * 365 * 86400.0
 """The longest a job may snooze: ten years (the retry delay is capped at the same)."""
 
 
+def snooze_seconds_ok(seconds: object) -> TypeGuard[float]:
+    """Whether ``seconds`` can be a snooze: a number (not a bool) from 0 to `MAX_SNOOZE`;
+    NaN and infinities are not."""
+    return (
+        not isinstance(seconds, bool)
+        and isinstance(seconds, int | float)
+        and 0 <= seconds <= MAX_SNOOZE  # also refuses NaN
+    )
+
+
 @final
 class JobSnooze(Exception):
     """Raise from a worker to run the job again after ``seconds``, without using an attempt.
@@ -94,11 +104,7 @@ class JobSnooze(Exception):
     the attempt fail, with the reason recorded as its error."""
 
     def __init__(self, seconds: float) -> None:
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not 0 <= seconds <= MAX_SNOOZE  # also refuses NaN
-        ):
+        if not snooze_seconds_ok(seconds):
             raise ValidationError(
                 "JobSnooze.seconds", f"must be a number of seconds from 0 to {MAX_SNOOZE:g}"
             )

@@ -318,10 +318,6 @@ class JobListParams:
             or not 1 <= self.limit <= MAX_LIST_LIMIT
         ):
             raise ValidationError("JobListParams.limit", f"must be from 1 to {MAX_LIST_LIMIT}")
-        if self.after is not None and (
-            isinstance(self.after, bool) or not isinstance(self.after, int)
-        ):
-            raise ValidationError("JobListParams.after", "must be a cursor from last_cursor")
         if self.after is not None:
             check_bigint("JobListParams.after", self.after)
         if self.ids is not None:

@@ -223,7 +223,7 @@ class PeriodicEnqueuer:
         except DatabaseError as exc:
             # Values the database refused would be refused again on every pass, and
             # would hold back the jobs after this one: skip the run, as a failed build is.
-            if not getattr(exc, "rejected_data", False):
+            if not exc.rejected_data:
                 raise
             log.error(
                 "periodic job %r: the database refused the run for %s, run skipped: %s",

@@ -42,6 +42,7 @@ from typing import Any, Final, NoReturn, TypeVar, final
 import attrs
 import trio
 
+from .._validate import text_problem
 from ..errors import DatabaseError, TrioqueueError
 from ..job import FINALIZED_STATES, JobListParams, JobState
 from .protocol import (
@@ -155,25 +156,21 @@ def _jsonb_sorted(value: dict[str, Any]) -> dict[str, Any]:
 def _text(value: str) -> str:
     """``value`` if PostgreSQL can take it as text: psycopg refuses a NUL before sending,
     and a lone surrogate cannot be encoded at all."""
-    if "\x00" in value:
+    problem = text_problem(value)
+    if problem == "nul":
         raise MemoryDataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise MemoryDataError(str(exc)) from None
+    if problem == "surrogate":
+        raise MemoryDataError("'utf-8' codec can't encode a lone surrogate")
     return value
 
 
 def _json_string(value: str) -> str:
     """A string inside a jsonb value: no NUL (``\\u0000``) and no lone surrogate."""
-    if "\x00" in value:
+    problem = text_problem(value)
+    if problem == "nul":
         raise MemoryDataError("unsupported Unicode escape sequence (\\u0000)")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise MemoryDataError("invalid Unicode surrogate in a JSON string") from None
+    if problem == "surrogate":
+        raise MemoryDataError("invalid Unicode surrogate in a JSON string")
     return value
 
 
