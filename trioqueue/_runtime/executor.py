@@ -231,12 +231,17 @@ class Executor:
                         # job that did not run has no deadline of its own in the lane, and
                         # reading cancel_called past the last job's would cancel the lane.)
                         break
-                    if lane.deadline != math.inf and (
-                        run.error is not None
-                        or (run.ran and self._ends.get(job.kind, self._work_ends))
-                    ):
-                        lane.deadline = math.inf
-                    finished, fatal = await self._end(run, start, handle)
+                    ends = run.ran and self._ends.get(job.kind, self._work_ends)
+                    if run.error is None and not ends:
+                        # The usual run, kept short: it returned, and no hook follows.
+                        fatal = None
+                        finished = outcome.completed(job, self.now(), trio.current_time() - start)
+                        if log.isEnabledFor(logging.DEBUG):
+                            _log_end(job, finished, None)
+                    else:
+                        if lane.deadline != math.inf:
+                            lane.deadline = math.inf
+                        finished, fatal = await self._end(run, start, handle)
                     in_hand = False
                     await self._hand_over(job, finished, ended, lane)
                     if fatal is not None:
