@@ -245,7 +245,9 @@ def expected_message(boom: Boom) -> str | None:
     text = boom.text * boom.repeat
     name = recorded_name(boom)
     whole = f"{name}: {text}" if text else name
-    return storable(whole) if len(whole) <= MAX_ERROR_MESSAGE else None
+    # The cap holds for the stored (escaped) text: kept whole only if that fits.
+    stored = storable(whole)
+    return stored if len(stored) <= MAX_ERROR_MESSAGE else None
 
 
 async def _never_awaited() -> None:

@@ -63,12 +63,34 @@ def _holds(
 
 def fatal_in(exc: BaseException) -> BaseException | None:
     """The first ``KeyboardInterrupt`` or ``SystemExit`` in ``exc`` (itself, or a leaf of
-    its group), or None: the client stops after recording it. Not a checkpoint."""
+    its group), as one safe to raise through trio, or None: the client stops after
+    recording it. Not a checkpoint."""
     if isinstance(exc, _FATAL):
-        return exc
+        return _raisable(exc)
     if isinstance(exc, BaseExceptionGroup):
-        return next((leaf for leaf in leaves(exc) if isinstance(leaf, _FATAL)), None)
+        found = next((leaf for leaf in leaves(exc) if isinstance(leaf, _FATAL)), None)
+        return None if found is None else _raisable(found)
     return None
+
+
+def _raisable(fatal: BaseException) -> BaseException:
+    """``fatal``, unless its ``repr()`` raises (``sys.exit(obj)`` with such an ``obj``, or a
+    subclass's own ``__repr__``): trio calls it as the exception leaves a task, and would
+    crash. Then a plain ``SystemExit`` with the same ``code`` (the interpreter exits by
+    ``code``), or a plain ``KeyboardInterrupt``, stands in for it."""
+    try:
+        repr(fatal)
+    except BaseException:
+        pass
+    else:
+        return fatal
+    stand_in: BaseException
+    if isinstance(fatal, SystemExit):
+        stand_in = SystemExit()
+        stand_in.code = fatal.code
+    else:
+        stand_in = KeyboardInterrupt()
+    return stand_in.with_traceback(fatal.__traceback__)
 
 
 @contextmanager
@@ -111,17 +133,21 @@ def storable_text(text: str) -> str:
 
 
 def _capped(text: str, limit: int, *, keep_end: bool) -> str:
-    """``text`` storable and at most about ``limit`` characters: its start (and, with
-    ``keep_end``, its end) with a marker saying how much was cut."""
+    """``text`` storable and at most ``limit`` characters plus a marker saying how long it
+    was: its start (and, with ``keep_end``, its end). Escaping NUL and lone surrogates can
+    make text up to six times longer, so the cap applies after it; only the part kept is
+    escaped, so a text of megabytes costs no more than one at the cap."""
     if len(text) <= limit:
-        return storable_text(text)
-    # Escaping can lengthen text (up to six times): cut the raw text first, then escape.
-    if keep_end:
-        head, tail = storable_text(text[: limit // 2]), storable_text(text[-(limit // 2) :])
-        cut = len(text) - 2 * (limit // 2)
-        return f"{head[: limit // 2]}\n… [{cut} characters cut] …\n{tail[-(limit // 2) :]}"
-    head = storable_text(text[:limit])[:limit]
-    return f"{head} … [{len(text) - limit} characters cut]"
+        safe = storable_text(text)
+        if len(safe) <= limit:
+            return safe
+    marker = f"[cut: {len(text)} characters in all]"
+    if not keep_end:
+        return f"{storable_text(text[:limit])[:limit]} … {marker}"
+    half = limit // 2
+    head = storable_text(text[:half])[:half]
+    tail = storable_text(text[-half:])[-half:]
+    return f"{head}\n… {marker} …\n{tail}"
 
 
 def _class_name(exc: BaseException) -> str:
