@@ -16,6 +16,7 @@ import os
 import secrets
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -65,6 +66,18 @@ def _drop_database(server_url: str, name: str) -> None:
         server_url,
         sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
     )
+
+
+@contextmanager
+def fresh_database(server_url: str, template: str, prefix: str = "tq_x") -> Iterator[str]:
+    """A migrated database of its own, copied from ``template`` and dropped afterwards: for
+    hypothesis examples that each want one (the ``database_url`` fixture is per test)."""
+    name = f"{prefix}_{_SESSION_TAG}_{next(_database_numbers)}"
+    url = _create_database(server_url, name, template=template)
+    try:
+        yield url
+    finally:
+        _drop_database(server_url, name)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

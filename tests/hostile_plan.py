@@ -21,19 +21,14 @@ invariants (checked after every client life, and at the end) are listed in
 from __future__ import annotations
 
 import gc
-import itertools
 import math
-import os
 import traceback
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import attrs
-import psycopg
 import trio
-from psycopg import sql
 
 import trioqueue as tq
 from trioqueue._runtime.failure import MAX_ERROR_MESSAGE, MAX_ERROR_TRACE
@@ -815,30 +810,6 @@ def run_on_postgres(plan: Plan, url: str, *, scale: float) -> Harness:
 def assert_holds(harness: Harness) -> None:
     if harness.violations:
         raise AssertionError(harness.report())
-
-
-_databases = itertools.count()
-
-
-@contextmanager
-def fresh_database(server_url: str, template: str) -> Iterator[str]:
-    """A migrated database for one example, made from the session's template."""
-    from conftest import with_dbname
-
-    name = f"tq_hostile_{os.getpid()}_{next(_databases)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
-    try:
-        yield with_dbname(server_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 # -------------------------------------------------------------------------- strategies

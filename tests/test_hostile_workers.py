@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 import pytest
+from conftest import fresh_database
 from hostile_plan import (
     Boom,
     Harness,
@@ -33,7 +34,6 @@ from hostile_plan import (
     Plan,
     Step,
     assert_holds,
-    fresh_database,
     plans,
     run_on_memory,
     run_on_postgres,
@@ -139,7 +139,7 @@ def test_hostile_plans_on_memory(plan: Plan) -> None:
 @given(plan=plans(postgres=True))
 @example(plan=CATALOGUE)
 def test_hostile_plans_on_postgres(plan: Plan, pg_server_url: str, template_database: str) -> None:
-    with fresh_database(pg_server_url, template_database) as url:
+    with fresh_database(pg_server_url, template_database, "tq_hostile") as url:
         harness = run_on_postgres(plan, url, scale=PG_SCALE)
     _statistics(harness)
     assert_holds(harness)

@@ -18,18 +18,15 @@ found so far is also a named regression test at the end of this file.
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-import psycopg
 import pytest
 import trio
+from conftest import fresh_database
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
-from psycopg import sql
 from simulation_plan import (
     Behaviour,
     ClientSpec,
@@ -99,38 +96,13 @@ def test_generated_plans_on_memory(plan: Plan) -> None:
     assert_holds(sim)
 
 
-_databases = itertools.count()
-
-
-@contextmanager
-def fresh_database(server_url: str, template: str) -> Iterator[str]:
-    """A migrated database of its own for one example, copied from the session's
-    template (the ``database_url`` fixture is per test, not per example)."""
-    from conftest import with_dbname
-
-    name = f"tq_sim_{os.getpid()}_{next(_databases)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
-    try:
-        yield with_dbname(server_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
 @LONG
 @POSTGRES
 @given(plan=plans(postgres=True))
 def test_generated_plans_on_postgres(
     plan: Plan, pg_server_url: str, template_database: str
 ) -> None:
-    with fresh_database(pg_server_url, template_database) as url:
+    with fresh_database(pg_server_url, template_database, "tq_sim") as url:
         sim = run_on_postgres(plan, url, scale=PG_SCALE)
     assert_holds(sim)
 
