@@ -37,6 +37,7 @@ __all__ = [
     "check_metadata_keys",
     "check_shape",
     "check_text",
+    "text_problem",
 ]
 
 MAX_JSON_DEPTH: Final = 100
