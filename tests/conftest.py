@@ -143,12 +143,8 @@ def template_database(pg_server_url: str) -> Iterator[str]:
 @pytest.fixture
 def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
     """URL of a fresh, migrated database for this test alone; dropped afterwards."""
-    name = f"tq_t_{_SESSION_TAG}_{next(_database_numbers)}"
-    url = _create_database(pg_server_url, name, template=template_database)
-    try:
+    with fresh_database(pg_server_url, template_database, "tq_t") as url:
         yield url
-    finally:
-        _drop_database(pg_server_url, name)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import pytest
 from conftest import fresh_database
@@ -38,43 +37,26 @@ from hostile_plan import (
     run_on_memory,
     run_on_postgres,
 )
-from hypothesis import HealthCheck, Phase, event, example, given, settings
-
-SOAK = os.environ.get("TRIOQUEUE_SOAK") == "1"
+from hypothesis import event, example, given, settings
+from support import GENERATED, GENERATED_POSTGRES, LONG, SOAK
 
 PG_SCALE = 0.05
 """On PostgreSQL one plan unit is 50 ms of real time."""
 
-_common: dict[str, Any] = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-    "print_blob": True,
-}
-settings.register_profile("trioqueue-hostile-memory", max_examples=150, **_common)
-settings.register_profile("trioqueue-hostile-memory-soak", max_examples=5_000, **_common)
-# As in test_simulation.py: each PostgreSQL example makes its own database from the
-# session's template; failures are shrunk on the memory driver, not here.
-_pg: dict[str, Any] = {
-    **_common,
-    "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
-    "suppress_health_check": [
-        *_common["suppress_health_check"],
-        HealthCheck.function_scoped_fixture,
-    ],
-}
+settings.register_profile("trioqueue-hostile-memory", max_examples=150, **GENERATED)
+settings.register_profile("trioqueue-hostile-memory-soak", max_examples=5_000, **GENERATED)
 _pg_examples = os.environ.get("TRIOQUEUE_HOSTILE_PG_EXAMPLES")
 settings.register_profile(
     "trioqueue-hostile-postgres",
     max_examples=int(_pg_examples) if _pg_examples else 15,
-    **_pg,
+    **GENERATED_POSTGRES,
 )
 settings.register_profile(
     "trioqueue-hostile-postgres-soak",
     max_examples=int(_pg_examples) if _pg_examples else 200,
-    **_pg,
+    **GENERATED_POSTGRES,
 )
 
-LONG = pytest.mark.timeout(6 * 3600 if SOAK else 600)
 MEMORY = settings.get_profile(
     "trioqueue-hostile-memory-soak" if SOAK else "trioqueue-hostile-memory"
 )

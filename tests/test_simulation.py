@@ -18,14 +18,12 @@ found so far is also a named regression test at the end of this file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import trio
 from conftest import fresh_database
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 from simulation_plan import (
     Behaviour,
@@ -40,37 +38,16 @@ from simulation_plan import (
     run_on_memory,
     run_on_postgres,
 )
-
-SOAK = os.environ.get("TRIOQUEUE_SOAK") == "1"
+from support import GENERATED, GENERATED_POSTGRES, LONG, SOAK
 
 PG_SCALE = 0.02
 """On PostgreSQL one plan unit is 20 ms of real time."""
 
-_common: dict[str, Any] = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-    "print_blob": True,
-}
-settings.register_profile("trioqueue-sim-memory", max_examples=200, **_common)
-settings.register_profile("trioqueue-sim-memory-soak", max_examples=10_000, **_common)
-# The PostgreSQL test makes its own database per example from the session's template, so
-# the function-scoped autouse fixture (which only removes an environment variable) is
-# safely shared by all examples of the test.
-# Shrinking is left to the memory driver: on PostgreSQL every replay costs real seconds,
-# and a failure found here is re-run as a plan on the memory driver to be minimised.
-_pg: dict[str, Any] = {
-    **_common,
-    "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
-    "suppress_health_check": [
-        *_common["suppress_health_check"],
-        HealthCheck.function_scoped_fixture,
-    ],
-}
-settings.register_profile("trioqueue-sim-postgres", max_examples=10, **_pg)
-settings.register_profile("trioqueue-sim-postgres-soak", max_examples=200, **_pg)
+settings.register_profile("trioqueue-sim-memory", max_examples=200, **GENERATED)
+settings.register_profile("trioqueue-sim-memory-soak", max_examples=10_000, **GENERATED)
+settings.register_profile("trioqueue-sim-postgres", max_examples=10, **GENERATED_POSTGRES)
+settings.register_profile("trioqueue-sim-postgres-soak", max_examples=200, **GENERATED_POSTGRES)
 
-# pytest-timeout's 120 s is per test, and one test runs every example of its backend.
-LONG = pytest.mark.timeout(6 * 3600 if SOAK else 600)
 
 MEMORY = settings.get_profile("trioqueue-sim-memory-soak" if SOAK else "trioqueue-sim-memory")
 POSTGRES = settings.get_profile("trioqueue-sim-postgres-soak" if SOAK else "trioqueue-sim-postgres")
