@@ -260,11 +260,38 @@ def test_plan_first_sight_missed_runs_and_run_on_start() -> None:
     # ... and only the first time this leader sees the job.
     assert plan_job(eager, not_ran, now, first_seen=False).state is None
 
-    # A changed schedule starts afresh: nothing counts as missed.
+    # A changed schedule whose stored run time passed: one run in our current slot,
+    # nothing counts as missed (the stored times are not on our grid).
     minutely = tq.PeriodicJob(every=60, args=_tick, id="h")
     plan = plan_job(minutely, _state(job, "2024-05-01T05:00:00"), now, first_seen=True)
-    assert plan.run_at is None
+    assert (plan.run_at, plan.missed_runs) == (_at("2024-05-01T10:17:00"), 0)
     assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T10:18:00")
+    assert plan.state.schedule == "every=60"
+
+
+def test_plan_clients_that_disagree_on_a_schedule_both_fire() -> None:
+    """Two clients with one id but different schedules (a rolling deploy): each stores its
+    own schedule in turn; neither resets the other for ever, and both schedules fire."""
+    hourly = tq.PeriodicJob(every=3600, args=_tick, id="h")
+    minutely = tq.PeriodicJob(every=60, args=_tick, id="h")
+    now = _at("2024-05-01T10:17:30")
+    # The hourly client stored 11:00; the minutely one keeps its own sooner time.
+    plan = plan_job(minutely, _state(hourly, "2024-05-01T11:00:00"), now, first_seen=False)
+    assert plan.run_at is None and plan.missed_runs == 0
+    assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T10:18:00")
+    # Both clients pass every 20 s in turn for three hours.
+    stored: PeriodicJobState | None = plan.state
+    runs: set[datetime] = set()
+    for step in range(3 * 180):
+        now += timedelta(seconds=20)
+        job = (hourly, minutely)[step % 2]
+        plan = plan_job(job, stored, now, first_seen=False)
+        if plan.run_at is not None:
+            runs.add(plan.run_at)
+        stored = plan.state or stored
+    hours = {at for at in runs if at.minute == 0}
+    assert hours == {_at(f"2024-05-01T{h}:00:00") for h in (11, 12, 13)}
+    assert len(runs - hours) > 60  # the minutely schedule keeps firing too
 
 
 def test_periodic_jobs_collection() -> None:

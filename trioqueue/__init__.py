@@ -13,6 +13,7 @@ from .client import QueueInfo as QueueInfo
 from .client import open_client as open_client
 from .config import ClientConfig as ClientConfig
 from .config import QueueConfig as QueueConfig
+from .current import current_client as current_client
 from .driver.memory import MemoryDriver as MemoryDriver
 from .errors import DatabaseError as DatabaseError
 from .errors import ErrorHandlerResult as ErrorHandlerResult
@@ -39,6 +40,7 @@ from .middleware import WorkerMiddleware as WorkerMiddleware
 from .migrations import migrate as migrate
 from .migrations import migration_list as migration_list
 from .periodic import PeriodicJob as PeriodicJob
+from .settings import WorkerSettings as WorkerSettings
 from .transaction import Transaction as Transaction
 from .workers import Workers as Workers
 
@@ -77,7 +79,9 @@ __all__ = [
     "UnknownJobKindError",
     "ValidationError",
     "WorkerMiddleware",
+    "WorkerSettings",
     "Workers",
+    "current_client",
     "migrate",
     "migration_list",
     "open_client",

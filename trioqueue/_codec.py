@@ -356,6 +356,11 @@ def row_to_job(row: tuple[Any, ...], args_type: type[Any] | None) -> Job[Any]:
             args = decode_args(args_type, args)
         except Exception:
             args = row[2]
+    return row_to_job_with_args(row, args)
+
+
+def row_to_job_with_args(row: tuple[Any, ...], args: Any) -> Job[Any]:
+    """A Job from a row, with ``args`` in place of the stored args (an insert's own)."""
     errors = row[13]
     return Job(
         row[0],

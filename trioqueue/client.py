@@ -24,15 +24,17 @@ from ._codec import (
     encode_args,
     encode_metadata,
     row_to_job,
+    row_to_job_with_args,
     sorted_args_json,
     unique_key,
     unique_states_bits,
 )
+from ._maintenance.periodic import PeriodicEnqueuer, PeriodicEnqueuerConfig
 from ._runtime.dispatcher import Subscription
 from ._runtime.failure import fatal_unwrapped
 from ._runtime.notifier import NotifyLimiter
 from ._runtime.tree import Runtime
-from .config import ClientConfig, QueueConfig, validate_queues
+from .config import ClientConfig, QueueConfig, args_types_by_kind, validate_queues
 from .driver.postgres.driver import open_postgres_driver
 from .driver.protocol import Driver, JobInsertParams, Row
 from .errors import (
@@ -55,6 +57,7 @@ from .job import (
 )
 from .middleware import InsertParams, insert_layers, run_insert_begin, run_insert_chain
 from .periodic import PeriodicJobs
+from .settings import WorkerSettings, merge_settings
 from .transaction import Transaction
 from .workers import Workers, args_kind
 
@@ -159,11 +162,11 @@ class Client:
         """Args types already checked, with their kind: the insert path's cache."""
         self._own_opts: dict[type[Any], bool] = {}
         """Whether an args type has ``insert_opts`` (most have not)."""
+        self._decode_types = args_types_by_kind(config.args_types)
+        """Args types to decode on read beside the workers' (``args_types``)."""
         self._insert_layers, self._insert_begins = insert_layers(config.middleware, config.hooks)
         self._runtime: Runtime | None = None
         self._periodic_jobs = PeriodicJobs(config.periodic_jobs)
-        if config.periodic_jobs and not queues:
-            log.warning("periodic_jobs are ignored: an insert-only client never leads")
         if queues:
             assert workers is not None
             self._runtime = Runtime(
@@ -174,6 +177,7 @@ class Client:
                 now,
                 periodic_jobs=self._periodic_jobs,
                 prepare_insert=self._params,
+                client=self,
             )
 
     def __repr__(self) -> str:
@@ -194,10 +198,11 @@ class Client:
     @property
     def periodic_jobs(self) -> PeriodicJobs:
         """This client's periodic jobs: ``add(job) -> handle``, ``remove(handle)``,
-        ``clear()``, iteration and ``len``. Changes take effect at once on the leader.
+        ``clear()``, iteration and ``len``. Changes take effect at once.
 
-        Only the leader's list is used, so give every client that can lead the same
-        periodic jobs. An insert-only client never leads: its list is never used.
+        Every client enqueues its own periodic jobs, leader or not, and each run is
+        inserted once however many clients have the job. A client with queues always
+        takes part; an insert-only client only when it was opened with ``periodic_jobs``.
         """
         return self._periodic_jobs
 
@@ -210,10 +215,20 @@ class Client:
     # ---------------------------------------------------------------- inserting
 
     def _args_type(self, kind: str) -> type[Any] | None:
-        return self._workers.args_type(kind) if self._workers is not None else None
+        """The type a stored job of ``kind`` is decoded to: the workers', else one of
+        ``args_types``; None (args stay the stored JSON object) for any other kind."""
+        found = self._workers.args_type(kind) if self._workers is not None else None
+        return found if found is not None else self._decode_types.get(kind)
 
     def _job(self, row: Row) -> Job[Any]:
         return row_to_job(row, self._args_type(row[1]))
+
+    def _inserted(self, row: Row, args: Any, skipped: bool) -> JobInsertResult[Any]:
+        """An insert's result. A new job carries the very args object inserted; a unique
+        duplicate is the existing job, its args decoded as the inserted object's type."""
+        if skipped:
+            return JobInsertResult(row_to_job(row, self._args_type(row[1]) or type(args)), True)
+        return JobInsertResult(row_to_job_with_args(row, args), False)
 
     def _split(self, item: InsertItem) -> tuple[Any, str, InsertOpts]:
         """An insert item's args, kind (checked) and opts (defaulted)."""
@@ -314,11 +329,12 @@ class Client:
     async def _through_middleware(
         self,
         items: Sequence[InsertItem],
-        write: Callable[[list[JobInsertParams], datetime], Awaitable[A]],
+        write: Callable[[list[JobInsertParams], list[Any], datetime], Awaitable[A]],
     ) -> A:
         """Insert ``items`` through the insert middleware and ``insert_begin`` hooks: what
         the middleware passes on is validated and encoded, then the hooks see it, then
-        ``write`` writes it. Only used when the client has middleware or hooks."""
+        ``write`` writes it (with the args objects passed on). Only used when the client
+        has middleware or hooks."""
         self._check_items(items)
         now = self._now()
         first: list[InsertParams] = []
@@ -347,7 +363,7 @@ class Client:
                     raise ValidationError("jobs", "insert middleware must pass on InsertParams")
                 encoded.append(self._params((p.args, p.opts()), now))
             await run_insert_begin(self._insert_begins, params)
-            return await write(encoded, now)
+            return await write(encoded, [p.args for p in params], now)
 
         return await run_insert_chain(self._insert_layers, first, inner)
 
@@ -359,12 +375,19 @@ class Client:
         self, items: Sequence[InsertItem], tx: Transaction | None
     ) -> list[JobInsertResult[Any]]:
         if self._insert_layers or self._insert_begins:
-            return await self._through_middleware(items, lambda ps, now: self._write(ps, now, tx))
+            return await self._through_middleware(
+                items, lambda ps, args, now: self._write(ps, args, now, tx)
+            )
         params, now = self._prepare(items)
-        return await self._write(params, now, tx)
+        args = [item[0] if isinstance(item, tuple) else item for item in items]
+        return await self._write(params, args, now, tx)
 
     async def _write(
-        self, params: list[JobInsertParams], now: datetime, tx: Transaction | None
+        self,
+        params: list[JobInsertParams],
+        args: list[Any],
+        now: datetime,
+        tx: Transaction | None,
     ) -> list[JobInsertResult[Any]]:
         # Two jobs of one batch with the same unique key: only the first is inserted.
         first_of_key: dict[bytes, int] = {}
@@ -385,13 +408,13 @@ class Client:
             ex=tx.connection if tx is not None else None,
         )
         results: list[JobInsertResult[Any]] = []
-        for slot in slots:
+        for slot, given in zip(slots, args, strict=True):
             if slot >= 0:
                 row, skipped = rows[slot]
-                results.append(JobInsertResult(self._job(row), skipped))
+                results.append(self._inserted(row, given, skipped))
             else:
                 row, _ = rows[-1 - slot]
-                results.append(JobInsertResult(self._job(row), True))
+                results.append(self._inserted(row, given, True))
         return results
 
     async def insert(self, args: Any, opts: InsertOpts | None = None) -> JobInsertResult[Any]:
@@ -422,7 +445,7 @@ class Client:
             ex=tx.connection if tx is not None else None,
         )
         row, skipped = rows[0]
-        return JobInsertResult(self._job(row), skipped)
+        return self._inserted(row, args, skipped)
 
     async def insert_many(self, jobs: Sequence[InsertItem]) -> list[JobInsertResult[Any]]:
         """Insert a batch in one statement; results are in input order."""
@@ -437,7 +460,7 @@ class Client:
     async def _insert_fast(self, jobs: Sequence[InsertItem], tx: Transaction | None) -> int:
         if self._insert_layers or self._insert_begins:
             return await self._through_middleware(
-                jobs, lambda ps, now: self._write_fast(ps, now, tx)
+                jobs, lambda ps, _, now: self._write_fast(ps, now, tx)
             )
         if tx is not None:
             # The caller's transaction: every job is checked before anything is sent, so
@@ -673,6 +696,7 @@ async def open_client(
     workers: Workers | None = None,
     queues: Mapping[str, QueueConfig] | None = None,
     driver: Driver | None = None,
+    settings: WorkerSettings | None = None,
     **config: Any,
 ) -> AsyncIterator[Client]:
     """Open a client for the block; with ``queues`` it also works jobs until the block ends.
@@ -682,10 +706,14 @@ async def open_client(
     store of that name; ``None`` means ``$TRIOQUEUE_DATABASE_URL``, else a private
     PostgreSQL server started (and migrated) for the block.
 
+    ``settings``: a ``WorkerSettings`` holding workers, queues and options; ``workers``,
+    ``queues`` (when not None) and option keywords given beside it win.
+
     Leaving the block is a soft stop (running jobs finish); cancellation from outside is a
     hard stop whose final writes are shielded for up to ``shutdown_timeout`` seconds.
     Config errors raise ValidationError before anything starts.
     """
+    workers, queues, config = merge_settings(settings, workers, queues, config)
     cfg = ClientConfig(**config)
     queue_configs = validate_queues(queues)
     if workers is not None and not isinstance(workers, Workers):
@@ -753,7 +781,23 @@ async def _run_client(
         )
     client = Client(driver, cfg, workers, queues, driver.clock)
     if client._runtime is None:
-        yield client
+        if not cfg.periodic_jobs:
+            yield client
+            return
+        # An insert-only client opened with periodic jobs enqueues them too.
+        enqueuer = PeriodicEnqueuer(
+            driver,
+            driver.clock,
+            client.periodic_jobs,
+            client._params,
+            PeriodicEnqueuerConfig(max_sleep=cfg.leader_interval),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(enqueuer.run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
         return
     # A job's KeyboardInterrupt or SystemExit stops the client once its outcome is written
     # (docs/failure-modes.md), and comes out as itself, not nested in nursery groups.

@@ -16,8 +16,16 @@ from .errors import ErrorHandlerResult, ValidationError
 from .job import Job, validate_queue_name
 from .middleware import check_hooks, check_middleware
 from .periodic import PeriodicJob, check_periodic_jobs
+from .workers import args_kind
 
-__all__ = ["ClientConfig", "ErrorHandler", "QueueConfig", "RetryPolicy", "default_client_id"]
+__all__ = [
+    "ClientConfig",
+    "ErrorHandler",
+    "QueueConfig",
+    "RetryPolicy",
+    "args_types_by_kind",
+    "default_client_id",
+]
 
 RetryPolicy = Callable[[Job[Any]], float]
 ErrorHandler = Callable[
@@ -65,6 +73,26 @@ def _periodic_tuple(value: object) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def _args_types_tuple(value: object) -> tuple[Any, ...]:
+    if isinstance(value, str | bytes | type) or not isinstance(value, Iterable):
+        raise ValidationError("args_types", "must be a list of args classes")
+    return tuple(value)
+
+
+def args_types_by_kind(types: Iterable[type[Any]]) -> dict[str, type[Any]]:
+    """``{kind: args type}``; ValidationError for a type without a valid ``kind`` or two
+    types of one kind."""
+    found: dict[str, type[Any]] = {}
+    for args_type in types:
+        if not isinstance(args_type, type):
+            raise ValidationError("args_types", f"{args_type!r} is not a class")
+        kind = args_kind(args_type)
+        if found.get(kind, args_type) is not args_type:
+            raise ValidationError("args_types", f"two args types have the kind {kind!r}")
+        found[kind] = args_type
+    return found
+
+
 def _middleware_tuple(value: object) -> tuple[Any, ...]:
     return check_middleware("middleware", value)
 
@@ -110,6 +138,10 @@ class ClientConfig:
     outermost, and all of them run outside a kind's own middleware (docs/middleware.md)."""
     hooks: tuple[Any, ...] = attrs.field(default=(), converter=check_hooks)
     """Objects with ``insert_begin``, ``work_begin`` and/or ``work_end`` (docs/middleware.md)."""
+    args_types: tuple[type[Any], ...] = attrs.field(default=(), converter=_args_types_tuple)
+    """Args types to decode on read (``job_get``, ``job_list``, events), beside the kinds of
+    the client's ``workers``: an insert-only client's way to get typed args back. Jobs of
+    any other kind come back with their args as the stored JSON object (a ``dict``)."""
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.id, str) or not 1 <= len(self.id) <= 100:
@@ -147,6 +179,7 @@ class ClientConfig:
         if self.error_handler is not None and not callable(self.error_handler):
             raise ValidationError("error_handler", "must be a function (job, exception)")
         check_periodic_jobs(self.periodic_jobs)
+        args_types_by_kind(self.args_types)
 
 
 def validate_queues(queues: Mapping[str, QueueConfig] | None) -> dict[str, QueueConfig]:

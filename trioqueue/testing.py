@@ -50,6 +50,7 @@ from ._runtime.executor import Executor, JobHandle
 from ._runtime.failure import fatal_unwrapped
 from .client import Client, open_client
 from .config import ClientConfig
+from .current import running_client
 from .driver.memory import MemoryDriver
 from .driver.protocol import Driver
 from .errors import TrioqueueError, UnknownJobKindError, ValidationError
@@ -589,9 +590,11 @@ async def _run_claimed(client: Client, workers: Workers, job: Job[Any]) -> WorkR
     with fatal_unwrapped():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(completer.run)
+            token = running_client.set(client)  # trioqueue.current_client() in the job
             try:
                 finished = await executor.execute(job, JobHandle())
             finally:
+                running_client.reset(token)
                 completer.close()
     with receive:
         while True:

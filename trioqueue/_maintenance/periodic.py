@@ -1,14 +1,20 @@
-"""The periodic job enqueuer: the leader inserts each run of each periodic job, once.
+"""The periodic job enqueuer: every client that has a periodic job takes part, leader or
+not, and each run is inserted once.
 
 Each run time of a periodic job (see :mod:`trioqueue.periodic`) is inserted as a job whose
 unique key is derived from the periodic job's id and that run time, unique over every job
 state: a completed or cancelled run still blocks a second insert of the same run. Beside
 it, ``tq_periodic_job`` keeps each periodic job's next run time, written in the same
-transaction as the run's job with a compare-and-set, so a new leader or a restarted
-process carries on where the last one stopped.
+transaction as the run's job with a compare-and-set, so any number of clients configured
+alike insert each run once, and a restarted process carries on where the last one stopped.
 
-Missed runs. When the leader finds that more than one run time of a job has passed since
-its stored ``next_run_at`` (no leader was running, or the process was down for longer than
+Clients that disagree on a job's schedule (a rolling deploy that changes it, or a mistake)
+each store their own in turn; neither starves: a run falls due at the stored next run time
+or at this client's own, whichever is first, and nothing counts as missed. A warning says
+so, once per job and client.
+
+Missed runs. When a client finds that more than one run time of a job has passed since
+its stored ``next_run_at`` (no client had the job, or the process was down for longer than
 an interval), it inserts **one** catch-up job for the latest run time, with
 ``metadata.missed_runs`` = how many earlier run times got no job of their own (counted up
 to 10,000) and ``metadata.missed_since`` = the first of them, then goes on with the normal
@@ -67,9 +73,9 @@ class _StateMoved(Exception):
 class PeriodicEnqueuerConfig:
     max_sleep: float = 5.0
     """Longest sleep between passes, even when no run is due sooner: bounds the effect of
-    a wall-clock jump and of state changed by another leader."""
+    a wall-clock jump and of state changed by another client."""
     retry_delay: float = 1.0
-    """Sleep after a failed pass (a database error, or a state another leader moved)."""
+    """Sleep after a failed pass (a database error, or a state another client moved)."""
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_sleep", "retry_delay"):
@@ -87,7 +93,7 @@ class PeriodicRun:
     job: Job[Any] | None
     """The inserted job (or the one already there); None when the run was skipped."""
     duplicate: bool = False
-    """The run's job already existed (inserted earlier, by this or another leader)."""
+    """The run's job already existed (inserted earlier, by this or another client)."""
     missed_runs: int = 0
 
 
@@ -97,7 +103,7 @@ class PeriodicEnqueuerResult:
     runs: list[PeriodicRun]
     """Runs inserted, found already inserted, or skipped (``job`` None) in this pass."""
     conflicts: int
-    """Jobs whose stored state another leader moved meanwhile; retried next pass."""
+    """Jobs whose stored state another client moved meanwhile; retried next pass."""
     next_run_at: datetime | None
     """The earliest upcoming run time over all jobs; None when there are none."""
 
@@ -117,11 +123,26 @@ def plan_job(
     """What to do for ``job`` at ``now``, given its stored state. Pure: no I/O."""
     schedule = job.schedule
     on_start = job.run_on_start and first_seen
-    if stored is None or stored.schedule not in (None, schedule.key):
-        # Never seen (or its schedule changed): start afresh, nothing counts as missed.
+    if stored is None:
+        # Never seen: start afresh, nothing counts as missed.
         run_at = schedule.latest_at_or_before(now) if on_start else None
-        last = run_at if run_at is not None else (stored.last_run_at if stored else None)
-        state = PeriodicJobState(job.effective_id, schedule.key, schedule.next_after(now), last)
+        state = PeriodicJobState(job.effective_id, schedule.key, schedule.next_after(now), run_at)
+        return _Plan(run_at, 0, None, state)
+    if stored.schedule not in (None, schedule.key):
+        # Stored under another schedule (changed, or another client has it otherwise):
+        # honour the stored next run time and our own, whichever is first. Nothing counts
+        # as missed: the stored times are not on our grid.
+        latest = schedule.latest_at_or_before(now)
+        passed = stored.next_run_at <= now or on_start
+        fresh = stored.last_run_at is None or latest > stored.last_run_at
+        run_at = latest if passed and fresh else None
+        upcoming = schedule.next_after(now)
+        state = PeriodicJobState(
+            job.effective_id,
+            schedule.key,
+            upcoming if passed else min(upcoming, stored.next_run_at),
+            run_at if run_at is not None else stored.last_run_at,
+        )
         return _Plan(run_at, 0, None, state)
     if stored.next_run_at <= now:
         latest = schedule.latest_at_or_before(now)
@@ -152,7 +173,9 @@ class PeriodicEnqueuer:
     prepare: PrepareInsert
     config: PeriodicEnqueuerConfig = PeriodicEnqueuerConfig()
     _seen: set[str] = attrs.field(factory=set, init=False)
-    """Ids of jobs this leadership term has handled (for ``run_on_start``)."""
+    """Ids of jobs this client has handled since it started (for ``run_on_start``)."""
+    _disagreed: set[str] = attrs.field(factory=set, init=False)
+    """Ids of jobs whose stored schedule differed from ours (warned once)."""
 
     def _build(self, job: PeriodicJob, plan: _Plan, now: datetime) -> JobInsertParams | None:
         """The insert params for a planned run, or None to skip it (logged)."""
@@ -264,6 +287,17 @@ class PeriodicEnqueuer:
             jid = job.effective_id
             stored = states.get(jid)
             now = self.now()
+            if stored is not None and stored.schedule not in (None, job.schedule.key):
+                if jid not in self._disagreed:
+                    self._disagreed.add(jid)
+                    log.warning(
+                        "periodic job %r: stored with schedule %r, this client has %r "
+                        "(changed, or clients configured differently); runs fall due by "
+                        "either until they agree",
+                        jid,
+                        stored.schedule,
+                        job.schedule.key,
+                    )
             plan = plan_job(job, stored, now, jid not in self._seen)
             if plan.state is None:
                 assert stored is not None
@@ -274,7 +308,7 @@ class PeriodicEnqueuer:
                 run = await self._apply(job, stored, plan, now)
             except _StateMoved:
                 conflicts += 1
-                log.info("periodic job %r: state moved by another leader; will re-read", jid)
+                log.info("periodic job %r: state moved by another client; will re-read", jid)
                 continue
             self._seen.add(jid)
             upcoming.append(plan.state.next_run_at)
@@ -283,7 +317,8 @@ class PeriodicEnqueuer:
         return PeriodicEnqueuerResult(runs, conflicts, min(upcoming, default=None))
 
     async def run(self) -> None:
-        """Insert runs as they fall due until cancelled (run by the leader only).
+        """Insert runs as they fall due until cancelled (by every client that has
+        periodic jobs; the stored state makes that safe).
 
         Sleeps until the earliest next run time (at most ``max_sleep``), waking early when
         the list of periodic jobs changes. A DatabaseError is logged and retried after

@@ -5,7 +5,8 @@ Runtime.run
 └── nursery "services"
     ├── notifier         one LISTEN connection → callbacks (unless poll_only)
     ├── elector          leader election; while leader, its nursery runs maintenance:
-    │   └── scheduler, rescuer, cleaner, queue cleaner, periodic jobs
+    │   └── scheduler, rescuer, cleaner, queue cleaner
+    ├── periodic jobs    this client's periodic jobs, leader or not (each run inserted once)
     ├── queue keeper     re-announces our queues; in poll_only mode, polls pause state
     ├── stop watcher     soft_stop_timeout → hard stop
     └── dispatcher       receives event batches from the completer, fans out
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
 import trio
@@ -39,6 +40,7 @@ from .._maintenance.periodic import PeriodicEnqueuer, PeriodicEnqueuerConfig, Pr
 from .._maintenance.rescuer import Rescuer, RescuerConfig
 from .._maintenance.scheduler import Scheduler, SchedulerConfig
 from ..config import ClientConfig, QueueConfig
+from ..current import running_client
 from ..driver.protocol import CONTROL_CHANNEL, INSERT_CHANNEL, LEADERSHIP_CHANNEL, Driver
 from ..errors import DatabaseError
 from ..events import Event, EventKind
@@ -51,6 +53,9 @@ from .executor import Executor
 from .notifier import Notifier
 from .outcome import next_retry_delay
 from .producer import Producer
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 __all__ = ["Runtime"]
 
@@ -76,9 +81,11 @@ class Runtime:
     queues: Mapping[str, QueueConfig]
     now: Callable[[], datetime]
     periodic_jobs: PeriodicJobs = attrs.field(factory=PeriodicJobs)
-    """The client's periodic jobs; the enqueuer uses them while this client leads."""
+    """The client's periodic jobs, enqueued by this client whether it leads or not."""
     prepare_insert: PrepareInsert | None = None
     """The client's insert-params builder; without it no periodic jobs are enqueued."""
+    client: Client | None = None
+    """What ``trioqueue.current_client()`` returns in this runtime's tasks."""
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher, init=False)
     producers: dict[str, Producer] = attrs.field(factory=dict, init=False)
     notifier: Notifier | None = attrs.field(default=None, init=False)
@@ -173,17 +180,7 @@ class Runtime:
             ),
         )
         queue_cleaner = QueueCleaner(self.driver, self.now)
-        services = [scheduler.run, rescuer.run, cleaner.run, queue_cleaner.run]
-        if self.prepare_insert is not None:
-            periodic = PeriodicEnqueuer(
-                self.driver,
-                self.now,
-                self.periodic_jobs,
-                self.prepare_insert,
-                PeriodicEnqueuerConfig(max_sleep=cfg.leader_interval),
-            )
-            services.append(periodic.run)
-        return services
+        return [scheduler.run, rescuer.run, cleaner.run, queue_cleaner.run]
 
     async def _queue_keeper(self) -> None:
         """Re-announce our queues now and then; in poll_only mode also poll their pause
@@ -214,6 +211,8 @@ class Runtime:
         On cancellation from outside: a hard stop, with the final writes shielded for up
         to ``shutdown_timeout`` seconds.
         """
+        if self.client is not None:
+            running_client.set(self.client)  # inherited by every task below this one
         try:
             async with trio.open_nursery() as services:
                 if not self.config.poll_only:
@@ -234,6 +233,15 @@ class Runtime:
                 if self.notifier is not None:
                     self.notifier.subscribe(LEADERSHIP_CHANNEL, self.elector.on_notification)
                 services.start_soon(self.elector.run)
+                if self.prepare_insert is not None:
+                    periodic = PeriodicEnqueuer(
+                        self.driver,
+                        self.now,
+                        self.periodic_jobs,
+                        self.prepare_insert,
+                        PeriodicEnqueuerConfig(max_sleep=self.config.leader_interval),
+                    )
+                    services.start_soon(periodic.run)
                 services.start_soon(self._queue_keeper)
                 services.start_soon(self._stop_watcher)
                 await self._run_dispatch(task_status)
