@@ -582,3 +582,74 @@ async def test_add_and_remove_at_runtime(database_url: str) -> None:
         await trio.sleep(0.6)
         assert await _runs(client, "live") == settled
         assert all(n == 1 for n in settled.values())
+
+
+# ------------------------------------------------------------------ whoever leads
+
+
+async def test_a_follower_fires_its_periodic_job_while_a_leader_without_it_leads(
+    database_url: str,
+) -> None:
+    """The case seen in production: the leader (a CLI worker) had no periodic jobs, another
+    process had one, and it never fired while that leader led."""
+    job = tq.PeriodicJob(every=0.2, args=_tick, id="follower-only")
+    with trio.fail_after(30):
+        async with _client(database_url, id="plain-leader") as leader:
+            await _wait_for(lambda: leader.is_leader)
+            async with _client(database_url, job, id="follower") as follower:
+                await _wait_for(lambda: _count_at_least(follower, "follower-only", 3))
+                assert leader.is_leader and not follower.is_leader
+                runs = await _runs(follower, "follower-only")
+    assert all(n == 1 for n in runs.values()), runs
+
+
+async def _count_at_least(client: tq.Client, periodic_id: str, n: int) -> bool:
+    return len(await _runs(client, periodic_id)) >= n
+
+
+async def test_an_insert_only_client_opened_with_periodic_jobs_fires_them(
+    database_url: str,
+) -> None:
+    job = tq.PeriodicJob(every=0.2, args=_tick, id="from-web")
+    with trio.fail_after(30):
+        async with tq.open_client(database_url, periodic_jobs=[job], **FAST) as web:
+            assert not web.is_leader
+            await _wait_for(lambda: _count_at_least(web, "from-web", 3))
+            runs = await _runs(web, "from-web")
+    assert all(n == 1 for n in runs.values()), runs
+
+
+async def test_three_clients_configured_alike_insert_each_run_once(database_url: str) -> None:
+    job = tq.PeriodicJob(every=0.1, args=_tick, id="alike", run_on_start=True)
+    with trio.fail_after(30):
+        async with (
+            _client(database_url, job, id="one") as one,
+            _client(database_url, job, id="two"),
+            _client(database_url, job, id="three"),
+        ):
+            await _wait_for(lambda: _count_at_least(one, "alike", 15))
+    async with tq.open_client(database_url) as admin:
+        runs = await _runs(admin, "alike")
+    assert len(runs) >= 15
+    assert all(n == 1 for n in runs.values()), runs
+
+
+async def test_the_leader_changes_to_a_client_without_the_job_mid_schedule(
+    database_url: str,
+) -> None:
+    """A leads and has the job; B has none. A stops leading (it stops, a new A' without
+    leadership carries the job on): the job keeps firing while B leads."""
+    job = tq.PeriodicJob(every=0.2, args=_tick, id="carried")
+    with trio.fail_after(40):
+        async with _client(database_url, id="plain") as plain:
+            async with _client(database_url, job, id="first") as first:
+                await _wait_for(lambda: first.is_leader or plain.is_leader)
+                await _wait_for(lambda: _count_at_least(first, "carried", 3))
+            # ``first`` stopped (and resigned if it led): ``plain`` leads now.
+            await _wait_for(lambda: plain.is_leader, seconds=10)
+            before = len(await _runs(plain, "carried"))
+            async with _client(database_url, job, id="second") as second:
+                await _wait_for(lambda: _count_at_least(second, "carried", before + 3))
+                assert plain.is_leader and not second.is_leader
+            runs = await _runs(plain, "carried")
+    assert all(n == 1 for n in runs.values()), runs

@@ -1,0 +1,211 @@
+"""Periodic jobs on many clients, generated (issue 14): every client that has a periodic
+job enqueues it, leader or not, so runs must be inserted once however the clients' passes
+interleave, restart and race.
+
+Hypothesis generates plans: one to three clients (enqueuers over one store, with a clock
+the plan moves), all configured alike or one with another schedule for the same id (a
+rolling deploy), and steps that move the clock (seconds, or hours at once), let one
+client pass, let every client pass at once (their transactions race), or restart a
+client (its ``run_on_start`` counts again). Invariants, checked after every step:
+
+1. **Once**: no run time of the job has two jobs, whatever raced.
+2. **Up to date**: after a pass with no conflict, the stored next run time is in the
+   future.
+3. **Fires** (clients alike): after a step in which the stored next run time had passed,
+   the current slot has its job.
+4. **Missed runs counted** (clients alike, one pass): a catch-up job records how many run
+   times passed without a job of their own.
+
+Profiles: 200 memory examples and 20 PostgreSQL ones by default (about 20 s);
+``TRIOQUEUE_SOAK=1`` runs 5,000 and 300.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import attrs
+import trio
+from conftest import fresh_database
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import GENERATED, GENERATED_POSTGRES, LONG, SOAK
+
+import trioqueue as tq
+from trioqueue._maintenance.periodic import PeriodicEnqueuer
+from trioqueue.driver.protocol import PeriodicJobState
+from trioqueue.periodic import PeriodicJobs
+
+settings.register_profile("trioqueue-periodic-memory", max_examples=200, **GENERATED)
+settings.register_profile("trioqueue-periodic-memory-soak", max_examples=5_000, **GENERATED)
+settings.register_profile("trioqueue-periodic-postgres", max_examples=20, **GENERATED_POSTGRES)
+settings.register_profile(
+    "trioqueue-periodic-postgres-soak", max_examples=300, **GENERATED_POSTGRES
+)
+MEMORY = settings.get_profile(
+    "trioqueue-periodic-memory-soak" if SOAK else "trioqueue-periodic-memory"
+)
+POSTGRES = settings.get_profile(
+    "trioqueue-periodic-postgres-soak" if SOAK else "trioqueue-periodic-postgres"
+)
+
+JOB_ID = "generated"
+START = datetime(2024, 5, 1, 10, 0, 7, tzinfo=UTC)
+
+
+@attrs.frozen
+class BeatArgs:
+    kind: ClassVar[str] = "beat"
+
+
+@attrs.frozen
+class Step:
+    action: str
+    """``advance`` (the clock), ``pass`` (one client), ``together`` (every client at once),
+    ``restart`` (one client)."""
+    client: int = 0
+    seconds: int = 0
+
+
+@attrs.frozen
+class Plan:
+    clients: int
+    alike: bool
+    """False: client 0 has the job every 90 s, the others every 60 s."""
+    run_on_start: bool
+    steps: tuple[Step, ...]
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> Plan:
+    clients = draw(st.integers(1, 3))
+    step = st.one_of(
+        st.builds(
+            Step,
+            st.just("advance"),
+            st.just(0),
+            st.one_of(st.integers(0, 200), st.sampled_from([3600, 7260, 86400])),
+        ),
+        st.builds(Step, st.just("pass"), st.integers(0, clients - 1)),
+        st.builds(Step, st.just("together")),
+        st.builds(Step, st.just("restart"), st.integers(0, clients - 1)),
+    )
+    return Plan(
+        clients=clients,
+        alike=clients == 1 or draw(st.booleans()),
+        run_on_start=draw(st.booleans()),
+        steps=tuple(draw(st.lists(step, min_size=1, max_size=25))),
+    )
+
+
+class Run:
+    """One plan against one store (the client's driver), with a clock the plan moves."""
+
+    def __init__(self, plan: Plan, client: tq.Client) -> None:
+        self.plan = plan
+        self.client = client
+        self.clock = [START]
+        self.jobs = [self._job(i) for i in range(plan.clients)]
+        self.enqueuers = [self._enqueuer(i) for i in range(plan.clients)]
+
+    def _job(self, index: int) -> tq.PeriodicJob:
+        every = 90 if not self.plan.alike and index == 0 else 60
+        return tq.PeriodicJob(
+            every=every, args=BeatArgs, id=JOB_ID, run_on_start=self.plan.run_on_start
+        )
+
+    def _enqueuer(self, index: int) -> PeriodicEnqueuer:
+        return PeriodicEnqueuer(
+            self.client.driver,
+            lambda: self.clock[0],
+            PeriodicJobs([self.jobs[index]]),
+            self.client._params,
+        )
+
+    async def _stored(self) -> PeriodicJobState | None:
+        return (await self.client.driver.periodic_job_get_many([JOB_ID])).get(JOB_ID)
+
+    async def _runs(self) -> dict[str, list[tq.Job[Any]]]:
+        jobs = (await self.client.job_list(tq.JobListParams(kinds=["beat"], limit=10_000))).jobs
+        found: dict[str, list[tq.Job[Any]]] = {}
+        for job in jobs:
+            found.setdefault(job.metadata["periodic_run_at"], []).append(job)
+        return found
+
+    async def play(self) -> None:
+        for number, step in enumerate(self.plan.steps):
+            where = f"step {number} {step}"
+            now = self.clock[0]
+            if step.action == "advance":
+                self.clock[0] = now + timedelta(seconds=step.seconds)
+                continue
+            if step.action == "restart":
+                self.enqueuers[step.client] = self._enqueuer(step.client)
+                continue
+            before = await self._stored()
+            if step.action == "pass":
+                results = [await self.enqueuers[step.client].run_once()]
+            else:
+                results = await _together(self.enqueuers)
+            await self._check(where, before, results, now)
+
+    async def _check(
+        self, where: str, before: PeriodicJobState | None, results: list[Any], now: datetime
+    ) -> None:
+        runs = await self._runs()
+        doubled = {at: len(jobs) for at, jobs in runs.items() if len(jobs) > 1}
+        assert not doubled, f"{where}: a run inserted twice: {doubled}"
+        after = await self._stored()
+        if any(r.conflicts == 0 for r in results):
+            assert after is not None and after.next_run_at > now, (
+                f"{where}: stored state not up to date: {after} at {now}"
+            )
+        if not self.plan.alike or before is None or before.next_run_at > now:
+            return
+        schedule = self.jobs[0].schedule
+        slot = schedule.latest_at_or_before(now)
+        assert slot.isoformat() in runs, f"{where}: the slot {slot} has no job: {sorted(runs)}"
+        if len(results) == 1 and results[0].runs:
+            [run] = results[0].runs
+            if not run.duplicate and run.run_at == slot:
+                missed = schedule.count_between(before.next_run_at, slot) - 1
+                assert run.missed_runs == max(missed, 0), f"{where}: {run}"
+
+
+async def _together(enqueuers: list[PeriodicEnqueuer]) -> list[Any]:
+    """One pass of every enqueuer at once (their transactions race)."""
+    results: list[Any] = []
+
+    async def one(enqueuer: PeriodicEnqueuer) -> None:
+        results.append(await enqueuer.run_once())
+
+    async with trio.open_nursery() as nursery:
+        for enqueuer in enqueuers:
+            nursery.start_soon(one, enqueuer)
+    return results
+
+
+def _play(plan: Plan, open_store: Callable[[], Any]) -> None:
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with open_store() as client:
+                await Run(plan, client).play()
+
+    trio.run(main)
+
+
+@LONG
+@MEMORY
+@given(plan=plans())
+def test_periodic_plans_on_memory(plan: Plan) -> None:
+    _play(plan, lambda: tq.open_client(driver=tq.MemoryDriver()))
+
+
+@LONG
+@POSTGRES
+@given(plan=plans())
+def test_periodic_plans_on_postgres(plan: Plan, pg_server_url: str, template_database: str) -> None:
+    with fresh_database(pg_server_url, template_database, "tq_periodic") as url:
+        _play(plan, lambda: tq.open_client(url))
