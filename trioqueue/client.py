@@ -756,8 +756,13 @@ async def _open_postgres(
     queues: Mapping[str, QueueConfig],
 ) -> AsyncIterator[Client]:
     pool_size = int(os.environ.get("TRIOQUEUE_POOL_SIZE", "0")) or 8 + 2 * len(queues)
+    # Only a client with queues LISTENs (its notifier); the driver checks at once that
+    # no pooler is in the way of that or of prepared statements.
+    listen = bool(queues) and not cfg.poll_only
     async with (
-        open_postgres_driver(url, max_size=pool_size, prepare=cfg.prepared_statements) as driver,
+        open_postgres_driver(
+            url, max_size=pool_size, prepare=cfg.prepared_statements, listen=listen
+        ) as driver,
         _run_client(driver, cfg, workers, queues) as client,
     ):
         yield client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeGuard, final
 
 import attrs
@@ -13,6 +14,7 @@ __all__ = [
     "JobNotFoundError",
     "JobRunningError",
     "JobSnooze",
+    "PoolerError",
     "TrioqueueError",
     "UnknownJobKindError",
     "ValidationError",
@@ -74,6 +76,45 @@ class DatabaseError(TrioqueueError):
         super().__init__(f"while {doing}: {cause}")
         self.doing = doing
         self.rejected_data = rejected_data
+
+
+POOLER_SETTINGS = "poll_only=True, prepared_statements=False"
+"""The settings that work through a transaction pooler, as the error messages name them."""
+POOLER_DOCS = "docs/pgbouncer.md"
+"""Where the settings for connection poolers are explained."""
+
+
+@final
+class PoolerError(TrioqueueError):
+    """A connection pooler between the client and PostgreSQL cannot serve what the client
+    is set up to use: prepared statements, or LISTEN/NOTIFY. That is the case with a
+    transaction pooler (PgBouncer with ``pool_mode = transaction``, and the like), and
+    for prepared statements also with a session pooler that hands a client a server
+    session still holding another client's (PgBouncer with an empty
+    ``server_reset_query``). ``open_client`` raises it at start-up, before anything is
+    written; no retry helps, a change of settings does (docs/pgbouncer.md).
+
+    ``problems`` names what cannot work (``"prepared statements"``, ``"LISTEN/NOTIFY"``).
+    ``seen`` is the server's error, when a prepared statement ran into the pooler; after
+    start-up this error is the cause of a DatabaseError saying what the client was doing.
+    """
+
+    def __init__(self, problems: Sequence[str], *, seen: str | None = None) -> None:
+        if seen is None:
+            found = (
+                "the client is connected to PostgreSQL through a transaction pooler (such as"
+                f" PgBouncer with pool_mode = transaction), through which {' and '.join(problems)}"
+                " cannot work"
+            )
+        else:
+            found = (
+                f"{seen}: the client's server session is not its own, as happens through a"
+                " transaction pooler (such as PgBouncer with pool_mode = transaction) or a"
+                " session pooler that does not reset sessions (PgBouncer's server_reset_query)"
+            )
+        super().__init__(f"{found}: open the client with {POOLER_SETTINGS} (see {POOLER_DOCS})")
+        self.problems = tuple(problems)
+        self.seen = seen
 
 
 @final

@@ -26,6 +26,7 @@ from ..protocol import (
 from .arrays import bool_array, bytea_array, int8_array, text_array, timestamptz_array
 from .connection import PgConnection
 from .pool import PgPool, open_pool
+from .pooler import check_pooler, pooler_error
 from .queries import QUERIES
 
 __all__ = ["PgListener", "PostgresDriver", "open_postgres_driver"]
@@ -49,8 +50,12 @@ def _database_error(doing: str, exc: BaseException) -> DatabaseError:
     values sent were at fault — a data exception or constraint (SQLSTATE classes 22 and
     23; psycopg raises DataError for a NUL in text before sending), a program limit
     (class 54: too big), or a value that could not be encoded — so that the caller does
-    not send them again as they are."""
+    not send them again as they are. One of our prepared statements lost to a pooler says
+    so, and what to do (`pooler_error`)."""
     if isinstance(exc, psycopg.Error):
+        pooler = pooler_error(exc)
+        if pooler is not None:
+            return DatabaseError(doing, pooler)
         rejected = isinstance(exc, psycopg.DataError | psycopg.IntegrityError) or (
             exc.sqlstate or ""
         ).startswith("54")
@@ -577,13 +582,16 @@ class PostgresDriver:
 
 @asynccontextmanager
 async def open_postgres_driver(
-    conninfo: str, *, max_size: int = 10, prepare: bool = True
+    conninfo: str, *, max_size: int = 10, prepare: bool = True, listen: bool = True
 ) -> AsyncIterator[PostgresDriver]:
     """A PostgresDriver over a pool of up to ``max_size`` connections, for the block
-    (``prepare`` as in `PostgresDriver`).
+    (``prepare`` as in `PostgresDriver`; ``listen``: whether ``open_listener`` will be
+    used).
 
-    Raises DatabaseError if the database cannot be reached. On exit the pool is closed
-    (shielded), whatever the block did.
+    Connects at once, to check that no connection pooler stands in the way of prepared
+    statements (``prepare``) or LISTEN (``listen``): raises PoolerError if one does (see
+    pooler.py), DatabaseError if the database cannot be reached. On exit the pool is
+    closed (shielded), whatever the block did.
     """
     try:
         pool_cm = open_pool(conninfo, max_size=max_size)
@@ -591,6 +599,8 @@ async def open_postgres_driver(
     except psycopg.Error as exc:
         raise DatabaseError("connecting to the database", exc) from exc
     try:
+        with _wrapped("connecting to the database"):
+            await check_pooler(pool, conninfo, prepare=prepare, listen=listen)
         yield PostgresDriver(pool, conninfo, prepare=prepare)
     finally:
         with trio.CancelScope(shield=True):
