@@ -15,6 +15,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -465,3 +466,33 @@ async def test_check_on_a_direct_connection_costs_one_statement(database_url: st
         async with open_pool(database_url, max_size=4) as pool:
             await check_pooler(pool, database_url, prepare=True, listen=True)
             assert pool.statistics().idle == 1
+
+
+def test_cli_commands_work_through_a_transaction_pooler(
+    tx_bouncer: Bouncer, database_url: str
+) -> None:
+    """``trioqueue jobs`` and ``trioqueue queues`` run one-off statements unprepared, so
+    they need no flag behind a transaction pooler."""
+
+    async def seed() -> int:
+        async with tq.open_client(database_url) as client:
+            return (await client.insert(NoteArgs(1))).job.id
+
+    job_id = trio.run(seed)
+    url = tx_bouncer.url(database_url)
+    for args in (
+        ["jobs", "list"],
+        ["jobs", "get", str(job_id)],
+        ["jobs", "cancel", str(job_id)],
+        ["queues", "pause", "default"],
+        ["queues", "list"],
+        ["queues", "resume", "default"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "trioqueue", *args, "--database-url", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, (args, done.stderr)
+    assert _count_jobs(database_url, "cancelled") == 1

@@ -49,7 +49,9 @@ def _job_row(job: Job[Any]) -> tuple[object, ...]:
 
 
 async def _with_client(url: str, action: Callable[[Client], Awaitable[None]]) -> None:
-    async with open_client(url) as client:
+    # One-off statements gain nothing from being prepared, and unprepared ones also work
+    # through a transaction pooler (docs/pgbouncer.md).
+    async with open_client(url, prepared_statements=False) as client:
         await action(client)
 
 

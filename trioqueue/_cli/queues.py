@@ -72,7 +72,7 @@ def list_queues(as_json: bool, database_url: str | None) -> int:
     url = require_database_url(database_url)
 
     async def run() -> None:
-        async with open_client(url) as client:
+        async with open_client(url, prepared_statements=False) as client:
             found = await client.queue_list()
         if as_json:
             dump_json({"queues": [to_json(q) for q in found]})
@@ -112,7 +112,7 @@ def pause_queue(name: str, database_url: str | None) -> int:
     url = require_database_url(database_url)
 
     async def run() -> None:
-        async with open_client(url) as client:
+        async with open_client(url, prepared_statements=False) as client:
             known = await _known(client)
             await client.queue_pause(name)
         if name == "*":
@@ -133,7 +133,7 @@ def resume_queue(name: str, database_url: str | None) -> int:
     url = require_database_url(database_url)
 
     async def run() -> None:
-        async with open_client(url) as client:
+        async with open_client(url, prepared_statements=False) as client:
             known = await _known(client)
             if name != "*" and name not in known:
                 listing = ", ".join(known) or "none"
