@@ -21,6 +21,7 @@ from .errors import JobCancel as JobCancel
 from .errors import JobNotFoundError as JobNotFoundError
 from .errors import JobRunningError as JobRunningError
 from .errors import JobSnooze as JobSnooze
+from .errors import PoolerError as PoolerError
 from .errors import TrioqueueError as TrioqueueError
 from .errors import UnknownJobKindError as UnknownJobKindError
 from .errors import ValidationError as ValidationError
@@ -70,6 +71,7 @@ __all__ = [
     "LeaderInfo",
     "MemoryDriver",
     "PeriodicJob",
+    "PoolerError",
     "QueueConfig",
     "QueueInfo",
     "Subscription",
