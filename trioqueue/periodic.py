@@ -1,11 +1,12 @@
-"""Periodic jobs: what to insert and when (the leader's enqueuer does the inserting).
+"""Periodic jobs: what to insert and when (each client's enqueuer does the inserting).
 
 A :class:`PeriodicJob` pairs a schedule — ``every=`` seconds or a 5-field ``cron=`` string,
 both in UTC — with a function that builds the job's args. Run times are fixed points in
 time, computed the same way by every client: ``every=N`` runs at the multiples of N seconds
-since the Unix epoch, ``cron=`` at the times its expression matches. That is what lets the
-leader give each run a unique key (the periodic job's id and the run time), so a run is
-inserted at most once even when leadership changes hands or the process restarts.
+since the Unix epoch, ``cron=`` at the times its expression matches. That is what lets
+every client give each run the same unique key (the periodic job's id and the run time),
+so a run is inserted at most once however many clients have the job, whoever leads, and
+across restarts.
 """
 
 from __future__ import annotations
@@ -164,20 +165,21 @@ def _derived_id(fn: Callable[..., Any], schedule: Schedule) -> str:
 @final
 @attrs.frozen(kw_only=True)
 class PeriodicJob:
-    """A job inserted on a schedule by whichever client is leader.
+    """A job inserted on a schedule by the clients that have it (each run once).
 
     Give exactly one of ``every`` (seconds; runs at the multiples of ``every`` since the
     Unix epoch, so ``every=3600`` runs on the hour) or ``cron`` (a 5-field cron expression,
     evaluated in UTC; needs ``pip install 'trioqueue[cron]'``).
 
-    ``args`` is called (synchronously, on the leader) for each run and returns the job's
+    ``args`` is called (synchronously, on the client inserting the run) for each run and
+    returns the job's
     args, an ``(args, InsertOpts)`` pair, or ``None`` to skip that run. The job's
     ``metadata`` gets ``periodic: true``, ``periodic_job_id`` and ``periodic_run_at`` (the
     run time, ISO 8601); its unique options are replaced by a key for the run, unique over
     every state, so a run is never inserted twice.
 
     ``run_on_start``: also insert a run for the current slot (the latest run time at or
-    before now) when a leader first sees this job, unless that slot already has its run.
+    before now) when a client first sees this job, unless that slot already has its run.
 
     ``id`` names the job's durable schedule state (``tq_periodic_job``). Leave it ``None``
     and one is derived from the ``args`` function's module and qualified name plus the
@@ -250,8 +252,8 @@ def check_periodic_jobs(jobs: Iterable[object], field: str = "periodic_jobs") ->
 class PeriodicJobs:
     """A client's periodic jobs (``client.periodic_jobs``), changeable while it runs.
 
-    Only the leader's list is used, so configure every client that can lead alike. Each
-    change wakes the leader's enqueuer. Methods are synchronous and never block.
+    Every client inserts the runs of its own list, leader or not. Each change wakes the
+    client's enqueuer. Methods are synchronous and never block.
     """
 
     def __init__(self, jobs: Iterable[PeriodicJob] = ()) -> None:
