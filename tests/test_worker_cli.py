@@ -208,6 +208,38 @@ async def test_settings_worker_runs_periodic_jobs_middleware_and_follow_ups(
     assert "worker stopped" in worker.stderr and "Traceback" not in worker.stderr
 
 
+async def test_three_worker_processes_configured_alike_insert_each_run_once(
+    database_url: str,
+) -> None:
+    """Three ``trioqueue worker`` processes with one periodic job (every 0.5 s): whichever
+    of them leads, each run time gets exactly one job."""
+    await create_tables(database_url)
+
+    async def ticks() -> list[tq.Job[Any]]:
+        return await jobs(database_url, kinds=["app_tick"])
+
+    with trio.fail_after(120):
+        async with (
+            open_worker("worker_app:settings", "--database-url", database_url) as one,
+            open_worker("worker_app:settings", "--database-url", database_url) as two,
+            open_worker("worker_app:settings", "--database-url", database_url) as three,
+        ):
+            for worker in (one, two, three):
+                await worker.wait_for("worker started")
+
+            async def enough() -> bool:
+                return len(await ticks()) >= 8
+
+            await until(enough)
+            for worker in (one, two, three):
+                worker.signal(signal.SIGTERM)
+            for worker in (one, two, three):
+                assert await worker.process.wait() == 0, worker.stderr
+    run_times = [j.metadata["periodic_run_at"] for j in await ticks()]
+    assert len(run_times) == len(set(run_times)) >= 8
+    assert not await jobs(database_url, states=[tq.JobState.RUNNING])
+
+
 async def test_flags_override_the_settings_and_logs_are_json(database_url: str) -> None:
     await create_tables(database_url)
     async with tq.open_client(database_url) as client:
