@@ -70,12 +70,30 @@ class DatabaseError(TrioqueueError):
     (bad text or JSON, a number or date out of range, a constraint): sending the same
     values again fails the same way. False for every other failure (a lost connection, a
     timeout, a deadlock), which a retry may get past.
+
+    ``transient`` is True when the failure was in reaching the database rather than in
+    what was asked of it, so that the same request may well succeed a little later: the
+    connection was refused, lost, reset or timed out, the server is starting, shutting
+    down or ended the session (SQLSTATE class 08, 57P01-57P03, 57P05), it has too many
+    connections (53300), or the transaction lost a serialization conflict or deadlock
+    (40001, 40P01). False for everything else: a failed login, a missing database or
+    role, rejected data, a bad statement. Whether sending a request again is *safe* is
+    another matter (a lost reply may hide a commit); ``open_client``'s start-up retries
+    its own idempotent steps on transient errors.
     """
 
-    def __init__(self, doing: str, cause: BaseException, *, rejected_data: bool = False) -> None:
+    def __init__(
+        self,
+        doing: str,
+        cause: BaseException,
+        *,
+        rejected_data: bool = False,
+        transient: bool = False,
+    ) -> None:
         super().__init__(f"while {doing}: {cause}")
         self.doing = doing
         self.rejected_data = rejected_data
+        self.transient = transient
 
 
 POOLER_SETTINGS = "poll_only=True, prepared_statements=False"

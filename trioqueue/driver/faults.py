@@ -14,6 +14,9 @@ only its Nth call; it then applies ``times`` times (``None``: every match). Kind
 - ``"delay"``: sleep ``seconds`` first (a slow database);
 - ``"drop"``: for ``open_listener`` only — the listener's Nth ``wait`` raises, as when the
   LISTEN connection breaks.
+
+An injected ``DatabaseError`` is ``transient`` (as a lost connection is) unless the rule
+says ``transient=False`` (as a failed login is): start-up retries only the former.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Fault:
     """How many times the rule applies; None: forever."""
     seconds: float = 0.0
     """For ``delay``."""
+    transient: bool = True
+    """Whether the DatabaseError raised is ``transient``."""
     applied: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -74,7 +79,7 @@ class Fault:
 
 def _fail(op: str, rule: Fault) -> DatabaseError:
     cause = InjectedFault(f"injected {rule.kind} fault in {op}")
-    error = DatabaseError(f"running {op}", cause)
+    error = DatabaseError(f"running {op}", cause, transient=rule.transient)
     error.__cause__ = cause
     return error
 

@@ -28,6 +28,7 @@ from .connection import PgConnection
 from .pool import PgPool, open_pool
 from .pooler import check_pooler, pooler_error
 from .queries import QUERIES
+from .transient import is_transient
 
 __all__ = ["PgListener", "PostgresDriver", "open_postgres_driver"]
 
@@ -50,8 +51,9 @@ def _database_error(doing: str, exc: BaseException) -> DatabaseError:
     values sent were at fault — a data exception or constraint (SQLSTATE classes 22 and
     23; psycopg raises DataError for a NUL in text before sending), a program limit
     (class 54: too big), or a value that could not be encoded — so that the caller does
-    not send them again as they are. One of our prepared statements lost to a pooler says
-    so, and what to do (`pooler_error`)."""
+    not send them again as they are. It is ``transient`` when a later try may get past
+    it (`is_transient`: a lost or refused connection, a server restarting, ...). One of our
+    prepared statements lost to a pooler says so, and what to do (`pooler_error`)."""
     if isinstance(exc, psycopg.Error):
         pooler = pooler_error(exc)
         if pooler is not None:
@@ -61,7 +63,7 @@ def _database_error(doing: str, exc: BaseException) -> DatabaseError:
         ).startswith("54")
     else:
         rejected = True
-    return DatabaseError(doing, exc, rejected_data=rejected)
+    return DatabaseError(doing, exc, rejected_data=rejected, transient=is_transient(exc))
 
 
 @contextmanager
@@ -597,7 +599,7 @@ async def open_postgres_driver(
         pool_cm = open_pool(conninfo, max_size=max_size)
         pool = await pool_cm.__aenter__()
     except psycopg.Error as exc:
-        raise DatabaseError("connecting to the database", exc) from exc
+        raise _database_error("connecting to the database", exc) from exc
     try:
         with _wrapped("connecting to the database"):
             await check_pooler(pool, conninfo, prepare=prepare, listen=listen)
