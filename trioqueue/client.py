@@ -33,6 +33,7 @@ from ._maintenance.periodic import PeriodicEnqueuer, PeriodicEnqueuerConfig
 from ._runtime.dispatcher import Subscription
 from ._runtime.failure import fatal_unwrapped
 from ._runtime.notifier import NotifyLimiter
+from ._runtime.startup import Startup
 from ._runtime.tree import Runtime
 from .config import ClientConfig, QueueConfig, args_types_by_kind, validate_queues
 from .driver.postgres.driver import open_postgres_driver
@@ -712,6 +713,14 @@ async def open_client(
     Leaving the block is a soft stop (running jobs finish); cancellation from outside is a
     hard stop whose final writes are shielded for up to ``shutdown_timeout`` seconds.
     Config errors raise ValidationError before anything starts.
+
+    Start-up (connecting, the schema check, registering the queues) retries transient
+    database errors (``DatabaseError.transient``: a lost or refused connection, a server
+    restarting, too many connections) with backoff for up to ``startup_timeout`` seconds,
+    logging each retry at WARNING, then raises a DatabaseError naming the step, the time
+    tried and the last error; other errors (a failed login, a missing database, a schema
+    needing ``trioqueue migrate``) are raised at once. Cancelled while it waits to retry,
+    it just cancels.
     """
     workers, queues, config = merge_settings(settings, workers, queues, config)
     cfg = ClientConfig(**config)
@@ -759,11 +768,16 @@ async def _open_postgres(
     # Only a client with queues LISTENs (its notifier); the driver checks at once that
     # no pooler is in the way of that or of prepared statements.
     listen = bool(queues) and not cfg.poll_only
+    # Start-up retries transient faults within one startup_timeout, from here on.
+    startup = Startup(cfg.startup_timeout)
     async with (
-        open_postgres_driver(
-            url, max_size=pool_size, prepare=cfg.prepared_statements, listen=listen
+        startup.entered(
+            "connecting to the database",
+            lambda: open_postgres_driver(
+                url, max_size=pool_size, prepare=cfg.prepared_statements, listen=listen
+            ),
         ) as driver,
-        _run_client(driver, cfg, workers, queues) as client,
+        _run_client(driver, cfg, workers, queues, startup) as client,
     ):
         yield client
 
@@ -774,11 +788,18 @@ async def _run_client(
     cfg: ClientConfig,
     workers: Workers | None,
     queues: Mapping[str, QueueConfig],
+    startup: Startup | None = None,
 ) -> AsyncIterator[Client]:
-    """Check the schema, then run the client (and its runtime, if it has queues)."""
+    """Check the schema, then run the client (and its runtime, if it has queues).
+
+    The start-up's database steps retry transient errors under ``startup`` (a fresh
+    budget of ``startup_timeout`` when None); a schema that is too old fails at once.
+    """
     from .migrations import latest_version
 
-    version = await driver.schema_version()
+    if startup is None:
+        startup = Startup(cfg.startup_timeout)
+    version = await startup.retry("checking the schema version", driver.schema_version)
     if version < latest_version():
         raise TrioqueueError(
             f"the database schema is at version {version}, this trioqueue needs "
@@ -805,10 +826,11 @@ async def _run_client(
                 nursery.cancel_scope.cancel()
         return
     # A job's KeyboardInterrupt or SystemExit stops the client once its outcome is written
-    # (docs/failure-modes.md), and comes out as itself, not nested in nursery groups.
-    with fatal_unwrapped():
+    # (docs/failure-modes.md), and comes out as itself, not nested in nursery groups; so
+    # does the DatabaseError a start-up step (registering the queues) failed with.
+    with fatal_unwrapped(), startup.failure_unwrapped():
         async with trio.open_nursery() as nursery:
-            await nursery.start(client._runtime.run)
+            await nursery.start(client._runtime.run, startup)
             try:
                 yield client
             finally:

@@ -133,6 +133,9 @@ class ClientConfig:
     error_handler: ErrorHandler | None = None
     soft_stop_timeout: float | None = None
     shutdown_timeout: float = 10.0
+    startup_timeout: float | None = 30.0
+    """How long ``open_client``'s start-up retries transient database errors (a lost or
+    refused connection, a server restarting) before it raises; None: for ever."""
     middleware: tuple[Any, ...] = attrs.field(default=(), converter=_middleware_tuple)
     """Insert and worker middleware for every insert and every job; the first entry is
     outermost, and all of them run outside a kind's own middleware (docs/middleware.md)."""
@@ -174,6 +177,7 @@ class ClientConfig:
             "cancelled_job_retention",
             "discarded_job_retention",
             "soft_stop_timeout",
+            "startup_timeout",
         ):
             _positive(name, getattr(self, name), allow_none=True)
         if self.error_handler is not None and not callable(self.error_handler):

@@ -67,6 +67,7 @@ class WorkerSettings:
     error_handler: ErrorHandler | None = None
     soft_stop_timeout: float | None = None
     shutdown_timeout: float = _config_default("shutdown_timeout")
+    startup_timeout: float | None = _config_default("startup_timeout")
     middleware: tuple[Any, ...] = ()
     hooks: tuple[Any, ...] = ()
     args_types: tuple[type[Any], ...] = ()

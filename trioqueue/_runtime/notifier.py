@@ -18,6 +18,7 @@ import trio
 
 from ..driver.protocol import Driver
 from ..errors import DatabaseError
+from .startup import backoff
 
 __all__ = ["NotifyLimiter", "Notifier"]
 
@@ -57,15 +58,18 @@ class Notifier:
                 log.exception("notification callback failed for %s", channel)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled, reconnecting with backoff. Reports started once the
-        first connection listens (or failed once; the loop then keeps retrying)."""
-        delay = 0.1
+        """Listen until cancelled, reconnecting with backoff (0.1 s doubling to 5 s, with
+        jitter; a WARNING with the attempt and the delay each time). Reports started once
+        the first connection listens, or failed once: a client does not wait for LISTEN
+        to start (its producers poll meanwhile), and the loop keeps retrying for as long
+        as it runs. Cancellation just cancels."""
+        failures = 0
         started = False
         while True:
             try:
                 async with self.driver.open_listener(self.channels) as listener:
                     self.connected = True
-                    delay = 0.1
+                    failures = 0
                     if not started:
                         started = True
                         task_status.started()
@@ -75,13 +79,21 @@ class Notifier:
                         for note in await listener.wait():
                             self._dispatch(note.channel, note.payload)
             except DatabaseError as exc:
+                was = "lost" if self.connected else "failed"
                 self.connected = False
-                log.warning("LISTEN connection lost, reconnecting in %.1f s: %s", delay, exc)
+                failures += 1
+                delay = backoff(failures)
+                log.warning(
+                    "LISTEN connection %s (attempt %d), reconnecting in %.2f s: %s",
+                    was,
+                    failures,
+                    delay,
+                    exc,
+                )
             if not started:
                 started = True
                 task_status.started()
             await trio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 @final

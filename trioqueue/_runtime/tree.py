@@ -26,6 +26,7 @@ first.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -53,6 +54,7 @@ from .executor import Executor
 from .notifier import Notifier
 from .outcome import next_retry_delay
 from .producer import Producer
+from .startup import Startup
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -205,12 +207,21 @@ class Runtime:
         for producer in self.producers.values():
             producer.wake()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        startup: Startup | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Run the tree until stopped. Reports started once every producer runs.
 
-        On cancellation from outside: a hard stop, with the final writes shielded for up
-        to ``shutdown_timeout`` seconds.
+        Registering the queues retries transient database errors under ``startup`` (the
+        client's start-up budget; a fresh ``startup_timeout`` when None), then fails
+        the start with its DatabaseError. On cancellation from outside: a hard stop,
+        with the final writes shielded for up to ``shutdown_timeout`` seconds.
         """
+        if startup is None:
+            startup = Startup(self.config.startup_timeout)
         if self.client is not None:
             running_client.set(self.client)  # inherited by every task below this one
         try:
@@ -244,7 +255,7 @@ class Runtime:
                     services.start_soon(periodic.run)
                 services.start_soon(self._queue_keeper)
                 services.start_soon(self._stop_watcher)
-                await self._run_dispatch(task_status)
+                await self._run_dispatch(startup, task_status)
                 services.cancel_scope.cancel()
         finally:
             self.done.set()
@@ -256,7 +267,7 @@ class Runtime:
             log.info("soft_stop_timeout passed: cancelling running jobs")
             self.hard_stop()
 
-    async def _run_dispatch(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _run_dispatch(self, startup: Startup, task_status: trio.TaskStatus[None]) -> None:
         event_send, event_receive = trio.open_memory_channel[list[Event]](EVENT_CHANNEL_SIZE)
         async with trio.open_nursery() as dispatch:
             dispatch.start_soon(self.dispatcher.run, event_receive, self.config.shutdown_timeout)
@@ -272,11 +283,15 @@ class Runtime:
             async with trio.open_nursery() as completion:
                 completion.start_soon(self.completer.run)
                 try:
-                    await self._run_work(task_status)
+                    await self._run_work(startup, task_status)
                 finally:
                     self.completer.close()
 
-    async def _run_work(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _register_queue(self, name: str) -> bool:
+        """Announce queue ``name``; whether it is paused."""
+        return await self.driver.queue_upsert(name, self.now())
+
+    async def _run_work(self, startup: Startup, task_status: trio.TaskStatus[None]) -> None:
         assert self.completer is not None
         executor = Executor(self.workers, self.config, self.completer, self.now)
         for name, queue_config in self.queues.items():
@@ -293,7 +308,9 @@ class Runtime:
                 check_cancels=self.config.poll_only,
             )
         for name in self.producers:
-            self._paused[name] = await self.driver.queue_upsert(name, self.now())
+            self._paused[name] = await startup.retry(
+                f"registering queue {name!r}", functools.partial(self._register_queue, name)
+            )
         async with trio.open_nursery() as work:
             for producer in self.producers.values():
                 await work.start(producer.run)
