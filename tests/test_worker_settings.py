@@ -298,3 +298,33 @@ async def test_args_types_decode_reads_on_an_insert_only_client(store: dict[str,
             kind: ClassVar[str] = "order"
 
         tq.ClientConfig(args_types=[OrderArgs, Clash])
+
+
+async def test_current_client_in_periodic_args_functions() -> None:
+    """A periodic job's ``args`` function runs with current_client() set, on a client with
+    queues and on an insert-only one opened with periodic jobs."""
+    seen: list[tq.Client] = []
+    called = trio.Event()
+
+    def args() -> NotifyArgs:
+        seen.append(tq.current_client())
+        called.set()
+        return NotifyArgs(1)
+
+    job = tq.PeriodicJob(every=0.05, args=args, id="p", run_on_start=True)
+    driver = tq.MemoryDriver()
+    with trio.fail_after(30):
+        async with tq.open_client(driver=driver, periodic_jobs=[job]) as insert_only:
+            await called.wait()
+        assert seen[0] is insert_only
+        seen.clear()
+        called = trio.Event()
+        async with tq.open_client(
+            driver=driver,
+            workers=_workers([]),
+            queues={"default": tq.QueueConfig()},
+            periodic_jobs=[job],
+            **FAST,
+        ) as worker:
+            await called.wait()
+        assert seen[0] is worker

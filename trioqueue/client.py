@@ -36,6 +36,7 @@ from ._runtime.notifier import NotifyLimiter
 from ._runtime.startup import Startup
 from ._runtime.tree import Runtime
 from .config import ClientConfig, QueueConfig, args_types_by_kind, validate_queues
+from .current import running_client
 from .driver.postgres.driver import open_postgres_driver
 from .driver.protocol import Driver, JobInsertParams, Row
 from .errors import (
@@ -818,8 +819,13 @@ async def _run_client(
             client._params,
             PeriodicEnqueuerConfig(max_sleep=cfg.leader_interval),
         )
+
+        async def enqueue() -> None:
+            running_client.set(client)  # for the args functions; this task's context only
+            await enqueuer.run()
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(enqueuer.run)
+            nursery.start_soon(enqueue)
             try:
                 yield client
             finally:
