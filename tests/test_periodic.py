@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -82,6 +83,23 @@ async def _runs(client: tq.Client, periodic_id: str) -> dict[str, int]:
         periodic_id,
     )
     return {str(r[0]): int(r[1]) for r in rows}
+
+
+async def _assert_no_run_lost(client: tq.Client, periodic_id: str, every: float) -> None:
+    """Each run time of the job has one job, and every run time between the first and
+    the last has its own job or is counted in the next job's ``missed_runs``."""
+    rows = await _sql(
+        client,
+        "SELECT metadata->>'periodic_run_at', coalesce((metadata->>'missed_runs')::int, 0) "
+        "FROM tq_job WHERE metadata->>'periodic_job_id' = $1",
+        periodic_id,
+    )
+    runs = sorted((datetime.fromisoformat(str(at)), int(missed)) for at, missed in rows)
+    times = [at for at, _ in runs]
+    assert len(set(times)) == len(times), f"a run time inserted twice: {times}"
+    step = timedelta(seconds=every)
+    for (before, _), (after, missed) in itertools.pairwise(runs):
+        assert after - before == step * (1 + missed), f"runs lost between {before} and {after}"
 
 
 async def _wait_for(predicate: Callable[[], Any], seconds: float = 10.0) -> None:
@@ -271,7 +289,8 @@ def test_plan_first_sight_missed_runs_and_run_on_start() -> None:
 
 def test_plan_clients_that_disagree_on_a_schedule_both_fire() -> None:
     """Two clients with one id but different schedules (a rolling deploy): each stores its
-    own schedule in turn; neither resets the other for ever, and both schedules fire."""
+    own schedule in turn; neither resets the other for ever, and both schedules fire: each
+    inserts its latest run time that is after the last run anyone inserted."""
     hourly = tq.PeriodicJob(every=3600, args=_tick, id="h")
     minutely = tq.PeriodicJob(every=60, args=_tick, id="h")
     now = _at("2024-05-01T10:17:30")
@@ -289,9 +308,10 @@ def test_plan_clients_that_disagree_on_a_schedule_both_fire() -> None:
         if plan.run_at is not None:
             runs.add(plan.run_at)
         stored = plan.state or stored
-    hours = {at for at in runs if at.minute == 0}
-    assert hours == {_at(f"2024-05-01T{h}:00:00") for h in (11, 12, 13)}
-    assert len(runs - hours) > 60  # the minutely schedule keeps firing too
+    # Every minute fired (the hours are minutes too), none lost to the hourly client's
+    # turns: 10:18 to 13:17.
+    first = _at("2024-05-01T10:18:00")
+    assert runs == {first + timedelta(minutes=m) for m in range(180)}
 
 
 def test_periodic_jobs_collection() -> None:
@@ -412,7 +432,11 @@ async def test_state_moved_by_another_leader_rolls_the_run_back(database_url: st
     )
 
 
-async def test_args_returning_none_or_failing_skips_the_run(database_url: str) -> None:
+async def test_args_returning_none_skips_the_run_and_raising_leaves_it(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``args`` returning None skips that run; raising leaves it uninserted and the state
+    unmoved, so the next pass (here a minute later) inserts it as a catch-up run."""
     calls = itertools.count()
 
     def sometimes() -> Any:
@@ -432,13 +456,19 @@ async def test_args_returning_none_or_failing_skips_the_run(database_url: str) -
                 clock[0] = _at(f"2024-05-01T10:0{minute}:00")
                 await enqueuer.run_once()
             jobs = (await client.job_list(tq.JobListParams(kinds=["tick"]))).jobs
-            # Calls 0..3 made runs for 10:01..10:04; call 1 returned None, call 2 raised.
+            # Calls 0..3 were for 10:01..10:04; call 1 returned None (10:02 skipped), call
+            # 2 raised (10:03 not inserted, the state not moved), so call 3 made one
+            # catch-up run for 10:04 that counts 10:03 as missed.
             assert [j.args["n"] for j in jobs] == [0, 3]
             assert all(j.priority == 3 and j.metadata["mine"] == 1 for j in jobs)
             assert [j.metadata["periodic_run_at"] for j in jobs] == [
                 "2024-05-01T10:01:00+00:00",
                 "2024-05-01T10:04:00+00:00",
             ]
+            assert jobs[1].metadata["missed_runs"] == 1
+            assert jobs[1].metadata["missed_since"] == "2024-05-01T10:03:00+00:00"
+    failures = [r for r in caplog.records if "building the run" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
 
 
 # ------------------------------------------------------------------ running clients
@@ -620,7 +650,16 @@ async def test_an_insert_only_client_opened_with_periodic_jobs_fires_them(
 
 
 async def test_three_clients_configured_alike_insert_each_run_once(database_url: str) -> None:
-    job = tq.PeriodicJob(every=0.1, args=_tick, id="alike", run_on_start=True)
+    """Each run once, none lost, and ``args`` called by the client inserting a run only
+    (before, every client due at once called it, and the losers' results were dropped)."""
+    calls = 0
+
+    def counted() -> TickArgs:
+        nonlocal calls
+        calls += 1
+        return TickArgs()
+
+    job = tq.PeriodicJob(every=0.1, args=counted, id="alike", run_on_start=True)
     with trio.fail_after(30):
         async with (
             _client(database_url, job, id="one") as one,
@@ -630,8 +669,63 @@ async def test_three_clients_configured_alike_insert_each_run_once(database_url:
             await _wait_for(lambda: _count_at_least(one, "alike", 15))
     async with tq.open_client(database_url) as admin:
         runs = await _runs(admin, "alike")
+        await _assert_no_run_lost(admin, "alike", 0.1)
     assert len(runs) >= 15
     assert all(n == 1 for n in runs.values()), runs
+    # A client stopped between calling args and committing adds a call without a run.
+    assert len(runs) <= calls <= len(runs) + 3, (calls, len(runs))
+
+
+async def test_a_client_without_the_worker_leaves_the_runs_to_one_that_has_it(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two clients have the periodic job, but only one has a worker for its kind (the
+    other refuses to insert it): every run is inserted, by the one that can. Before, the
+    other client advanced the schedule past runs it could not insert, and most were lost."""
+
+    @attrs.frozen
+    class Other:
+        kind: ClassVar[str] = "other"
+
+    async def other(job: tq.Job[Other]) -> None:
+        pass
+
+    lacking = tq.Workers()
+    lacking.add(Other, other)
+    job = tq.PeriodicJob(every=0.2, args=_tick, id="kind-here-only")
+    with trio.fail_after(30):
+        async with (
+            tq.open_client(
+                database_url,
+                workers=lacking,
+                queues={"other": tq.QueueConfig()},
+                periodic_jobs=[job],
+                **FAST,
+            ),
+            _client(database_url, job, id="has-it") as has_it,
+        ):
+            await _wait_for(lambda: _count_at_least(has_it, "kind-here-only", 8))
+            await _assert_no_run_lost(has_it, "kind-here-only", 0.2)
+    # The client without the worker logged its refusal in full once per run time.
+    refused = [r for r in caplog.records if "building the run" in r.getMessage()]
+    full = [r for r in refused if r.levelno == logging.ERROR]
+    assert full and all(r.exc_info is not None for r in full)
+    assert len({r.getMessage() for r in full}) == len(full)
+
+
+async def test_an_insert_only_client_fires_periodic_jobs_added_later(database_url: str) -> None:
+    """``client.periodic_jobs.add`` works on any client, not only one opened with
+    periodic jobs; and the block's exception comes out bare, as without the enqueuer."""
+    with trio.fail_after(30):
+        with pytest.raises(ValueError, match=r"^the block's own$"):
+            async with tq.open_client(database_url, **FAST) as web:
+                web.periodic_jobs.add(tq.PeriodicJob(every=0.2, args=_tick, id="added"))
+                await _wait_for(lambda: _count_at_least(web, "added", 3))
+                raise ValueError("the block's own")
+        job = tq.PeriodicJob(every=0.2, args=_tick, id="opened")
+        with pytest.raises(ValueError, match=r"^also$"):
+            async with tq.open_client(database_url, periodic_jobs=[job], **FAST):
+                raise ValueError("also")
 
 
 async def test_the_leader_changes_to_a_client_without_the_job_mid_schedule(
@@ -640,16 +734,25 @@ async def test_the_leader_changes_to_a_client_without_the_job_mid_schedule(
     """A leads and has the job; B has none. A stops leading (it stops, a new A' without
     leadership carries the job on): the job keeps firing while B leads."""
     job = tq.PeriodicJob(every=0.2, args=_tick, id="carried")
+    stop_first = trio.Event()
+
+    async def run_first(task_status: trio.TaskStatus[tq.Client]) -> None:
+        async with _client(database_url, job, id="first") as first:
+            await _wait_for(lambda: first.is_leader)
+            task_status.started(first)
+            await stop_first.wait()
+
     with trio.fail_after(40):
-        async with _client(database_url, id="plain") as plain:
-            async with _client(database_url, job, id="first") as first:
-                await _wait_for(lambda: first.is_leader or plain.is_leader)
-                await _wait_for(lambda: _count_at_least(first, "carried", 3))
-            # ``first`` stopped (and resigned if it led): ``plain`` leads now.
-            await _wait_for(lambda: plain.is_leader, seconds=10)
-            before = len(await _runs(plain, "carried"))
-            async with _client(database_url, job, id="second") as second:
-                await _wait_for(lambda: _count_at_least(second, "carried", before + 3))
-                assert plain.is_leader and not second.is_leader
-            runs = await _runs(plain, "carried")
+        async with trio.open_nursery() as nursery:
+            first: tq.Client = await nursery.start(run_first)
+            async with _client(database_url, id="plain") as plain:
+                await _wait_for(lambda: _count_at_least(plain, "carried", 3))
+                assert first.is_leader and not plain.is_leader
+                stop_first.set()  # it resigns as it stops: ``plain`` leads next
+                await _wait_for(lambda: plain.is_leader, seconds=10)
+                before = len(await _runs(plain, "carried"))
+                async with _client(database_url, job, id="second") as second:
+                    await _wait_for(lambda: _count_at_least(second, "carried", before + 3))
+                    assert plain.is_leader and not second.is_leader
+                runs = await _runs(plain, "carried")
     assert all(n == 1 for n in runs.values()), runs

@@ -4,17 +4,27 @@ interleave, restart and race.
 
 Hypothesis generates plans: one to three clients (enqueuers over one store, with a clock
 the plan moves), all configured alike or one with another schedule for the same id (a
-rolling deploy), and steps that move the clock (seconds, or hours at once), let one
-client pass, let every client pass at once (their transactions race), or restart a
-client (its ``run_on_start`` counts again). Invariants, checked after every step:
+rolling deploy), with or without one client that cannot build the job (its ``args``
+raises, as in a process whose workers lack the kind), and steps that move the clock
+(seconds, or hours at once), let one client pass, let every client pass at once (their
+transactions race), or restart a client (its ``run_on_start`` counts again). Invariants,
+checked after every step:
 
 1. **Once**: no run time of the job has two jobs, whatever raced.
-2. **Up to date**: after a pass with no conflict, the stored next run time is in the
-   future.
-3. **Fires** (clients alike): after a step in which the stored next run time had passed,
-   the current slot has its job.
-4. **Missed runs counted** (clients alike, one pass): a catch-up job records how many run
+2. **Up to date**: after a pass with no conflict and no failed build, the stored next run
+   time is in the future.
+3. **Fires** (clients alike): after a step in which the stored next run time had passed
+   and a client that can build the job passed, the current slot has its job.
+4. **Left for others**: a pass of only the client that cannot build, once it has a run to
+   build, changes neither the stored state nor the jobs, so no run is lost to it.
+5. **Missed runs counted** (clients alike, one pass): a catch-up job records how many run
    times passed without a job of their own.
+6. **Both schedules fire** (clients that disagree, one pass with no conflict): the
+   passing client's latest run time has its job if it is after the last run anyone
+   inserted.
+7. **``args`` only for claimed runs**: each client called ``args`` exactly once per run
+   it reported (inserted, found inserted) or failed to build; a client that lost the
+   race for a run never calls it.
 
 Profiles: 200 memory examples and 20 PostgreSQL ones by default (about 20 s);
 ``TRIOQUEUE_SOAK=1`` runs 5,000 and 300.
@@ -76,6 +86,8 @@ class Plan:
     """False: client 0 has the job every 90 s, the others every 60 s."""
     run_on_start: bool
     steps: tuple[Step, ...]
+    failing: int | None = None
+    """The client whose ``args`` raises, if any."""
 
 
 @st.composite
@@ -97,6 +109,7 @@ def plans(draw: st.DrawFn) -> Plan:
         alike=clients == 1 or draw(st.booleans()),
         run_on_start=draw(st.booleans()),
         steps=tuple(draw(st.lists(step, min_size=1, max_size=25))),
+        failing=draw(st.none() | st.integers(0, clients - 1)) if clients > 1 else None,
     )
 
 
@@ -107,13 +120,24 @@ class Run:
         self.plan = plan
         self.client = client
         self.clock = [START]
+        self.calls = [0] * plan.clients
+        """``args`` calls, per client."""
+        self.reported = [0] * plan.clients
+        """Runs reported plus failed builds, per client (for invariant 7)."""
         self.jobs = [self._job(i) for i in range(plan.clients)]
         self.enqueuers = [self._enqueuer(i) for i in range(plan.clients)]
 
     def _job(self, index: int) -> tq.PeriodicJob:
         every = 90 if not self.plan.alike and index == 0 else 60
+
+        def args() -> BeatArgs:
+            self.calls[index] += 1
+            if index == self.plan.failing:
+                raise RuntimeError("this client cannot build the job")
+            return BeatArgs()
+
         return tq.PeriodicJob(
-            every=every, args=BeatArgs, id=JOB_ID, run_on_start=self.plan.run_on_start
+            every=every, args=args, id=JOB_ID, run_on_start=self.plan.run_on_start
         )
 
     def _enqueuer(self, index: int) -> PeriodicEnqueuer:
@@ -145,24 +169,49 @@ class Run:
                 self.enqueuers[step.client] = self._enqueuer(step.client)
                 continue
             before = await self._stored()
+            runs_before = await self._runs()
             if step.action == "pass":
+                passing = [step.client]
                 results = [await self.enqueuers[step.client].run_once()]
             else:
+                passing = list(range(self.plan.clients))
                 results = await _together(self.enqueuers)
-            await self._check(where, before, results, now)
+            for index, result in zip(passing, results, strict=True):
+                self.reported[index] += len(result.runs) + result.failed
+            assert self.calls == self.reported, f"{where}: args calls {self.calls}"
+            if passing == [self.plan.failing] and results[0].failed:
+                assert await self._stored() == before, f"{where}: a failed build moved state"
+                assert await self._runs() == runs_before, f"{where}: a failed build inserted"
+            await self._check(where, before, results, now, passing)
 
     async def _check(
-        self, where: str, before: PeriodicJobState | None, results: list[Any], now: datetime
+        self,
+        where: str,
+        before: PeriodicJobState | None,
+        results: list[Any],
+        now: datetime,
+        passing: list[int],
     ) -> None:
         runs = await self._runs()
         doubled = {at: len(jobs) for at, jobs in runs.items() if len(jobs) > 1}
         assert not doubled, f"{where}: a run inserted twice: {doubled}"
         after = await self._stored()
-        if any(r.conflicts == 0 for r in results):
+        if any(r.conflicts == 0 and r.failed == 0 for r in results):
             assert after is not None and after.next_run_at > now, (
                 f"{where}: stored state not up to date: {after} at {now}"
             )
-        if not self.plan.alike or before is None or before.next_run_at > now:
+        if not self.plan.alike:
+            [index] = passing if len(passing) == 1 else [None]
+            if index is None or index == self.plan.failing or results[0].conflicts:
+                return
+            schedule = self.jobs[index].schedule
+            if before is None or before.last_run_at is None or before.schedule == schedule.key:
+                return
+            latest = schedule.latest_at_or_before(now)
+            if latest > before.last_run_at:
+                assert latest.isoformat() in runs, f"{where}: our run {latest} has no job"
+            return
+        if before is None or before.next_run_at > now or passing == [self.plan.failing]:
             return
         schedule = self.jobs[0].schedule
         slot = schedule.latest_at_or_before(now)
@@ -175,15 +224,16 @@ class Run:
 
 
 async def _together(enqueuers: list[PeriodicEnqueuer]) -> list[Any]:
-    """One pass of every enqueuer at once (their transactions race)."""
-    results: list[Any] = []
+    """One pass of every enqueuer at once (their transactions race); their results in
+    the enqueuers' order."""
+    results: list[Any] = [None] * len(enqueuers)
 
-    async def one(enqueuer: PeriodicEnqueuer) -> None:
-        results.append(await enqueuer.run_once())
+    async def one(index: int, enqueuer: PeriodicEnqueuer) -> None:
+        results[index] = await enqueuer.run_once()
 
     async with trio.open_nursery() as nursery:
-        for enqueuer in enqueuers:
-            nursery.start_soon(one, enqueuer)
+        for index, enqueuer in enumerate(enqueuers):
+            nursery.start_soon(one, index, enqueuer)
     return results
 
 

@@ -808,10 +808,8 @@ async def _run_client(
         )
     client = Client(driver, cfg, workers, queues, driver.clock)
     if client._runtime is None:
-        if not cfg.periodic_jobs:
-            yield client
-            return
-        # An insert-only client opened with periodic jobs enqueues them too.
+        # An insert-only client enqueues its periodic jobs too: those it was opened with
+        # and any added later (with none, its enqueuer just waits for a change).
         enqueuer = PeriodicEnqueuer(
             driver,
             driver.clock,
@@ -824,12 +822,19 @@ async def _run_client(
             running_client.set(client)  # for the args functions; this task's context only
             await enqueuer.run()
 
+        # The block's own exception comes out as itself, as from a client without the
+        # enqueuer's nursery: it is held while the nursery closes, then raised.
+        raised: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(enqueue)
             try:
                 yield client
+            except BaseException as exc:  # raised again below
+                raised = exc
             finally:
                 nursery.cancel_scope.cancel()
+        if raised is not None:
+            raise raised
         return
     # A job's KeyboardInterrupt or SystemExit stops the client once its outcome is written
     # (docs/failure-modes.md), and comes out as itself, not nested in nursery groups; so

@@ -171,9 +171,11 @@ class PeriodicJob:
     Unix epoch, so ``every=3600`` runs on the hour) or ``cron`` (a 5-field cron expression,
     evaluated in UTC; needs ``pip install 'trioqueue[cron]'``).
 
-    ``args`` is called (synchronously, on the client inserting the run) for each run and
-    returns the job's
-    args, an ``(args, InsertOpts)`` pair, or ``None`` to skip that run. The job's
+    ``args`` is called (synchronously, once per run, by the client that claimed the run,
+    inside the transaction that inserts it) and returns the job's args, an
+    ``(args, InsertOpts)`` pair, or ``None`` to skip that run. If it raises, or returns
+    what this client cannot insert, the claim is rolled back and the run is left for
+    another client with the job (or this one's next pass). The job's
     ``metadata`` gets ``periodic: true``, ``periodic_job_id`` and ``periodic_run_at`` (the
     run time, ISO 8601); its unique options are replaced by a key for the run, unique over
     every state, so a run is never inserted twice.

@@ -9,9 +9,9 @@ transaction as the run's job with a compare-and-set, so any number of clients co
 alike insert each run once, and a restarted process carries on where the last one stopped.
 
 Clients that disagree on a job's schedule (a rolling deploy that changes it, or a mistake)
-each store their own in turn; neither starves: a run falls due at the stored next run time
-or at this client's own, whichever is first, and nothing counts as missed. A warning says
-so, once per job and client.
+each store their own in turn, and each inserts the latest run time of its own schedule
+that is after the last run anyone inserted; nothing counts as missed. A warning says so,
+once per job and client.
 
 Missed runs. When a client finds that more than one run time of a job has passed since
 its stored ``next_run_at`` (no client had the job, or the process was down for longer than
@@ -68,6 +68,11 @@ class _StateMoved(Exception):
     """Another enqueuer changed a job's stored state since we read it."""
 
 
+class _BuildFailed(Exception):
+    """A run's ``args`` function raised, or its result cannot be inserted by this
+    client (logged where it happened)."""
+
+
 @final
 @attrs.frozen
 class PeriodicEnqueuerConfig:
@@ -104,6 +109,9 @@ class PeriodicEnqueuerResult:
     """Runs inserted, found already inserted, or skipped (``job`` None) in this pass."""
     conflicts: int
     """Jobs whose stored state another client moved meanwhile; retried next pass."""
+    failed: int
+    """Runs this client could not build (``args`` raised, or its result cannot be
+    inserted here): left for another client, or for this one's next pass."""
     next_run_at: datetime | None
     """The earliest upcoming run time over all jobs; None when there are none."""
 
@@ -130,12 +138,17 @@ def plan_job(
         return _Plan(run_at, 0, None, state)
     if stored.schedule not in (None, schedule.key):
         # Stored under another schedule (changed, or another client has it otherwise):
-        # honour the stored next run time and our own, whichever is first. Nothing counts
-        # as missed: the stored times are not on our grid.
+        # our latest run time is due if it is after the last run inserted by anyone
+        # (never run: once the stored next run time has passed), and we wake at the
+        # stored next run time or our own, whichever is first. Nothing counts as missed:
+        # the stored times are not on our grid.
         latest = schedule.latest_at_or_before(now)
-        passed = stored.next_run_at <= now or on_start
-        fresh = stored.last_run_at is None or latest > stored.last_run_at
-        run_at = latest if passed and fresh else None
+        passed = stored.next_run_at <= now
+        if stored.last_run_at is None:
+            ours = passed or on_start
+        else:
+            ours = latest > stored.last_run_at
+        run_at = latest if ours else None
         upcoming = schedule.next_after(now)
         state = PeriodicJobState(
             job.effective_id,
@@ -176,9 +189,13 @@ class PeriodicEnqueuer:
     """Ids of jobs this client has handled since it started (for ``run_on_start``)."""
     _disagreed: set[str] = attrs.field(factory=set, init=False)
     """Ids of jobs whose stored schedule differed from ours (warned once)."""
+    _failed: dict[str, datetime] = attrs.field(factory=dict, init=False)
+    """The run time whose build last failed, by job id (logged in full once)."""
 
     def _build(self, job: PeriodicJob, plan: _Plan, now: datetime) -> JobInsertParams | None:
-        """The insert params for a planned run, or None to skip it (logged)."""
+        """The insert params for a planned run, or None when ``args`` returned None (the
+        run is skipped on purpose). Raises _BuildFailed (logged) when ``args`` raised or
+        its result cannot be inserted by this client."""
         assert plan.run_at is not None
         jid = job.effective_id
         try:
@@ -206,13 +223,20 @@ class PeriodicEnqueuer:
                 )
             opts = attrs.evolve(opts, metadata=metadata, unique=None)
             params = self.prepare((args, opts), now)
-        except Exception:
-            log.exception(
-                "periodic job %r: building the run for %s failed, run skipped",
+        except Exception as exc:
+            # Logged in full once per run time; the next tries of the same run quietly.
+            first = self._failed.get(jid) != plan.run_at
+            self._failed[jid] = plan.run_at
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "periodic job %r: building the run for %s failed; not inserted by this "
+                "client (another client with the job, or this one in a while, tries again)",
                 jid,
                 plan.run_at.isoformat(),
+                exc_info=first,
             )
-            return None
+            raise _BuildFailed from exc
+        self._failed.pop(jid, None)
         return params._replace(
             unique_key=run_unique_key(jid, plan.run_at), unique_states=ALL_STATES
         )
@@ -224,49 +248,51 @@ class PeriodicEnqueuer:
         plan: _Plan,
         now: datetime,
     ) -> PeriodicRun | None:
-        """Insert the planned run (if any) and write the new state, in one transaction.
+        """Claim the planned run, then build and insert it, in one transaction.
 
-        Raises _StateMoved (everything rolled back) if another enqueuer got there first.
+        The new state is written first, with a compare-and-set that holds the state's row
+        until the transaction ends: of several clients due at once only the one that
+        claims the run calls the job's ``args`` function; the others wait for it and find
+        the state moved. Raises _StateMoved (nothing written) if another enqueuer got there
+        first, and _BuildFailed (the claim rolled back, so another client may insert the
+        run) if ``args`` raised or its result cannot be inserted here.
         """
         assert plan.state is not None
-        params = self._build(job, plan, now) if plan.run_at is not None else None
-        if params is None:
-            if not await self.driver.periodic_job_save(plan.state, stored, now):
-                raise _StateMoved
-            if plan.run_at is None:
-                return None
-            return PeriodicRun(job.effective_id, plan.run_at, None, False, plan.missed_runs)
-        assert plan.run_at is not None
-        notify = [params.queue] if params.state is JobState.AVAILABLE else []
+        jid = job.effective_id
         try:
             async with self.driver.transaction() as tx:
-                [(row, duplicate)] = await self.driver.job_insert_many([params], notify, now, ex=tx)
                 if not await self.driver.periodic_job_save(plan.state, stored, now, ex=tx):
                     raise _StateMoved
+                if plan.run_at is None:
+                    return None
+                params = self._build(job, plan, now)
+                if params is None:
+                    return PeriodicRun(jid, plan.run_at, None, False, plan.missed_runs)
+                notify = [params.queue] if params.state is JobState.AVAILABLE else []
+                [(row, duplicate)] = await self.driver.job_insert_many([params], notify, now, ex=tx)
         except DatabaseError as exc:
             # Values the database refused would be refused again on every pass, and
-            # would hold back the jobs after this one: skip the run, as a failed build is.
-            if not exc.rejected_data:
+            # would hold back the jobs after this one: skip the run, as args returning
+            # None does.
+            if not exc.rejected_data or plan.run_at is None:
                 raise
             log.error(
                 "periodic job %r: the database refused the run for %s, run skipped: %s",
-                job.effective_id,
+                jid,
                 plan.run_at.isoformat(),
                 exc,
             )
             if not await self.driver.periodic_job_save(plan.state, stored, now):
                 raise _StateMoved from None
-            return PeriodicRun(job.effective_id, plan.run_at, None, False, plan.missed_runs)
+            return PeriodicRun(jid, plan.run_at, None, False, plan.missed_runs)
         if plan.missed_runs and not duplicate:
             log.warning(
                 "periodic job %r missed %d run(s) since %s; inserted one catch-up run",
-                job.effective_id,
+                jid,
                 plan.missed_runs,
                 plan.missed_since.isoformat() if plan.missed_since else "?",
             )
-        return PeriodicRun(
-            job.effective_id, plan.run_at, row_to_job(row, None), duplicate, plan.missed_runs
-        )
+        return PeriodicRun(jid, plan.run_at, row_to_job(row, None), duplicate, plan.missed_runs)
 
     async def run_once(self, jobs: Sequence[PeriodicJob] | None = None) -> PeriodicEnqueuerResult:
         """One pass over ``jobs`` (default: the client's list): insert every due run.
@@ -281,7 +307,7 @@ class PeriodicEnqueuer:
         self._seen &= set(ids)
         states = await self.driver.periodic_job_get_many(ids) if ids else {}
         runs: list[PeriodicRun] = []
-        conflicts = 0
+        conflicts = failed = 0
         upcoming: list[datetime] = []
         for job in jobs:
             jid = job.effective_id
@@ -310,11 +336,17 @@ class PeriodicEnqueuer:
                 conflicts += 1
                 log.info("periodic job %r: state moved by another client; will re-read", jid)
                 continue
+            except _BuildFailed:
+                # Not this client's to insert now: try again at our next run time (or
+                # within max_sleep), after any other client has had its turn.
+                failed += 1
+                upcoming.append(plan.state.next_run_at)
+                continue
             self._seen.add(jid)
             upcoming.append(plan.state.next_run_at)
             if run is not None:
                 runs.append(run)
-        return PeriodicEnqueuerResult(runs, conflicts, min(upcoming, default=None))
+        return PeriodicEnqueuerResult(runs, conflicts, failed, min(upcoming, default=None))
 
     async def run(self) -> None:
         """Insert runs as they fall due until cancelled (by every client that has

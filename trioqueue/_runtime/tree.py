@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, final
 
@@ -94,6 +94,8 @@ class Runtime:
     elector: Elector | None = attrs.field(default=None, init=False)
     completer: Completer | None = attrs.field(default=None, init=False)
     done: trio.Event = attrs.field(factory=trio.Event, init=False)
+    started: trio.Event = attrs.field(factory=trio.Event, init=False)
+    """Set once start-up succeeded (the queues are registered, the producers run)."""
     _stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     _hard: bool = attrs.field(default=False, init=False)
     _paused: dict[str, bool] = attrs.field(factory=dict, init=False)
@@ -252,13 +254,19 @@ class Runtime:
                         self.prepare_insert,
                         PeriodicEnqueuerConfig(max_sleep=self.config.leader_interval),
                     )
-                    services.start_soon(periodic.run)
+                    services.start_soon(self._after_start, periodic.run)
                 services.start_soon(self._queue_keeper)
                 services.start_soon(self._stop_watcher)
                 await self._run_dispatch(startup, task_status)
                 services.cancel_scope.cancel()
         finally:
             self.done.set()
+
+    async def _after_start(self, run: Callable[[], Awaitable[None]]) -> None:
+        """``await run()`` once start-up has succeeded: a client whose start fails
+        inserts nothing (a periodic run, say)."""
+        await self.started.wait()
+        await run()
 
     async def _stop_watcher(self) -> None:
         await self._stopping.wait()
@@ -318,4 +326,5 @@ class Runtime:
                 self.hard_stop()
             elif self._stopping.is_set():
                 self.soft_stop()
+            self.started.set()
             task_status.started()
