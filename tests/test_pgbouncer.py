@@ -9,6 +9,7 @@ installed (``.ci/run`` installs it).
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import pwd
@@ -496,3 +497,18 @@ def test_cli_commands_work_through_a_transaction_pooler(
         )
         assert done.returncode == 0, (args, done.stderr)
     assert _count_jobs(database_url, "cancelled") == 1
+
+
+async def test_a_database_the_pooler_cannot_reach_fails_at_once(
+    session_bouncer: Bouncer, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal that waiting cannot cure, reported by PgBouncer in its own words (it
+    has no SQLSTATE), fails the start at once rather than after ``startup_timeout``."""
+    caplog.set_level(logging.WARNING)
+    parts = urllib.parse.urlsplit(session_bouncer.url(database_url))
+    url = urllib.parse.urlunsplit(parts._replace(path="/tq_no_such_database"))
+    with trio.fail_after(20), pytest.raises(tq.DatabaseError) as info:
+        async with tq.open_client(url, startup_timeout=60.0):
+            pytest.fail("the client started")
+    assert not info.value.transient, info.value
+    assert not [r for r in caplog.records if r.name == "trioqueue.startup"]

@@ -28,6 +28,7 @@ TRANSIENT_SQLSTATES: Final = frozenset(
         "53300",  # too_many_connections
         "40001",  # serialization_failure
         "40P01",  # deadlock_detected
+        "25006",  # read_only_sql_transaction: a standby, say just after a failover
     }
 )
 """SQLSTATEs worth trying again, besides all of class 08 (connection exception, which is
@@ -52,6 +53,8 @@ _PERMANENT_CONNECT_FAILURES: Final = (
     "invalid value for parameter",  # a bad ``options`` setting (22023)
     "unrecognized configuration parameter",  # (42704)
     "unsupported frontend protocol",
+    "no such database",  # PgBouncer: not in its [databases] and no "*" entry
+    "no such user",  # PgBouncer: not in its auth_file / auth_query
 )
 """Lower-case fragments of connection failures that waiting cannot cure."""
 
