@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, overload
 
 import attrs
 import pytest
@@ -73,7 +73,7 @@ def test_settings_have_every_client_option() -> None:
         ({"workers": "nope"}, "workers"),
         ({"periodic_jobs": "x"}, "periodic_jobs"),
         ({"id": ""}, "id"),
-        ({"args_types": [int]}, "kind"),
+        ({"args_types": [int]}, "args_types[0]"),
         ({"args_types": OrderArgs}, "args_types"),
     ],
 )
@@ -267,6 +267,39 @@ async def test_insert_results_carry_the_inserted_args(store: dict[str, Any]) -> 
         [a, b] = await client.insert_many([(OrderArgs(10), unique), (OrderArgs(10), unique)])
         assert not a.unique_skipped_as_duplicate and b.unique_skipped_as_duplicate
         assert b.job.id == a.job.id and b.job.args == OrderArgs(10)
+
+
+async def test_insert_results_carry_the_args_of_a_sequence_read_once(
+    store: dict[str, Any],
+) -> None:
+    """A sequence that builds its items as they are read: each result carries the very
+    object that was encoded and stored (before, the items were read a second time for
+    the results, giving other objects)."""
+
+    class Fresh(Sequence[OrderArgs]):
+        def __init__(self) -> None:
+            self.made: list[OrderArgs] = []
+
+        def __len__(self) -> int:
+            return 3
+
+        @overload
+        def __getitem__(self, i: int) -> OrderArgs: ...
+        @overload
+        def __getitem__(self, i: slice) -> Sequence[OrderArgs]: ...
+        def __getitem__(self, i: int | slice) -> Any:
+            if isinstance(i, slice) or not 0 <= i < 3:
+                raise IndexError(i)
+            self.made.append(OrderArgs(len(self.made)))
+            return self.made[-1]
+
+    async with tq.open_client(**store, args_types=[OrderArgs]) as client:
+        fresh = Fresh()
+        results = await client.insert_many(fresh)
+        assert [r.job.args for r in results] == [OrderArgs(0), OrderArgs(1), OrderArgs(2)]
+        assert all(r.job.args is made for r, made in zip(results, fresh.made, strict=True))
+        for r in results:
+            assert (await client.job_get(r.job.id)).args == r.job.args
 
 
 async def test_insert_middleware_replacing_args_is_what_comes_back() -> None:

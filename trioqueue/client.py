@@ -380,8 +380,18 @@ class Client:
             return await self._through_middleware(
                 items, lambda ps, args, now: self._write(ps, args, now, tx)
             )
-        params, now = self._prepare(items)
-        args = [item[0] if isinstance(item, tuple) else item for item in items]
+        # The args objects are noted as the params are made, in the one pass over items:
+        # a sequence may build its items as they are read.
+        self._check_items(items)
+        now = self._now()
+        args: list[Any] = []
+
+        def noted() -> Iterator[InsertItem]:
+            for item in items:
+                args.append(item[0] if isinstance(item, tuple) else item)
+                yield item
+
+        params = list(self._params_many(noted(), now))
         return await self._write(params, args, now, tx)
 
     async def _write(

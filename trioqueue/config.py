@@ -83,12 +83,15 @@ def args_types_by_kind(types: Iterable[type[Any]]) -> dict[str, type[Any]]:
     """``{kind: args type}``; ValidationError for a type without a valid ``kind`` or two
     types of one kind."""
     found: dict[str, type[Any]] = {}
-    for args_type in types:
+    for i, args_type in enumerate(types):
         if not isinstance(args_type, type):
-            raise ValidationError("args_types", f"{args_type!r} is not a class")
-        kind = args_kind(args_type)
+            raise ValidationError(f"args_types[{i}]", f"{args_type!r} is not a class")
+        try:
+            kind = args_kind(args_type)
+        except ValidationError as exc:
+            raise ValidationError(f"args_types[{i}]", exc.rule) from None
         if found.get(kind, args_type) is not args_type:
-            raise ValidationError("args_types", f"two args types have the kind {kind!r}")
+            raise ValidationError(f"args_types[{i}]", f"two args types have the kind {kind!r}")
         found[kind] = args_type
     return found
 
