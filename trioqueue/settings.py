@@ -37,7 +37,9 @@ def _config_default(name: str) -> Any:
 @attrs.frozen(kw_only=True)
 class WorkerSettings:
     """Everything ``open_client`` takes but the URL (and ``driver``): workers, queues and
-    every client option, validated when built (a ``ValidationError`` names the field).
+    every client option. Each value is validated when built (a ``ValidationError`` names
+    the field); whether they fit together (queues need workers) is checked when a client
+    opens, since keywords given beside the settings may complete them.
 
     ``open_client(url, settings=s, **overrides)`` uses them; keywords given beside
     ``settings`` win. ``trioqueue worker MODULE:ATTR`` takes them, and its flags
