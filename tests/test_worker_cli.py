@@ -18,12 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import attrs
 import pytest
 import trio
 import worker_app
@@ -39,6 +40,25 @@ from trioqueue.embedded import DATABASE_URL_ENV
 APP_DIR = Path(__file__).parent
 UNUSED_URL = "postgresql://unused@127.0.0.1:1/none"
 LISTENING = re.compile(r"health: listening on 127\.0\.0\.1:(\d+)")
+RETRYING = "start-up: connecting to the database failed (attempt 1), retrying"
+STOP_BOUND = 10
+"""Seconds a stop during start-up may take before the test fails: well under the 30 s
+of the default ``startup_timeout`` that a start-up deaf to signals would retry for."""
+
+
+# The args of tests/worker_edge_app.py's kinds, which the tests insert but never import
+# (it is the worker process's application).
+
+
+@attrs.frozen
+class EdgeStopSelf:
+    kind: ClassVar[str] = "edge_stop_self"
+    cancel: bool
+
+
+@attrs.frozen
+class EdgeExplode:
+    kind: ClassVar[str] = "edge_explode"
 
 
 # ------------------------------------------------------------------ helpers
@@ -114,6 +134,14 @@ async def raw_http(port: int, request: bytes) -> tuple[int, str]:
     status_line = head.split(b"\r\n", 1)[0].decode()
     assert status_line.startswith("HTTP/1.1 "), data
     return int(status_line.split(" ")[1]), body.decode()
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound, never listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 async def create_tables(url: str) -> None:
@@ -330,8 +358,109 @@ async def test_health_says_starting_until_the_client_runs() -> None:
             ) as worker:
                 port = await worker.health_port()
                 assert await http(port) == (503, "starting\n")
-                worker.process.kill()
+                # A connection attempt in flight is cut short by the stop, too.
+                worker.signal(signal.SIGTERM)
+                with trio.fail_after(STOP_BOUND):
+                    assert await worker.process.wait() == 0, worker.stderr
             nursery.cancel_scope.cancel()
+    assert "worker stopped before it started" in worker.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_during_startup_retries_stops_the_worker_with_0(
+    signum: signal.Signals,
+) -> None:
+    """The database refuses connections: start-up retries for the default 30 s
+    ``startup_timeout``, and one signal ends that at once, cleanly (nothing runs yet)."""
+    with refusing_port() as db_port, trio.fail_after(60):
+        async with open_worker(
+            "worker_app:settings",
+            "--database-url",
+            f"postgresql://nobody@127.0.0.1:{db_port}/none",
+            "--health-port",
+            "0",
+        ) as worker:
+            port = await worker.health_port()
+            await worker.wait_for(RETRYING)
+            assert await http(port) == (503, "starting\n")
+            worker.signal(signum)
+            with trio.fail_after(STOP_BOUND):
+                assert await worker.process.wait() == 0, worker.stderr
+    assert f"{signum.name}: start-up cancelled" in worker.stderr
+    assert "worker stopped before it started" in worker.stderr
+    assert "worker started" not in worker.stderr
+    assert "error" not in worker.stderr and "Traceback" not in worker.stderr
+
+
+async def test_a_stop_signal_mid_startup_on_a_working_database_stops_it_with_0(
+    database_url: str,
+) -> None:
+    """The database works, but the test holds a lock that registering the queues waits
+    for: the worker is caught mid start-up, connected, for as long as the test likes."""
+    queue_waits = (
+        "SELECT count(*) FROM pg_locks WHERE relation = 'tq_queue'::regclass AND NOT granted"
+    )
+
+    async def registering_waits() -> bool:
+        return (await query(database_url, queue_waits))[0][0] > 0
+
+    with trio.fail_after(60):
+        async with tq.open_client(database_url) as holder, holder.transaction() as tx:
+            await tx.execute("LOCK TABLE tq_queue IN EXCLUSIVE MODE")
+            async with open_worker(
+                "worker_app:settings", "--database-url", database_url, "--health-port", "0"
+            ) as worker:
+                port = await worker.health_port()
+                await until(registering_waits)
+                assert await http(port) == (503, "starting\n")
+                worker.signal(signal.SIGTERM)
+                with trio.fail_after(STOP_BOUND):
+                    assert await worker.process.wait() == 0, worker.stderr
+            # The registration was cancelled, not left waiting for the lock.
+            assert not await registering_waits()
+    assert "SIGTERM: start-up cancelled" in worker.stderr
+    assert "worker stopped before it started" in worker.stderr
+    assert "worker started" not in worker.stderr and "Traceback" not in worker.stderr
+    assert not await query(database_url, "SELECT name FROM tq_queue")
+
+
+@pytest.mark.parametrize(
+    ("cancel", "flags"),
+    [
+        (True, []),
+        # stop() waits for the running jobs, the calling job among them: it waits on
+        # itself until soft_stop_timeout turns the stop hard.
+        (False, ["--soft-stop-timeout", "0.5"]),
+    ],
+)
+async def test_a_client_stopped_from_a_job_ends_the_process_with_0(
+    database_url: str, cancel: bool, flags: list[str]
+) -> None:
+    async with tq.open_client(database_url) as client:
+        stopper = (await client.insert(EdgeStopSelf(cancel))).job.id
+    with trio.fail_after(60):
+        async with open_worker(
+            "worker_edge_app:settings", "--database-url", database_url, *flags
+        ) as worker:
+            assert await worker.process.wait() == 0, worker.stderr
+    assert "the client was stopped from within (not by a signal)" in worker.stderr
+    assert "worker stopped: pid" in worker.stderr and "Traceback" not in worker.stderr
+    assert ("soft_stop_timeout passed" in worker.stderr) is not cancel
+    # The stop cancelled the job that asked for it: back to available, attempt given back.
+    (job,) = await jobs(database_url, ids=[stopper])
+    assert job.state is tq.JobState.AVAILABLE and job.attempt == 0
+
+
+async def test_a_client_that_fails_ends_the_process_with_1(database_url: str) -> None:
+    async with tq.open_client(database_url) as client:
+        await client.insert(EdgeExplode())
+    with trio.fail_after(60):
+        async with open_worker(
+            "worker_edge_app:settings", "--database-url", database_url
+        ) as worker:
+            assert await worker.process.wait() == 1, worker.stderr
+    assert "EdgeFailure: the error handler gave up on everything" in worker.stderr
+    assert "worker stopped" not in worker.stderr
 
 
 async def test_health_port_in_use_is_a_runtime_error() -> None:

@@ -4,14 +4,20 @@ ATTR is a ``tq.WorkerSettings`` (the whole client configuration), a ``tq.Workers
 client defaults around it), or a zero-argument function returning either. Flags given on
 the command line override the settings (see ``worker_settings``).
 
-Signals (SIGINT or SIGTERM, in any mix): the first starts a soft stop (no more fetching,
-running jobs finish), the second a hard stop (running jobs are cancelled and go back to
-``available``), the third exits at once with code 130 (jobs still running stay
-``running`` until a leader's rescuer returns them to work).
+Signals (SIGINT or SIGTERM, in any mix), counted from before start-up until the process
+exits: the first starts a soft stop (no more fetching, running jobs finish), the second a
+hard stop (running jobs are cancelled and go back to ``available``), the third exits at
+once with code 130 (jobs still running stay ``running`` until a leader's rescuer returns
+them to work). During start-up (connecting, possibly retrying for ``startup_timeout``)
+nothing runs yet: the first signal cancels the start-up and the worker exits 0.
+
+The worker also ends when its client stops without a signal: 0 when the stop was asked
+for (a job's ``client.stop()``), the error's exit code when the client failed.
 
 ``--health-port`` serves ``GET /healthz`` (see ``_cli/health.py``): 503 ``starting`` until
 the client runs, 200 ``ok`` while its producers fetch, 503 ``stopping`` once any stop has
-begun (a signal's, ``soft_stop_timeout``'s, a job's ``SystemExit``). ``--health-host``
+begun (a signal's, even during start-up; ``soft_stop_timeout``'s; a job's ``SystemExit``
+or ``client.stop()``). ``--health-host``
 defaults to 127.0.0.1: the endpoint has no authentication, so it is reachable from the
 machine (and from inside the container: Docker's HEALTHCHECK, systemd, a local monitor)
 unless the operator opens it. Kubernetes' probes come from the kubelet to the pod's IP,
@@ -240,12 +246,16 @@ def worker_settings(
         raise click.BadParameter(exc.rule, param_hint=repr(hint)) from None
 
 
-def _health_status(client: Client | None) -> tuple[int, str]:
+def _health_status(client: Client | None, stop_requested: bool) -> tuple[int, str]:
     """``/healthz``'s answer: 200 while the client's producers fetch jobs, else 503.
 
     Reads the runtime's own stop flag (the CLI is part of the package), so any stop
-    counts: a signal's, ``soft_stop_timeout``'s hard stop, a job's ``SystemExit``.
+    counts: a signal's, ``soft_stop_timeout``'s hard stop, a job's ``SystemExit`` or
+    ``client.stop()``. ``stop_requested``: a stop signal has come, perhaps before the
+    client started or before the stop it asks for has begun.
     """
+    if stop_requested:
+        return 503, "stopping"
     if client is None:
         return 503, "starting"
     runtime = client._runtime
@@ -254,67 +264,26 @@ def _health_status(client: Client | None) -> tuple[int, str]:
     return 200, "ok"
 
 
-async def _work(url: str, settings: WorkerSettings, health: tuple[str, int] | None) -> int:
-    """Work until signals stop the client (see the module docstring). The health
-    endpoint, if any, listens before the client starts, and closes once it has stopped."""
-    pid = os.getpid()
-    assert settings.workers is not None
-    with (
-        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
-        fatal_unwrapped(),  # a job's SystemExit leaves as itself, its code kept
-    ):
-        async with trio.open_nursery() as outer:
-            running: list[Client] = []
-            if health is not None:
-                listeners = await open_health_listeners(*health)
-                await outer.start(
-                    serve_health, listeners, lambda: _health_status(running[0] if running else None)
-                )
-                for address in listening_addresses(listeners):
-                    log.info("health: listening on %s", address)
-            async with open_client(url, settings=settings) as client:
-                running.append(client)
-                periodic = len(client.periodic_jobs)
-                log.info(
-                    "worker started: pid %d, client %s, queues %s, kinds %s%s",
-                    pid,
-                    client.id,
-                    ", ".join(f"{n}={q.max_workers}" for n, q in settings.queues.items()),
-                    ", ".join(sorted(settings.workers.kinds())),
-                    f", periodic jobs {periodic}" if periodic else "",
-                )
-                await _until_stopped(client, signals)
-            outer.cancel_scope.cancel()
-    log.info("worker stopped: pid %d", pid)
-    return 0
+class _Stops:
+    """The stop signals, counted in one place from before start-up until the client has
+    stopped (see the module docstring): during start-up a stop signal cancels the
+    start-up (``startup``, a cancel scope the caller enters around it); once the client
+    runs (``client``), the first is a soft stop and the second a hard stop, run in
+    ``nursery``; the third exits at once either way."""
 
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.received = 0
+        self.client: Client | None = None
+        """The running client, once start-up is over; None before."""
+        self.startup = trio.CancelScope()
+        self._nursery = nursery
 
-async def _until_stopped(client: Client, signals: AsyncIterator[int]) -> None:
-    """Count the stop signals (see the module docstring) until the client has stopped."""
-    async with trio.open_nursery() as nursery:
-
-        async def stop(cancel: bool) -> None:
-            await client.stop(cancel=cancel)
-            nursery.cancel_scope.cancel()
-
-        received = 0
+    async def count(self, signals: AsyncIterator[int]) -> None:
+        """Act on each signal as it comes; runs until cancelled."""
         async for signum in signals:
-            received += 1
+            self.received += 1
             name = signal.Signals(signum).name
-            if received == 1:
-                log.info(
-                    "%s: soft stop: no more fetching, running jobs finish (again: hard stop)",
-                    name,
-                )
-                nursery.start_soon(stop, False)
-            elif received == 2:
-                log.info(
-                    "%s: hard stop: running jobs are cancelled and go back to available "
-                    "(again: exit at once)",
-                    name,
-                )
-                nursery.start_soon(stop, True)
-            else:
+            if self.received >= 3:
                 log.warning(
                     "%s: exiting at once (code %d); jobs still running stay running until "
                     "the rescuer returns them",
@@ -323,6 +292,83 @@ async def _until_stopped(client: Client, signals: AsyncIterator[int]) -> None:
                 )
                 logging.shutdown()
                 os._exit(INTERRUPTED)
+            if self.client is None:
+                # Nothing runs yet: cancelling the start-up leaves nothing behind, so the
+                # first signal is all it takes, and the second has nothing more to do.
+                if self.received == 1:
+                    log.info("%s: start-up cancelled: no job runs yet, nothing to wait for", name)
+                else:
+                    log.info("%s: start-up already cancelled (again: exit at once)", name)
+                self.startup.cancel()
+            elif self.received == 1:
+                log.info(
+                    "%s: soft stop: no more fetching, running jobs finish (again: hard stop)",
+                    name,
+                )
+                self._nursery.start_soon(self._stop, self.client, False)
+            else:
+                log.info(
+                    "%s: hard stop: running jobs are cancelled and go back to available "
+                    "(again: exit at once)",
+                    name,
+                )
+                self._nursery.start_soon(self._stop, self.client, True)
+
+    @staticmethod
+    async def _stop(client: Client, cancel: bool) -> None:
+        await client.stop(cancel=cancel)
+
+
+async def _work(url: str, settings: WorkerSettings, health: tuple[str, int] | None) -> int:
+    """Work until the client stops: by signals (see the module docstring), or by itself
+    (a job calling ``client.stop()``; a failure raises). Signals count from before the
+    start-up, which one cancels. The health endpoint, if any, listens before the client
+    starts, and closes once it has stopped."""
+    pid = os.getpid()
+    assert settings.workers is not None
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        fatal_unwrapped(),  # a job's SystemExit leaves as itself, its code kept
+    ):
+        async with trio.open_nursery() as outer:
+            stops = _Stops(outer)
+            outer.start_soon(stops.count, signals)
+            # Only ever cancelled before the client has started (see _Stops.count).
+            with stops.startup:
+                if health is not None:
+                    listeners = await open_health_listeners(*health)
+                    await outer.start(
+                        serve_health,
+                        listeners,
+                        lambda: _health_status(stops.client, stops.received > 0),
+                    )
+                    for address in listening_addresses(listeners):
+                        log.info("health: listening on %s", address)
+                async with open_client(url, settings=settings) as client:
+                    # A signal that came as start-up ended has cancelled the scope: leaving
+                    # the block at once cancels the client (a hard stop) before it works.
+                    if not stops.startup.cancel_called:
+                        stops.client = client
+                        periodic = len(client.periodic_jobs)
+                        log.info(
+                            "worker started: pid %d, client %s, queues %s, kinds %s%s",
+                            pid,
+                            client.id,
+                            ", ".join(f"{n}={q.max_workers}" for n, q in settings.queues.items()),
+                            ", ".join(sorted(settings.workers.kinds())),
+                            f", periodic jobs {periodic}" if periodic else "",
+                        )
+                        runtime = client._runtime
+                        assert runtime is not None  # a worker always has queues
+                        await runtime.done.wait()
+                        if not stops.received:
+                            log.info("the client was stopped from within (not by a signal)")
+            outer.cancel_scope.cancel()
+    if stops.startup.cancelled_caught:
+        log.info("worker stopped before it started: pid %d", pid)
+    else:
+        log.info("worker stopped: pid %d", pid)
+    return 0
 
 
 @click.command()
@@ -426,11 +472,13 @@ def worker(
     \b
     Signals (SIGTERM or SIGINT):
       1st  soft stop: no more fetching, running jobs finish; exit code 0
+           (during start-up: start-up cancelled, nothing runs yet; exit code 0)
       2nd  hard stop: running jobs are cancelled, back to available; exit code 0
       3rd  exit at once, exit code 130
 
-    Exit codes: 0 stopped by signals, 1 runtime error (database, schema, a module
-    that fails to import), 2 usage error (MODULE:ATTR, a flag), 130 third signal.
+    Exit codes: 0 stopped by signals (or by a job's client.stop()), 1 runtime error
+    (database, schema, a module that fails to import), 2 usage error (MODULE:ATTR, a
+    flag), 130 third signal.
     """
     url = require_database_url(database_url)
     host = health_host.strip()
