@@ -47,7 +47,7 @@ of the default ``startup_timeout`` that a start-up deaf to signals would retry f
 
 
 # The args of tests/worker_edge_app.py's kinds, which the tests insert but never import
-# (it is the worker process's application).
+# (importing that module configures logging).
 
 
 @attrs.frozen
@@ -142,6 +142,13 @@ def refusing_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+def json_records(stderr: str) -> list[dict[str, Any]]:
+    """Every line of ``stderr`` as the JSON object it must be."""
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert records and all(isinstance(r, dict) for r in records), stderr
+    return records
 
 
 async def create_tables(url: str) -> None:
@@ -461,6 +468,38 @@ async def test_a_client_that_fails_ends_the_process_with_1(database_url: str) ->
             assert await worker.process.wait() == 1, worker.stderr
     assert "EdgeFailure: the error handler gave up on everything" in worker.stderr
     assert "worker stopped" not in worker.stderr
+
+
+async def test_logging_flags_hold_for_a_module_that_logs_at_import(database_url: str) -> None:
+    """worker_edge_app calls logging.basicConfig() and logs as it is imported: the
+    worker's logging is in place before, so the module's set-up does nothing."""
+    with trio.fail_after(60):
+        async with open_worker(
+            "worker_edge_app:settings", "--database-url", database_url,
+            "--log-format", "json", "--log-level", "debug",
+        ) as worker:  # fmt: skip
+            await worker.wait_for('"worker started')
+            worker.signal(signal.SIGTERM)
+            assert await worker.process.wait() == 0, worker.stderr
+    records = json_records(worker.stderr)
+    at_import = [r for r in records if r["logger"] == "worker_edge_app"]
+    assert [(r["level"], r["message"]) for r in at_import] == [
+        ("DEBUG", "worker_edge_app: debug at import"),
+        ("WARNING", "worker_edge_app: warning at import"),
+    ], records
+    assert any(r["message"].startswith("worker stopped: pid") for r in records)
+
+    with refusing_port() as db_port, trio.fail_after(60):
+        async with open_worker(
+            "worker_edge_app:settings", "--database-url",
+            f"postgresql://nobody@127.0.0.1:{db_port}/none", "--log-level", "warning",
+        ) as worker:  # fmt: skip
+            await worker.wait_for(RETRYING)
+            worker.signal(signal.SIGTERM)
+            assert await worker.process.wait() == 0, worker.stderr
+    assert " WARNING worker_edge_app: worker_edge_app: warning at import" in worker.stderr
+    assert "edge_app WARNING" not in worker.stderr  # the module's own format: unused
+    assert "debug at import" not in worker.stderr and " INFO " not in worker.stderr
 
 
 async def test_health_port_in_use_is_a_runtime_error() -> None:

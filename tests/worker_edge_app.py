@@ -1,6 +1,9 @@
 """An application module for ``trioqueue worker`` that does what real ones do and
-tests/worker_app.py does not, run as a subprocess by tests/test_worker_cli.py:
+tests/worker_app.py does not, run as a subprocess by tests/test_worker_cli.py (never
+imported by the tests themselves: importing it configures logging):
 
+- it sets logging up and logs as it is imported, before the worker could, in the words
+  of a module that calls ``logging.basicConfig()`` at the top;
 - ``StopSelf`` stops the client from inside a job, ``client.stop(cancel=...)``: the
   process ends without any signal;
 - ``Explode`` fails, and the ``error_handler`` then raises a ``BaseException`` of the
@@ -11,11 +14,17 @@ The database needs only trioqueue's schema.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import attrs
 
 import trioqueue as tq
+
+logging.basicConfig(format="edge_app %(levelname)s %(name)s %(message)s")
+log = logging.getLogger("worker_edge_app")
+log.debug("worker_edge_app: debug at import")
+log.warning("worker_edge_app: warning at import")
 
 
 @attrs.frozen

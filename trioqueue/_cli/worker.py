@@ -14,6 +14,9 @@ nothing runs yet: the first signal cancels the start-up and the worker exits 0.
 The worker also ends when its client stops without a signal: 0 when the stop was asked
 for (a job's ``client.stop()``), the error's exit code when the client failed.
 
+Logging is set up before MODULE is imported, so a module that logs (or calls
+``logging.basicConfig()``) at import cannot take it over.
+
 ``--health-port`` serves ``GET /healthz`` (see ``_cli/health.py``): 503 ``starting`` until
 the client runs, 200 ``ok`` while its producers fetch, 503 ``stopping`` once any stop has
 begun (a signal's, even during start-up; ``soft_stop_timeout``'s; a job's ``SystemExit``
@@ -484,6 +487,9 @@ def worker(
     host = health_host.strip()
     if not host:
         raise click.BadParameter("must be a host name or address", param_hint="'--health-host'")
+    # Before the import: a module that logs (or calls logging.basicConfig) as it is
+    # imported would otherwise set logging up first, and these flags would do nothing.
+    setup_logging(log_level, log_format.lower())
     settings = worker_settings(
         load_workers(target),
         queues=queues,
@@ -493,6 +499,5 @@ def worker(
         job_timeout=job_timeout,
         soft_stop_timeout=soft_stop_timeout,
     )
-    setup_logging(log_level, log_format.lower())
     health = (host, health_port) if health_port is not None else None
     return run_trio(_work, url, settings, health)
