@@ -61,6 +61,11 @@ class EdgeExplode:
     kind: ClassVar[str] = "edge_explode"
 
 
+@attrs.frozen
+class EdgeInterrupt:
+    kind: ClassVar[str] = "edge_interrupt"
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -500,6 +505,38 @@ async def test_logging_flags_hold_for_a_module_that_logs_at_import(database_url:
     assert " WARNING worker_edge_app: worker_edge_app: warning at import" in worker.stderr
     assert "edge_app WARNING" not in worker.stderr  # the module's own format: unused
     assert "debug at import" not in worker.stderr and " INFO " not in worker.stderr
+
+
+async def test_json_mode_ends_with_json_errors_and_interruptions(database_url: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with trio.fail_after(60):
+            async with open_worker(
+                "worker_app:settings", "--database-url", UNUSED_URL,
+                "--health-port", str(port), "--log-format", "json",
+            ) as worker:  # fmt: skip
+                assert await worker.process.wait() == 1, worker.stderr
+    last = json_records(worker.stderr)[-1]
+    assert last["level"] == "ERROR" and last["logger"] == "trioqueue.worker", last
+    assert last["message"].startswith("trioqueue worker: error: health endpoint: cannot listen")
+
+    # A job's KeyboardInterrupt stops the client, and the worker as interrupted (130).
+    for log_format in ("json", "text"):
+        async with tq.open_client(database_url) as client:
+            await client.insert(EdgeInterrupt())
+        with trio.fail_after(60):
+            async with open_worker(
+                "worker_edge_app:settings", "--database-url", database_url,
+                "--log-format", log_format,
+            ) as worker:  # fmt: skip
+                assert await worker.process.wait() == 130, worker.stderr
+        if log_format == "json":
+            last = json_records(worker.stderr)[-1]
+            assert (last["level"], last["message"]) == ("WARNING", "interrupted"), last
+        else:
+            assert worker.stderr.endswith("\ninterrupted\n"), worker.stderr
 
 
 async def test_health_port_in_use_is_a_runtime_error() -> None:

@@ -7,7 +7,9 @@ imported by the tests themselves: importing it configures logging):
 - ``StopSelf`` stops the client from inside a job, ``client.stop(cancel=...)``: the
   process ends without any signal;
 - ``Explode`` fails, and the ``error_handler`` then raises a ``BaseException`` of the
-  application's own: it escapes the job and the client fails.
+  application's own: it escapes the job and the client fails;
+- ``Interrupt`` raises ``KeyboardInterrupt``, as Ctrl-C in a job's code would: the client
+  stops and the process ends as interrupted.
 
 The database needs only trioqueue's schema.
 """
@@ -38,6 +40,11 @@ class Explode:
     kind: ClassVar[str] = "edge_explode"
 
 
+@attrs.frozen
+class Interrupt:
+    kind: ClassVar[str] = "edge_interrupt"
+
+
 class EdgeFailure(BaseException):
     """Not an Exception: the error_handler's raising it is not caught per job."""
 
@@ -53,6 +60,11 @@ async def stop_self(job: tq.Job[StopSelf]) -> None:
 @workers.worker(Explode)
 async def explode(job: tq.Job[Explode]) -> None:
     raise ValueError("explode")
+
+
+@workers.worker(Interrupt)
+async def interrupt(job: tq.Job[Interrupt]) -> None:
+    raise KeyboardInterrupt
 
 
 def error_handler(job: tq.Job[Any], exc: BaseException) -> None:

@@ -177,9 +177,18 @@ def _user_errors(exc: BaseException) -> list[BaseException] | None:
     return [exc] if isinstance(exc, _USER_ERRORS) else None
 
 
-def run_trio(fn: Callable[[Unpack[Ts]], Awaitable[int | None]], *args: *Ts) -> int:
+def _say_interrupted() -> None:
+    click.echo("interrupted", err=True)
+
+
+def run_trio(
+    fn: Callable[[Unpack[Ts]], Awaitable[int | None]],
+    *args: *Ts,
+    interrupted: Callable[[], None] = _say_interrupted,
+) -> int:
     """``trio.run(fn, *args)``; returns its exit code (None counts as 0), 130 after Ctrl-C
-    (a KeyboardInterrupt alone or anywhere in an exception group, as a nursery leaves it).
+    (a KeyboardInterrupt alone or anywhere in an exception group, as a nursery leaves it),
+    once ``interrupted()`` has said so (by default the line ``interrupted`` on stderr).
 
     Raises OutputClosed when a BrokenPipeError came from stdout or stderr losing its
     reader; CliError for user errors (see ``_USER_ERRORS``), with one line per distinct
@@ -190,7 +199,7 @@ def run_trio(fn: Callable[[Unpack[Ts]], Awaitable[int | None]], *args: *Ts) -> i
     except BaseException as exc:
         found = leaves(exc)
         if any(isinstance(e, KeyboardInterrupt) for e in found):
-            click.echo("interrupted", err=True)
+            interrupted()
             return INTERRUPTED
         if any(isinstance(e, BrokenPipeError) for e in found) and output_closed():
             raise OutputClosed from None

@@ -15,7 +15,8 @@ The worker also ends when its client stops without a signal: 0 when the stop was
 for (a job's ``client.stop()``), the error's exit code when the client failed.
 
 Logging is set up before MODULE is imported, so a module that logs (or calls
-``logging.basicConfig()``) at import cannot take it over.
+``logging.basicConfig()``) at import cannot take it over. With ``--log-format json`` the
+final ``trioqueue worker: error: ...`` and ``interrupted`` lines are log records too.
 
 ``--health-port`` serves ``GET /healthz`` (see ``_cli/health.py``): 503 ``starting`` until
 the client runs, 200 ``ok`` while its producers fetch, 503 ``stopping`` once any stop has
@@ -487,17 +488,41 @@ def worker(
     host = health_host.strip()
     if not host:
         raise click.BadParameter("must be a host name or address", param_hint="'--health-host'")
+    log_format = log_format.lower()
     # Before the import: a module that logs (or calls logging.basicConfig) as it is
     # imported would otherwise set logging up first, and these flags would do nothing.
-    setup_logging(log_level, log_format.lower())
-    settings = worker_settings(
-        load_workers(target),
-        queues=queues,
-        client_id=client_id,
-        poll_only=poll_only,
-        no_prepared_statements=no_prepared_statements,
-        job_timeout=job_timeout,
-        soft_stop_timeout=soft_stop_timeout,
-    )
+    setup_logging(log_level, log_format)
     health = (host, health_port) if health_port is not None else None
-    return run_trio(_work, url, settings, health)
+
+    def interrupted() -> None:
+        _last_line(log_format, logging.WARNING, "interrupted")
+
+    try:
+        settings = worker_settings(
+            load_workers(target),
+            queues=queues,
+            client_id=client_id,
+            poll_only=poll_only,
+            no_prepared_statements=no_prepared_statements,
+            job_timeout=job_timeout,
+            soft_stop_timeout=soft_stop_timeout,
+        )
+        return run_trio(_work, url, settings, health, interrupted=interrupted)
+    except KeyboardInterrupt:  # Ctrl-C while the module is imported, before trio runs
+        interrupted()
+        return INTERRUPTED
+    except CliError as exc:
+        if log_format != "json":
+            raise  # shown as every command shows it
+        _last_line(log_format, logging.ERROR, f"{exc.command_path}: error: {exc.format_message()}")
+        return exc.exit_code
+
+
+def _last_line(log_format: str, level: int, text: str) -> None:
+    """The worker's last word on stderr (an error, ``interrupted``): with ``--log-format
+    json`` a record of the worker's logger, so that every line stays one JSON object;
+    else the plain line every command prints."""
+    if log_format == "json":
+        log.log(level, "%s", text)
+    else:
+        click.echo(text, err=True)
