@@ -361,3 +361,31 @@ async def test_current_client_in_periodic_args_functions() -> None:
         ) as worker:
             await called.wait()
         assert seen[0] is worker
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_a_job_stopping_its_own_client_does_not_wait_on_itself(cancel: bool) -> None:
+    """``current_client().stop()`` from a job starts the stop and returns (before, a soft
+    stop waited for the running jobs, the caller among them, for ever)."""
+    after_stop: list[bool] = []
+
+    @attrs.frozen
+    class StopMe:
+        kind: ClassVar[str] = "stop_me"
+
+    workers = tq.Workers()
+
+    async def stop_me(job: tq.Job[StopMe]) -> None:
+        await tq.current_client().stop(cancel=cancel)
+        after_stop.append(True)  # not reached on a hard stop: it cancels the caller
+
+    workers.add(StopMe, stop_me)
+    with trio.fail_after(20):
+        async with tq.open_client(
+            driver=tq.MemoryDriver(), workers=workers, queues={"default": tq.QueueConfig()}, **FAST
+        ) as client:
+            job_id = (await client.insert(StopMe())).job.id
+            await client._runtime.done.wait()  # type: ignore[union-attr]
+            job = await client.job_get(job_id)
+    assert after_stop == ([] if cancel else [True])
+    assert job.state is (tq.JobState.AVAILABLE if cancel else tq.JobState.COMPLETED)

@@ -679,6 +679,12 @@ class Client:
         subscriptions end. ``cancel=True`` (hard stop): running jobs are cancelled and go
         back to ``available``. The client can still insert and manage jobs afterwards,
         until its ``async with`` block ends. If this call is cancelled, the stop goes on.
+
+        Called from inside this client's own runtime (a job, its middleware or hooks, the
+        error handler: where ``current_client()`` is this client), it starts the stop and
+        returns at once, since waiting would wait for the caller itself. A soft stop then
+        lets the calling job finish; a hard stop cancels it too (it goes back to
+        ``available``, and runs again on the next client that fetches it).
         """
         if self._runtime is None:
             await trio.lowlevel.checkpoint()
@@ -687,6 +693,9 @@ class Client:
             self._runtime.hard_stop()
         else:
             self._runtime.soft_stop()
+        if running_client.get(None) is self:
+            await trio.lowlevel.checkpoint()
+            return
         await self._runtime.done.wait()
 
     def statistics(self) -> dict[str, Any]:
