@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import attrs
 import pytest
 import trio
+from worker_process import Worker, open_worker_process
 
 import trioqueue as tq
 from trioqueue._cli import common
@@ -453,50 +454,11 @@ def test_worker_module_that_fails_to_import(
 # ------------------------------------------------------------------ the worker process
 
 
-class Worker:
-    """``trioqueue worker`` as a subprocess, its stderr collected line by line."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.stderr = ""
-        self._changed = trio.Event()
-
-    async def collect(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.stderr += chunk.decode()
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_for(self, text: str) -> None:
-        while text not in self.stderr:
-            await self._changed.wait()
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-
 @asynccontextmanager
 async def open_worker(tmp_path: Path, *args: str) -> AsyncIterator[Worker]:
     (tmp_path / "app_workers.py").write_text(WORKER_MODULE)
-    env = dict(os.environ)
-    env.pop(DATABASE_URL_ENV, None)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trioqueue.cli", "worker", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    worker = Worker(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker.collect)
-            yield worker
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+    async with open_worker_process(tmp_path, *args) as worker:
+        yield worker
 
 
 async def wait_for_states(url: str, ids: list[int], state: tq.JobState) -> None:

@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -29,17 +26,16 @@ import pytest
 import trio
 import worker_app
 from worker_app import Gate, Notify, Order
+from worker_process import Worker, open_worker_process
 
 import trioqueue as tq
 from trioqueue._cli.health import listening_addresses, open_health_listeners, serve_health
 from trioqueue._cli.logs import JsonFormatter
 from trioqueue._cli.worker import load_workers, worker_settings
 from trioqueue.cli import main
-from trioqueue.embedded import DATABASE_URL_ENV
 
 APP_DIR = Path(__file__).parent
 UNUSED_URL = "postgresql://unused@127.0.0.1:1/none"
-LISTENING = re.compile(r"health: listening on 127\.0\.0\.1:(\d+)")
 RETRYING = "start-up: connecting to the database failed (attempt 1), retrying"
 STOP_BOUND = 10
 """Seconds a stop during start-up may take before the test fails: well under the 30 s
@@ -69,58 +65,10 @@ class EdgeInterrupt:
 # ------------------------------------------------------------------ helpers
 
 
-class Worker:
-    """``trioqueue worker`` as a subprocess, its stderr collected as it comes."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.stderr = ""
-        self._changed = trio.Event()
-
-    async def collect(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.stderr += chunk.decode()
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_for(self, text: str) -> None:
-        while text not in self.stderr:
-            if self.process.returncode is not None:
-                await trio.sleep(0.1)  # the last of stderr may still be on its way
-                assert text in self.stderr, self.stderr
-            with trio.move_on_after(0.5):
-                await self._changed.wait()
-
-    async def health_port(self) -> int:
-        while (found := LISTENING.search(self.stderr)) is None:
-            await self.wait_for("health: listening on")
-        return int(found.group(1))
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-
 @asynccontextmanager
 async def open_worker(*args: str) -> AsyncIterator[Worker]:
-    env = dict(os.environ)
-    env.pop(DATABASE_URL_ENV, None)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trioqueue", "worker", *args],
-        cwd=APP_DIR,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    worker = Worker(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker.collect)
-            yield worker
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+    async with open_worker_process(APP_DIR, *args) as worker:
+        yield worker
 
 
 async def http(port: int, path: str = "/healthz", method: str = "GET") -> tuple[int, str]:
