@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import attrs
 import pytest
 import trio
-from worker_process import Worker, open_worker_process
+from cli_worker import Worker, open_worker_process
 
 import trioqueue as tq
 from trioqueue._cli import common

@@ -693,22 +693,27 @@ async def test_a_client_without_the_worker_leaves_the_runs_to_one_that_has_it(
     lacking = tq.Workers()
     lacking.add(Other, other)
     job = tq.PeriodicJob(every=0.2, args=_tick, id="kind-here-only")
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "building the run" in r.getMessage()]
+
+    caplog.set_level(logging.DEBUG, logger="trioqueue.periodic")
     with trio.fail_after(30):
-        async with (
-            tq.open_client(
-                database_url,
-                workers=lacking,
-                queues={"other": tq.QueueConfig()},
-                periodic_jobs=[job],
-                **FAST,
-            ),
-            _client(database_url, job, id="has-it") as has_it,
-        ):
-            await _wait_for(lambda: _count_at_least(has_it, "kind-here-only", 8))
-            await _assert_no_run_lost(has_it, "kind-here-only", 0.2)
-    # The client without the worker logged its refusal in full once per run time.
-    refused = [r for r in caplog.records if "building the run" in r.getMessage()]
-    full = [r for r in refused if r.levelno == logging.ERROR]
+        async with tq.open_client(
+            database_url,
+            workers=lacking,
+            queues={"other": tq.QueueConfig()},
+            periodic_jobs=[job],
+            **FAST,
+        ) as alone:
+            # Alone, it refuses the run (more than once, as it stays due) and inserts none.
+            await _wait_for(lambda: len(refusals()) >= 3)
+            assert await _runs(alone, "kind-here-only") == {}
+            async with _client(database_url, job, id="has-it") as has_it:
+                await _wait_for(lambda: _count_at_least(has_it, "kind-here-only", 8))
+                await _assert_no_run_lost(has_it, "kind-here-only", 0.2)
+    # Logged in full (ERROR, with the traceback) once per run time.
+    full = [r for r in refusals() if r.levelno == logging.ERROR]
     assert full and all(r.exc_info is not None for r in full)
     assert len({r.getMessage() for r in full}) == len(full)
 

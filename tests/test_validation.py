@@ -441,12 +441,17 @@ async def test_what_insert_middleware_passes_on_is_validated_the_same(
 # ------------------------------------------------------------------ periodic jobs
 
 
-async def test_bad_periodic_args_skip_that_run_and_others_still_fire(
+async def test_bad_periodic_args_leave_that_run_and_others_still_fire(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A run whose args cannot be stored (or whose args function raises) is not inserted,
+    and its state is not moved, so a client that can build it (or this one, later) still
+    may; the other periodic jobs of the pass fire."""
+
     def boom() -> Any:
         raise RuntimeError("boom")
 
+    bad = ("nul_args", "int_key", "deep", "reserved_key", "raises")
     jobs = [
         tq.PeriodicJob(every=60, args=lambda: Val("\x00"), id="nul_args"),
         tq.PeriodicJob(every=60, args=lambda: Val({1: "a"}), id="int_key"),
@@ -465,21 +470,32 @@ async def test_bad_periodic_args_skip_that_run_and_others_still_fire(
             client.driver, lambda: clock[0], PeriodicJobs(jobs), client._params
         )
         await enqueuer.run_once()  # first sight: plans the 10:01 runs
+        before = await client.driver.periodic_job_get_many(list(bad))
         clock[0] = datetime(2024, 5, 1, 10, 1, 0, tzinfo=UTC)
         with caplog.at_level(logging.ERROR, logger="trioqueue.periodic"):
             result = await enqueuer.run_once()
-        runs = {r.periodic_job_id: r for r in result.runs}
-        assert runs["good"].job is not None and runs["good"].job.args == {"x": "fine"}
-        for jid in ("nul_args", "int_key", "deep", "reserved_key", "raises"):
-            assert runs[jid].job is None
+        assert [r.periodic_job_id for r in result.runs] == ["good"]
+        assert result.runs[0].job is not None and result.runs[0].job.args == {"x": "fine"}
+        assert result.failed == len(bad)
+        for jid in bad:
             [record] = [r for r in caplog.records if repr(jid) in r.getMessage()]
-            assert "run skipped" in record.getMessage()
+            assert "not inserted by this client" in record.getMessage()
+            assert record.exc_info is not None
+        assert await client.driver.periodic_job_get_many(list(bad)) == before
+        # Tried again for the same run time: refused again, logged at DEBUG only.
+        errors = len(caplog.records)
+        with caplog.at_level(logging.DEBUG, logger="trioqueue.periodic"):
+            assert (await enqueuer.run_once()).failed == len(bad)
+        again = caplog.records[errors:]
+        assert len(again) == len(bad) and all(r.levelno == logging.DEBUG for r in again)
         [stored] = (await client.job_list()).jobs
         assert stored.metadata["periodic_job_id"] == "good"
-        # The skipped runs are not retried: the next minute runs every job again.
+        # Still due, they are tried again (and fail again); the good job runs its next
+        # minute.
         clock[0] = datetime(2024, 5, 1, 10, 2, 0, tzinfo=UTC)
         result = await enqueuer.run_once()
         assert [r.periodic_job_id for r in result.runs if r.job is not None] == ["good"]
+        assert result.failed == len(bad)
 
 
 async def test_periodic_metadata_keys_are_not_reserved() -> None:

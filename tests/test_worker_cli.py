@@ -25,8 +25,8 @@ import attrs
 import pytest
 import trio
 import worker_app
+from cli_worker import Worker, open_worker_process
 from worker_app import Gate, Notify, Order
-from worker_process import Worker, open_worker_process
 
 import trioqueue as tq
 from trioqueue._cli.health import listening_addresses, open_health_listeners, serve_health

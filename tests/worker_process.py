@@ -1,75 +1,111 @@
-"""``trioqueue worker`` as a subprocess, for the tests that run it (test_cli.py,
-test_worker_cli.py): its stderr collected as it comes, waited on by text."""
+"""A worker in an OS process of its own, for the fault tests (tests/test_faults.py).
+
+    python tests/worker_process.py DATABASE_URL [--max-workers N] [--id CLIENT_ID]
+
+Works the ``default`` queue until SIGTERM (or SIGINT), then stops softly (running jobs
+finish, outcomes are written) and exits 0. Lines on stdout, flushed at once, let the test
+follow along: ``ready <pid>`` once the client works, ``started <job id>`` when a
+``sleep`` job starts, ``stopped <pid>`` after a clean stop.
+
+Kinds (the test inserts them by kind, so it need not import this file):
+
+``record``
+    Sleeps ``seconds``, then writes ``(job_id, pid, started_at, finished_at)`` into the
+    ``runs`` table (which the test creates) in its own transaction: a durable trace of
+    every execution, whichever process ran it.
+``sleep``
+    Announces itself on stdout and sleeps ``seconds`` (a long sleep is a job to be caught
+    running when the process is killed).
+
+(The trioqueue CLI has no ``worker`` command yet; this is the loop it will have.)
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
-import subprocess
+import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
+import attrs
 import trio
 
-from trioqueue.embedded import DATABASE_URL_ENV
+import trioqueue as tq
 
-LISTENING = re.compile(r"health: listening on 127\.0\.0\.1:(\d+)")
-
-
-class Worker:
-    """A running ``trioqueue worker`` process and the stderr it has written so far."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.stderr = ""
-        self._changed = trio.Event()
-
-    async def collect(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.stderr += chunk.decode()
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_for(self, text: str) -> None:
-        """Until ``text`` is in stderr; fails if the process ends without writing it."""
-        while text not in self.stderr:
-            if self.process.returncode is not None:
-                await trio.sleep(0.1)  # the last of stderr may still be on its way
-                assert text in self.stderr, self.stderr
-            with trio.move_on_after(0.5):
-                await self._changed.wait()
-
-    async def health_port(self) -> int:
-        while (found := LISTENING.search(self.stderr)) is None:
-            await self.wait_for("health: listening on")
-        return int(found.group(1))
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
+FAST: dict[str, Any] = {
+    "fetch_poll_interval": 0.1,
+    "fetch_cooldown": 0.01,
+    "scheduler_interval": 0.2,
+    # Short terms: when a test kills this process while it leads, its leadership
+    # expires (after 3 intervals) soon enough for another client to take over.
+    "leader_interval": 0.5,
+}
 
 
-@asynccontextmanager
-async def open_worker_process(cwd: Path, *args: str) -> AsyncIterator[Worker]:
-    """``python -m trioqueue worker ARGS`` in ``cwd`` (without the developer's database
-    URL in its environment), killed at the end of the block if still running."""
-    env = dict(os.environ)
-    env.pop(DATABASE_URL_ENV, None)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trioqueue", "worker", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    worker = Worker(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker.collect)
-            yield worker
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+@attrs.frozen
+class Record:
+    kind: ClassVar[str] = "record"
+    seconds: float = 0.0
+
+
+@attrs.frozen
+class Sleep:
+    kind: ClassVar[str] = "sleep"
+    seconds: float = 0.0
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def main(url: str, max_workers: int, client_id: str | None) -> None:
+    workers = tq.Workers()
+    holder: list[tq.Client] = []
+
+    @workers.worker(Record)
+    async def record(job: tq.Job[Record]) -> None:
+        started_at = datetime.now(UTC)
+        await trio.sleep(job.args.seconds)
+        finished_at = datetime.now(UTC)
+        async with holder[0].transaction() as tx:
+            await tx.execute(
+                "INSERT INTO runs (job_id, pid, started_at, finished_at) VALUES ($1, $2, $3, $4)",
+                job.id,
+                os.getpid(),
+                started_at,
+                finished_at,
+            )
+
+    @workers.worker(Sleep, timeout=None)
+    async def sleep(job: tq.Job[Sleep]) -> None:
+        say(f"started {job.id}")
+        await trio.sleep(job.args.seconds)
+
+    config = dict(FAST)
+    if client_id is not None:
+        config["id"] = client_id
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with tq.open_client(
+            url,
+            workers=workers,
+            queues={"default": tq.QueueConfig(max_workers=max_workers)},
+            **config,
+        ) as client:
+            holder.append(client)
+            say(f"ready {os.getpid()}")
+            async for _ in signals:
+                break
+            await client.stop()
+    say(f"stopped {os.getpid()}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("database_url")
+    parser.add_argument("--max-workers", type=int, default=20)
+    parser.add_argument("--id", default=None)
+    ns = parser.parse_args()
+    trio.run(main, ns.database_url, ns.max_workers, ns.id)
