@@ -1263,8 +1263,12 @@ async def periodic_state_is_compare_and_set(driver: Driver) -> None:
     assert await driver.periodic_job_get_many(["p"]) == {
         "p": PeriodicJobState("p", None, at(180), at(60))
     }
+    stored = PeriodicJobState("p", None, at(180), at(60))
     fourth = PeriodicJobState("p", None, at(240), None)
-    assert await driver.periodic_job_save(fourth, third, at(180)) is True
+    # last_run_at is compared too: a read from before another run was recorded (the
+    # same next run time and schedule, as a run_on_start run leaves them) is stale.
+    assert await driver.periodic_job_save(fourth, third, at(180)) is False
+    assert await driver.periodic_job_save(fourth, stored, at(180)) is True
     assert (await driver.periodic_job_get_many(["p"]))["p"].last_run_at == at(60)
 
 

@@ -298,6 +298,11 @@ async def test_insert_many_empty_raises(client: tq.Client) -> None:
             await client.insert_many([])
         with pytest.raises(tq.ValidationError, match="jobs"):
             await client.insert_many_fast([])
+        # Malformed pairs: the empty tuple, a triple.
+        for bad in ((), (1, 2, 3)):
+            for insert in (client.insert_many, client.insert_many_fast):
+                with pytest.raises(tq.ValidationError, match=r"^jobs: .*pair"):
+                    await insert([bad])  # type: ignore[list-item]
         assert await _all_jobs(client) == []
 
 

@@ -22,7 +22,7 @@ from trioqueue._maintenance.periodic import (
     plan_job,
     run_unique_key,
 )
-from trioqueue.driver.postgres import open_pool
+from trioqueue.driver.postgres import PgConnection, open_pool
 from trioqueue.driver.postgres.driver import PostgresDriver
 from trioqueue.driver.protocol import PeriodicJobState
 from trioqueue.periodic import MISSED_RUNS_COUNT_LIMIT, PeriodicJobs, Schedule
@@ -432,6 +432,27 @@ async def test_state_moved_by_another_leader_rolls_the_run_back(database_url: st
     )
 
 
+async def test_a_claim_held_elsewhere_is_a_lost_race_not_a_hang(database_url: str) -> None:
+    """Another session holds the job's state row (a claimant whose ``args`` is slow, or
+    whose process is wedged): this pass waits at most the claim's lock_timeout (2 s),
+    counts a conflict and goes on; the next pass, once the row is free, inserts the run."""
+    job = tq.PeriodicJob(every=3600, args=_tick, id="held")
+    with trio.fail_after(30):
+        async with _enqueuer(database_url, job) as (_, enqueuer, clock):
+            clock[0] = _at("2024-05-01T10:17:00")
+            await enqueuer.run_once()  # state: next run 11:00
+            clock[0] = _at("2024-05-01T11:00:01")
+            async with await PgConnection.connect(database_url) as other:
+                await other.execute("BEGIN")
+                await other.execute("SELECT 1 FROM tq_periodic_job WHERE id = 'held' FOR UPDATE")
+                with trio.fail_after(15):
+                    result = await enqueuer.run_once()
+                assert result.conflicts == 1 and result.runs == []
+                await other.execute("ROLLBACK")
+            [run] = (await enqueuer.run_once()).runs
+            assert run.run_at == _at("2024-05-01T11:00:00") and not run.duplicate
+
+
 async def test_args_returning_none_skips_the_run_and_raising_leaves_it(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -695,7 +716,7 @@ async def test_a_client_without_the_worker_leaves_the_runs_to_one_that_has_it(
     job = tq.PeriodicJob(every=0.2, args=_tick, id="kind-here-only")
 
     def refusals() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if "building the run" in r.getMessage()]
+        return [r for r in caplog.records if "has no worker for kind 'tick'" in r.getMessage()]
 
     caplog.set_level(logging.DEBUG, logger="trioqueue.periodic")
     with trio.fail_after(30):
@@ -712,10 +733,10 @@ async def test_a_client_without_the_worker_leaves_the_runs_to_one_that_has_it(
             async with _client(database_url, job, id="has-it") as has_it:
                 await _wait_for(lambda: _count_at_least(has_it, "kind-here-only", 8))
                 await _assert_no_run_lost(has_it, "kind-here-only", 0.2)
-    # Logged in full (ERROR, with the traceback) once per run time.
-    full = [r for r in refusals() if r.levelno == logging.ERROR]
-    assert full and all(r.exc_info is not None for r in full)
-    assert len({r.getMessage() for r in full}) == len(full)
+    # Expected of a client without the worker: one WARNING, the later refusals at DEBUG.
+    assert [r.levelno for r in refusals()].count(logging.WARNING) == 1
+    assert refusals()[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_an_insert_only_client_fires_periodic_jobs_added_later(database_url: str) -> None:
@@ -731,6 +752,17 @@ async def test_an_insert_only_client_fires_periodic_jobs_added_later(database_ur
         with pytest.raises(ValueError, match=r"^also$"):
             async with tq.open_client(database_url, periodic_jobs=[job], **FAST):
                 raise ValueError("also")
+        # Also while a scope around the client is cancelled (its enqueuer then ends with
+        # that scope's Cancelled, which must not take the block's exception's place).
+        with pytest.raises(ValueError, match=r"^while cancelled$"), trio.CancelScope() as scope:
+            async with tq.open_client(database_url, **FAST):
+                scope.cancel()
+                raise ValueError("while cancelled")
+        with trio.CancelScope() as scope:
+            async with tq.open_client(database_url, **FAST):
+                scope.cancel()
+                await trio.sleep_forever()
+        assert scope.cancelled_caught
 
 
 async def test_the_leader_changes_to_a_client_without_the_job_mid_schedule(
@@ -749,10 +781,11 @@ async def test_the_leader_changes_to_a_client_without_the_job_mid_schedule(
 
     with trio.fail_after(40):
         async with trio.open_nursery() as nursery:
-            first: tq.Client = await nursery.start(run_first)
+            await nursery.start(run_first)
             async with _client(database_url, id="plain") as plain:
+                # ``first`` led when it started (run_first waited for it); not asserted
+                # again here, since a stall on a loaded machine may move leadership.
                 await _wait_for(lambda: _count_at_least(plain, "carried", 3))
-                assert first.is_leader and not plain.is_leader
                 stop_first.set()  # it resigns as it stops: ``plain`` leads next
                 await _wait_for(lambda: plain.is_leader, seconds=10)
                 before = len(await _runs(plain, "carried"))

@@ -469,14 +469,15 @@ async def test_json_mode_ends_with_json_errors_and_interruptions(database_url: s
     assert last["level"] == "ERROR" and last["logger"] == "trioqueue.worker", last
     assert last["message"].startswith("trioqueue worker: error: health endpoint: cannot listen")
 
-    # A job's KeyboardInterrupt stops the client, and the worker as interrupted (130).
-    for log_format in ("json", "text"):
+    # A job's KeyboardInterrupt stops the client, and the worker as interrupted (130):
+    # the last line is written whatever the log level (a WARNING under --log-level error).
+    for log_format, level in (("json", "info"), ("json", "error"), ("text", "info")):
         async with tq.open_client(database_url) as client:
             await client.insert(EdgeInterrupt())
         with trio.fail_after(60):
             async with open_worker(
                 "worker_edge_app:settings", "--database-url", database_url,
-                "--log-format", log_format,
+                "--log-format", log_format, "--log-level", level,
             ) as worker:  # fmt: skip
                 assert await worker.process.wait() == 130, worker.stderr
         if log_format == "json":

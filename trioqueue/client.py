@@ -388,7 +388,8 @@ class Client:
 
         def noted() -> Iterator[InsertItem]:
             for item in items:
-                args.append(item[0] if isinstance(item, tuple) else item)
+                # A malformed tuple is refused by _params_many, naming the field.
+                args.append(item[0] if isinstance(item, tuple) and item else item)
                 yield item
 
         params = list(self._params_many(noted(), now))
@@ -842,16 +843,31 @@ async def _run_client(
             await enqueuer.run()
 
         # The block's own exception comes out as itself, as from a client without the
-        # enqueuer's nursery: it is held while the nursery closes, then raised.
+        # enqueuer's nursery: it is held while the nursery closes, then raised, also when
+        # the nursery ends with only the Cancelled of a scope around the client.
         raised: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(enqueue)
-            try:
-                yield client
-            except BaseException as exc:  # raised again below
-                raised = exc
-            finally:
-                nursery.cancel_scope.cancel()
+        others: BaseExceptionGroup[BaseException] | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(enqueue)
+                try:
+                    yield client
+                except BaseException as exc:  # raised again below
+                    raised = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if raised is None:
+                raise
+            _, others = group.split(trio.Cancelled)
+        if raised is not None and others is not None:
+            raise BaseExceptionGroup(
+                "the client's block and its periodic enqueuer failed",
+                [
+                    raised,
+                    *others.exceptions,
+                ],
+            )
         if raised is not None:
             raise raised
         return

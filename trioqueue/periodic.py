@@ -171,8 +171,9 @@ class PeriodicJob:
     Unix epoch, so ``every=3600`` runs on the hour) or ``cron`` (a 5-field cron expression,
     evaluated in UTC; needs ``pip install 'trioqueue[cron]'``).
 
-    ``args`` is called (synchronously, once per run, by the client that claimed the run,
-    inside the transaction that inserts it) and returns the job's args, an
+    ``args`` is called (synchronously, by the client that claimed the run, inside the
+    transaction that inserts it: once per run unless a claim is rolled back; keep it
+    quick, since clients due at once wait for that claim) and returns the job's args, an
     ``(args, InsertOpts)`` pair, or ``None`` to skip that run. If it raises, or returns
     what this client cannot insert, the claim is rolled back and the run is left for
     another client with the job (or this one's next pass). The job's

@@ -55,7 +55,7 @@ from ..settings import WorkerSettings
 from ..workers import Workers
 from .common import INTERRUPTED, CliError, database_url_option, require_database_url, run_trio
 from .health import listening_addresses, open_health_listeners, serve_health
-from .logs import LOG_FORMATS, setup_logging
+from .logs import LOG_FORMATS, JsonFormatter, setup_logging
 
 __all__ = ["load_workers", "worker", "worker_settings"]
 
@@ -523,6 +523,10 @@ def _last_line(log_format: str, level: int, text: str) -> None:
     json`` a record of the worker's logger, so that every line stays one JSON object;
     else the plain line every command prints."""
     if log_format == "json":
-        log.log(level, "%s", text)
+        # Formatted and written here, not through the logger: a level above it, or a
+        # logging set-up that disabled the logger (dictConfig's default), must not eat
+        # the last word.
+        record = log.makeRecord(log.name, level, __file__, 0, "%s", (text,), None)
+        click.echo(JsonFormatter().format(record), err=True)
     else:
         click.echo(text, err=True)

@@ -37,7 +37,7 @@ import trio
 
 from .._codec import row_to_job
 from ..driver.protocol import Driver, JobInsertParams, PeriodicJobState
-from ..errors import DatabaseError, ValidationError
+from ..errors import DatabaseError, UnknownJobKindError, ValidationError
 from ..job import InsertOpts, Job, JobState
 from ..periodic import PeriodicJob, PeriodicJobs
 
@@ -160,7 +160,10 @@ def plan_job(
     if stored.next_run_at <= now:
         latest = schedule.latest_at_or_before(now)
         due = schedule.count_between(stored.next_run_at, latest)
-        run_at = latest if due >= 1 or on_start else None
+        # (The stored next run time may be off our grid, written by a client that
+        # disagreed: then our latest run time may have had its run already.)
+        fresh = stored.last_run_at is None or latest > stored.last_run_at
+        run_at = latest if due >= 1 or (on_start and fresh) else None
         missed = max(due - 1, 0)
         state = PeriodicJobState(
             job.effective_id,
@@ -191,6 +194,8 @@ class PeriodicEnqueuer:
     """Ids of jobs whose stored schedule differed from ours (warned once)."""
     _failed: dict[str, datetime] = attrs.field(factory=dict, init=False)
     """The run time whose build last failed, by job id (logged in full once)."""
+    _unknown_kind: set[str] = attrs.field(factory=set, init=False)
+    """Ids of jobs whose kind this client has no worker for (warned once)."""
 
     def _build(self, job: PeriodicJob, plan: _Plan, now: datetime) -> JobInsertParams | None:
         """The insert params for a planned run, or None when ``args`` returned None (the
@@ -223,6 +228,19 @@ class PeriodicEnqueuer:
                 )
             opts = attrs.evolve(opts, metadata=metadata, unique=None)
             params = self.prepare((args, opts), now)
+        except UnknownJobKindError as exc:
+            # A client without the worker (a web app, say): expected, so one WARNING per
+            # job, and the runs are left to the clients that have it.
+            first = jid not in self._unknown_kind
+            self._unknown_kind.add(jid)
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "periodic job %r: this client has no worker for kind %r, so it leaves the "
+                "runs to clients that have one",
+                jid,
+                exc.kind,
+            )
+            raise _BuildFailed from exc
         except Exception as exc:
             # Logged in full once per run time; the next tries of the same run quietly.
             first = self._failed.get(jid) != plan.run_at

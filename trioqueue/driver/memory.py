@@ -1727,13 +1727,15 @@ class MemoryDriver:
         ex: Any = None,
     ) -> bool:
         """Write ``state`` if there is no row yet, or if the row still has ``expected``'s
-        next_run_at and schedule (None: matches no row); last_run_at never moves back.
+        next_run_at, schedule and last_run_at (None: matches no row); last_run_at never
+        moves back.
         Returns whether it wrote. The row stays locked until ``ex`` ends either way."""
         at = _ts(now)
         next_run = _ts(state.next_run_at)
         last_run = _opt_ts(state.last_run_at)
         want_next = None if expected is None else _ts(expected.next_run_at)
         want_schedule = None if expected is None else expected.schedule
+        want_last = None if expected is None else _opt_ts(expected.last_run_at)
 
         def op(st: _Stmt) -> bool:
             _check_length("tq_periodic_job", "tq_periodic_job_id_length", state.id)
@@ -1742,7 +1744,11 @@ class MemoryDriver:
             if old is None:
                 st.periodic[state.id] = _Periodic(state.id, state.schedule, next_run, last_run, at)
                 return True
-            if old.next_run_at != want_next or old.schedule != want_schedule:
+            if (old.next_run_at, old.schedule, old.last_run_at) != (
+                want_next,
+                want_schedule,
+                want_last,
+            ):
                 return False
             if old.last_run_at is None:
                 latest = last_run

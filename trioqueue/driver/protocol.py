@@ -263,7 +263,9 @@ class Driver(Protocol):
         ex: Any = None,
     ) -> bool:
         """Write ``state`` only if the stored row still equals ``expected`` (None: no row);
-        False when it did not (another leader moved it)."""
+        False when it did not (another client moved it). Inside ``ex`` the row stays
+        locked until the transaction ends; a claimant that waits for such a lock longer
+        than a bound (2 s on PostgreSQL) gets False too."""
         ...
 
     def open_listener(self, channels: Sequence[str]) -> AbstractAsyncContextManager[Listener]: ...

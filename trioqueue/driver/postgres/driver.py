@@ -555,10 +555,19 @@ class PostgresDriver:
             now,
             expected.next_run_at if expected is not None else None,
             expected.schedule if expected is not None else None,
+            expected.last_run_at if expected is not None else None,
         ]
-        rows = await self._fetch(
-            f"saving periodic job state of {state.id!r}", "periodic_job_save", args, ex
-        )
+        doing = f"saving periodic job state of {state.id!r}"
+        if ex is not None:
+            # The row stays locked until the transaction ends (a claim): bound how long
+            # others wait for it, and how long a stuck session may hold it.
+            await self._fetch(doing, "periodic_claim_limits", [], ex)
+        try:
+            rows = await self._fetch(doing, "periodic_job_save", args, ex)
+        except DatabaseError as exc:
+            if ex is not None and getattr(exc.__cause__, "sqlstate", None) == "55P03":
+                return False  # another client holds the row longer than lock_timeout
+            raise
         return bool(rows)
 
     @asynccontextmanager
