@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import pytest
@@ -22,9 +22,10 @@ from trioqueue._maintenance.periodic import (
     plan_job,
     run_unique_key,
 )
+from trioqueue.driver.faults import Fault, FaultyDriver
 from trioqueue.driver.postgres import PgConnection, open_pool
 from trioqueue.driver.postgres.driver import PostgresDriver
-from trioqueue.driver.protocol import PeriodicJobState
+from trioqueue.driver.protocol import Driver, PeriodicJobState
 from trioqueue.periodic import MISSED_RUNS_COUNT_LIMIT, PeriodicJobs, Schedule
 
 
@@ -128,6 +129,8 @@ async def _wait_for(predicate: Callable[[], Any], seconds: float = 10.0) -> None
         ({"every": float("inf")}, "every"),
         ({"every": True}, "every"),
         ({"every": "5"}, "every"),
+        ({"every": 1e12}, "every"),  # before: accepted, then the enqueuer overflowed
+        ({"every": periodic_module.EVERY_MAX + 1}, "every"),
         ({"cron": "* * * *"}, "cron"),
         ({"cron": "0 * * * * *"}, "cron"),
         ({"cron": "61 * * * *"}, "cron"),
@@ -146,6 +149,12 @@ def test_periodic_job_validation(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(tq.ValidationError) as info:
         tq.PeriodicJob(**kwargs)
     assert info.value.field == f"PeriodicJob.{field}"
+
+
+def test_the_longest_every_has_run_times() -> None:
+    job = tq.PeriodicJob(every=periodic_module.EVERY_MAX, args=_tick, id="decade")
+    now = datetime(9990, 1, 1, tzinfo=UTC)
+    assert job.schedule.latest_at_or_before(now) <= now < job.schedule.next_after(now)
 
 
 def test_cron_without_cronsim_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,6 +294,24 @@ def test_plan_first_sight_missed_runs_and_run_on_start() -> None:
     assert (plan.run_at, plan.missed_runs) == (_at("2024-05-01T10:17:00"), 0)
     assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T10:18:00")
     assert plan.state.schedule == "every=60"
+
+
+def test_plan_run_on_start_when_the_stored_next_run_time_is_off_our_grid() -> None:
+    """A disagreeing client stored our schedule with its own sooner, off-grid next run
+    time (10:01:30), which has passed while our latest run time (10:01) is before it: no
+    run is due by the grid, but run_on_start fires our latest run time unless it had its
+    run already (before, it fired it again: a duplicate)."""
+    eager = tq.PeriodicJob(every=60, args=_tick, id="m", run_on_start=True)
+    now = _at("2024-05-01T10:01:45")
+    ran_before = _state(eager, "2024-05-01T10:01:30", "2024-05-01T10:00:00")
+    plan = plan_job(eager, ran_before, now, first_seen=True)
+    assert plan.run_at == _at("2024-05-01T10:01:00")
+    assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T10:02:00")
+    ran_already = _state(eager, "2024-05-01T10:01:30", "2024-05-01T10:01:00")
+    plan = plan_job(eager, ran_already, now, first_seen=True)
+    assert plan.run_at is None
+    assert plan.state is not None and plan.state.next_run_at == _at("2024-05-01T10:02:00")
+    assert plan_job(eager, ran_before, now, first_seen=False).run_at is None
 
 
 def test_plan_clients_that_disagree_on_a_schedule_both_fire() -> None:
@@ -451,6 +478,35 @@ async def test_a_claim_held_elsewhere_is_a_lost_race_not_a_hang(database_url: st
                 await other.execute("ROLLBACK")
             [run] = (await enqueuer.run_once()).runs
             assert run.run_at == _at("2024-05-01T11:00:00") and not run.duplicate
+            # The 2 s bound is the claim's alone: the rest of its transaction (the run's
+            # insert, the commit) waits as the session's settings say.
+            state = PeriodicJobState("other", "every=60", clock[0], None)
+            async with enqueuer.driver.transaction() as tx:
+                before = await tx.fetchval("SELECT current_setting('lock_timeout')")
+                assert await enqueuer.driver.periodic_job_save(state, None, clock[0], ex=tx)
+                assert await tx.fetchval("SELECT current_setting('lock_timeout')") == before
+                idle = "SELECT current_setting('idle_in_transaction_session_timeout')"
+                assert await tx.fetchval(idle) == "30s"
+
+
+async def test_a_database_error_on_one_job_leaves_the_others_their_runs() -> None:
+    """The first job's insert fails (say, its session ended by the server): the pass goes
+    on to the next job, and the failed one is retried (before, the whole pass failed, and
+    a job listed after one that always failed never fired)."""
+    jobs = [tq.PeriodicJob(every=60, args=_tick, id=name) for name in ("first", "second")]
+    clock = [_at("2024-05-01T10:00:30")]
+    async with tq.open_client(driver=tq.MemoryDriver()) as client:
+        faulty = FaultyDriver(client.driver, [Fault("job_insert_many", call=1)])
+        enqueuer = PeriodicEnqueuer(
+            cast(Driver, faulty), lambda: clock[0], PeriodicJobs(jobs), client._params
+        )
+        await enqueuer.run_once()  # first sight: plans the 10:01 runs
+        clock[0] = _at("2024-05-01T10:01:00")
+        result = await enqueuer.run_once()
+        assert result.errors == 1
+        assert [r.periodic_job_id for r in result.runs] == ["second"]
+        [run] = (await enqueuer.run_once()).runs  # the retry
+        assert (run.periodic_job_id, run.run_at) == ("first", _at("2024-05-01T10:01:00"))
 
 
 async def test_args_returning_none_skips_the_run_and_raising_leaves_it(
@@ -763,6 +819,21 @@ async def test_an_insert_only_client_fires_periodic_jobs_added_later(database_ur
                 scope.cancel()
                 await trio.sleep_forever()
         assert scope.cancelled_caught
+
+
+async def test_an_insert_only_clients_enqueuer_failing_is_what_comes_out() -> None:
+    """The enqueuer failing (a bug of its own) cancels the block: what comes out is the
+    failure, not also the block's Cancelled (which would escape every scope)."""
+    driver = tq.MemoryDriver()
+
+    async def broken(ids: list[str]) -> Any:
+        raise RuntimeError("the enqueuer's own bug")
+
+    driver.periodic_job_get_many = broken  # type: ignore[method-assign]
+    job = tq.PeriodicJob(every=1, args=_tick, id="x")
+    with trio.fail_after(10), pytest.RaisesGroup(RuntimeError):
+        async with tq.open_client(driver=driver, periodic_jobs=[job]):
+            await trio.sleep_forever()
 
 
 async def test_the_leader_changes_to_a_client_without_the_job_mid_schedule(

@@ -25,6 +25,8 @@ checked after every step:
 7. **``args`` only for claimed runs**: each client called ``args`` exactly once per run
    it reported or failed to build, and no run it claimed was already inserted; a client
    that lost the race for a run (``run_on_start`` ones included) never calls it.
+8. **``run_on_start`` fires** (one pass, the client's first since it started): its latest
+   run time has its job unless that run time, or a later one, already had its run.
 
 Profiles: 200 memory examples and 20 PostgreSQL ones by default (about 20 s);
 ``TRIOQUEUE_SOAK=1`` runs 5,000 and 300.
@@ -173,7 +175,10 @@ class Run:
             runs_before = await self._runs()
             if step.action == "pass":
                 passing = [step.client]
+                first_sight = JOB_ID not in self.enqueuers[step.client]._seen
                 results = [await self.enqueuers[step.client].run_once()]
+                if first_sight:
+                    await self._check_on_start(where, step.client, before, results[0], now)
             else:
                 passing = list(range(self.plan.clients))
                 results = await _together(self.enqueuers)
@@ -186,6 +191,23 @@ class Run:
                 assert await self._stored() == before, f"{where}: a failed build moved state"
                 assert await self._runs() == runs_before, f"{where}: a failed build inserted"
             await self._check(where, before, results, now, passing)
+
+    async def _check_on_start(
+        self, where: str, index: int, before: PeriodicJobState | None, result: Any, now: datetime
+    ) -> None:
+        """Invariant 8: a client's first pass with ``run_on_start`` (since it started)
+        fires its latest run time unless that one, or a later one, already had its run."""
+        if (
+            not self.plan.run_on_start[index]
+            or index == self.plan.failing
+            or result.conflicts
+            or before is None
+        ):
+            return
+        latest = self.jobs[index].schedule.latest_at_or_before(now)
+        if before.last_run_at is None or latest > before.last_run_at:
+            runs = await self._runs()
+            assert latest.isoformat() in runs, f"{where}: run_on_start did not fire {latest}"
 
     async def _check(
         self,
@@ -277,6 +299,7 @@ def test_periodic_plans_on_memory(plan: Plan) -> None:
 
 @LONG
 @POSTGRES
+@example(plan=ON_START_AFTER_A_DISAGREEING_CLIENT)
 @given(plan=plans())
 def test_periodic_plans_on_postgres(plan: Plan, pg_server_url: str, template_database: str) -> None:
     with fresh_database(pg_server_url, template_database, "tq_periodic") as url:

@@ -857,9 +857,11 @@ async def _run_client(
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            if raised is None:
-                raise
             _, others = group.split(trio.Cancelled)
+            # A Cancelled in the block that the enqueuer's failure caused (its nursery
+            # cancelled the block) is not the block's own: the group says what happened.
+            if raised is None or (others is not None and isinstance(raised, trio.Cancelled)):
+                raise
         if raised is not None and others is not None:
             raise BaseExceptionGroup(
                 "the client's block and its periodic enqueuer failed",

@@ -113,6 +113,10 @@ class Schedule:
         return count
 
 
+EVERY_MAX = 10 * 366 * 86_400
+"""The longest ``every`` (seconds): about ten years."""
+
+
 def _check_every(value: object) -> int:
     if (
         isinstance(value, bool)
@@ -124,6 +128,11 @@ def _check_every(value: object) -> int:
     us = round(value * 1_000_000)
     if us < 1:
         raise ValidationError("PeriodicJob.every", "must be at least one microsecond")
+    if value > EVERY_MAX:
+        # Run times must stay datetimes: a grid of centuries would overflow them.
+        raise ValidationError(
+            "PeriodicJob.every", f"must be at most {EVERY_MAX:,} seconds (10 years)"
+        )
     return us
 
 
@@ -173,7 +182,8 @@ class PeriodicJob:
 
     ``args`` is called (synchronously, by the client that claimed the run, inside the
     transaction that inserts it: once per run unless a claim is rolled back; keep it
-    quick, since clients due at once wait for that claim) and returns the job's args, an
+    quick, since clients due at once wait for that claim, and on PostgreSQL a claim idle
+    for 30 s is ended by the server) and returns the job's args, an
     ``(args, InsertOpts)`` pair, or ``None`` to skip that run. If it raises, or returns
     what this client cannot insert, the claim is rolled back and the run is left for
     another client with the job (or this one's next pass). The job's

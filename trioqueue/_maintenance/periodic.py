@@ -114,6 +114,9 @@ class PeriodicEnqueuerResult:
     inserted here): left for another client, or for this one's next pass."""
     next_run_at: datetime | None
     """The earliest upcoming run time over all jobs; None when there are none."""
+    errors: int = 0
+    """Jobs whose claim or insert failed with a DatabaseError (logged); retried after
+    ``retry_delay``."""
 
 
 @attrs.frozen
@@ -300,8 +303,9 @@ class PeriodicEnqueuer:
                 plan.run_at.isoformat(),
                 exc,
             )
-            if not await self.driver.periodic_job_save(plan.state, stored, now):
-                raise _StateMoved from None
+            async with self.driver.transaction() as tx:  # a bounded wait for the row
+                if not await self.driver.periodic_job_save(plan.state, stored, now, ex=tx):
+                    raise _StateMoved from None
             return PeriodicRun(jid, plan.run_at, None, False, plan.missed_runs)
         if plan.missed_runs and not duplicate:
             log.warning(
@@ -317,7 +321,8 @@ class PeriodicEnqueuer:
 
         On cancellation: each job's run and state are written in one transaction, so a
         job is either fully handled or not at all; the next pass picks up the rest.
-        Raises DatabaseError when the state cannot be read.
+        Raises DatabaseError when the states cannot be read; a job whose own claim or
+        insert fails is counted in ``errors`` and logged, and the pass goes on.
         """
         if jobs is None:
             jobs, _ = self.jobs.watch()
@@ -325,7 +330,7 @@ class PeriodicEnqueuer:
         self._seen &= set(ids)
         states = await self.driver.periodic_job_get_many(ids) if ids else {}
         runs: list[PeriodicRun] = []
-        conflicts = failed = 0
+        conflicts = failed = errors = 0
         upcoming: list[datetime] = []
         for job in jobs:
             jid = job.effective_id
@@ -360,11 +365,17 @@ class PeriodicEnqueuer:
                 failed += 1
                 upcoming.append(plan.state.next_run_at)
                 continue
+            except DatabaseError as exc:
+                # This job's claim or insert failed (rolled back): the next jobs of the
+                # pass still get theirs; this one is retried after retry_delay.
+                errors += 1
+                log.warning("periodic job %r: writing its run failed: %s", jid, exc)
+                continue
             self._seen.add(jid)
             upcoming.append(plan.state.next_run_at)
             if run is not None:
                 runs.append(run)
-        return PeriodicEnqueuerResult(runs, conflicts, failed, min(upcoming, default=None))
+        return PeriodicEnqueuerResult(runs, conflicts, failed, min(upcoming, default=None), errors)
 
     async def run(self) -> None:
         """Insert runs as they fall due until cancelled (by every client that has
@@ -384,7 +395,7 @@ class PeriodicEnqueuer:
                 log.warning("periodic job enqueuer pass failed: %s", exc)
                 delay = self.config.retry_delay
             else:
-                if result.conflicts:
+                if result.conflicts or result.errors:
                     delay = self.config.retry_delay
                 if result.next_run_at is not None:
                     until = (result.next_run_at - self.now()).total_seconds()

@@ -558,16 +558,18 @@ class PostgresDriver:
             expected.last_run_at if expected is not None else None,
         ]
         doing = f"saving periodic job state of {state.id!r}"
-        if ex is not None:
-            # The row stays locked until the transaction ends (a claim): bound how long
-            # others wait for it, and how long a stuck session may hold it.
-            await self._fetch(doing, "periodic_claim_limits", [], ex)
+        if ex is None:
+            return bool(await self._fetch(doing, "periodic_job_save", args, ex))
+        # The row stays locked until the transaction ends (a claim): bound how long
+        # we wait for another claimant's, and how long a stuck session may hold ours.
+        [(lock_timeout, *_)] = await self._fetch(doing, "periodic_claim_limits", [], ex)
         try:
             rows = await self._fetch(doing, "periodic_job_save", args, ex)
         except DatabaseError as exc:
-            if ex is not None and getattr(exc.__cause__, "sqlstate", None) == "55P03":
+            if getattr(exc.__cause__, "sqlstate", None) == "55P03":
                 return False  # another client holds the row longer than lock_timeout
             raise
+        await self._fetch(doing, "periodic_claim_lock_timeout_restore", [lock_timeout], ex)
         return bool(rows)
 
     @asynccontextmanager

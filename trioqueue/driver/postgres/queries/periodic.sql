@@ -27,6 +27,12 @@ RETURNING id;
 -- Inside the transaction that claims a periodic run (and holds its state row until it
 -- ends): another claimant waits at most 2 s for the row (then 55P03, a lost race), and a
 -- session left idle inside the transaction for 30 s (its process wedged) is ended by the
--- server, releasing the row for the other clients.
-SELECT set_config('lock_timeout', '2s', true),
+-- server, releasing the row for the other clients. Returns the lock_timeout in force
+-- before, which periodic_claim_lock_timeout_restore puts back once the claim is made, so
+-- that the rest of the transaction (the run's insert, the commit) waits as usual.
+SELECT current_setting('lock_timeout'),
+       set_config('lock_timeout', '2s', true),
        set_config('idle_in_transaction_session_timeout', '30s', true);
+
+-- name: periodic_claim_lock_timeout_restore
+SELECT set_config('lock_timeout', $1, true);
