@@ -288,12 +288,16 @@ class Client:
             unique_states=states,
         )
 
-    def _params_many(self, items: Iterable[InsertItem], now: datetime) -> Iterator[JobInsertParams]:
+    def _params_many(
+        self, items: Iterable[InsertItem], now: datetime, noted: list[Any] | None = None
+    ) -> Iterator[JobInsertParams]:
         """``_params`` of each item, lazily. An item whose args type and opts object (the
         same object, or none) an earlier item had gets that item's fields with its own
         args: the other fields depend on nothing else, unless a unique key (it may hash
         the args) or the args type's own ``insert_opts`` is involved, which are never
-        shared. Saves most of the per-job work of a big batch."""
+        shared. Saves most of the per-job work of a big batch. Each item's args object is
+        appended to ``noted`` (if given) as it is read: a sequence may build its items
+        as they are read, so they are read once."""
         # Keyed by id(opts), holding opts itself: a sequence may build its items as they
         # are read, and an id is only unique while its object lives.
         shared: dict[tuple[type[Any], int], tuple[object, tuple[Any, ...]]] = {}
@@ -306,6 +310,8 @@ class Client:
                 args, opts = item
             else:
                 args, opts = item, None
+            if noted is not None:
+                noted.append(args)
             key = (type(args), id(opts))
             entry = shared.get(key)
             if entry is not None and entry[0] is opts:
@@ -323,10 +329,12 @@ class Client:
         if not items:
             raise ValidationError("jobs", "insert_many needs at least one job")
 
-    def _prepare(self, items: Sequence[InsertItem]) -> tuple[list[JobInsertParams], datetime]:
+    def _prepare(
+        self, items: Sequence[InsertItem], noted: list[Any] | None = None
+    ) -> tuple[list[JobInsertParams], datetime]:
         self._check_items(items)
         now = self._now()
-        return list(self._params_many(items, now)), now
+        return list(self._params_many(items, now, noted)), now
 
     async def _through_middleware(
         self,
@@ -380,19 +388,8 @@ class Client:
             return await self._through_middleware(
                 items, lambda ps, args, now: self._write(ps, args, now, tx)
             )
-        # The args objects are noted as the params are made, in the one pass over items:
-        # a sequence may build its items as they are read.
-        self._check_items(items)
-        now = self._now()
         args: list[Any] = []
-
-        def noted() -> Iterator[InsertItem]:
-            for item in items:
-                # A malformed tuple is refused by _params_many, naming the field.
-                args.append(item[0] if isinstance(item, tuple) and item else item)
-                yield item
-
-        params = list(self._params_many(noted(), now))
+        params, now = self._prepare(items, args)
         return await self._write(params, args, now, tx)
 
     async def _write(
