@@ -24,12 +24,60 @@ __all__ = [
     "Listener",
     "Notification",
     "PeriodicJobState",
-    "Row",
+    "JobRow",
+    "LeaderRow",
+    "QueueRow",
+    "WrittenRow",
 ]
 
-Row = tuple[Any, ...]
-"""A job row: id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
-attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags."""
+
+class JobRow(NamedTuple):
+    """One job as storage returns it. A NamedTuple: as cheap to make as a tuple, and read
+    by name. ``args``, ``errors`` and ``metadata`` are decoded JSON; ``errors`` and
+    ``metadata`` may be None where empty (`row_to_job` reads both)."""
+
+    id: int
+    kind: str
+    args: Any
+    queue: str
+    state: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    attempted_at: datetime | None
+    attempted_by: list[str] | None
+    created_at: datetime
+    finalized_at: datetime | None
+    scheduled_at: datetime
+    errors: list[Any] | None
+    metadata: dict[str, Any] | None
+    tags: list[str] | None
+
+
+class WrittenRow(NamedTuple):
+    """A job an outcome was written to, when nobody wants the whole row back."""
+
+    id: int
+
+
+class QueueRow(NamedTuple):
+    """One queue: its ``tq_queue`` row and how many of its jobs are available and running."""
+
+    name: str
+    paused_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    available: int
+    running: int
+
+
+class LeaderRow(NamedTuple):
+    """The elected leader: who, since when, and until when (unless it renews)."""
+
+    leader_id: str
+    elected_at: datetime
+    expires_at: datetime
+
 
 INSERT_CHANNEL = "tq_insert"
 CONTROL_CHANNEL = "tq_control"
@@ -133,7 +181,7 @@ class Driver(Protocol):
         now: datetime,
         *,
         ex: Any = None,
-    ) -> list[tuple[Row, bool]]: ...
+    ) -> list[tuple[JobRow, bool]]: ...
 
     async def job_insert_fast(
         self,
@@ -155,14 +203,14 @@ class Driver(Protocol):
 
     async def job_get_available(
         self, queue: str, now: datetime, limit: int, client_id: str
-    ) -> list[Row]:
+    ) -> list[JobRow]:
         """Claim up to ``limit`` due ``available`` jobs of ``queue`` (none while it is
         paused) for ``client_id``: each becomes ``running``, its attempt counted. The rows
         come in the order to run them: by priority, then ``scheduled_at``, then id. Their
         errors and metadata may be None where empty (`row_to_job` reads both)."""
         ...
 
-    async def job_claim(self, job_id: int, now: datetime, client_id: str) -> Row | None:
+    async def job_claim(self, job_id: int, now: datetime, client_id: str) -> JobRow | None:
         """Claim one job by id for a run outside any producer (``trioqueue.testing``): if
         it is available, pending, retryable or scheduled, whatever its queue, schedule or
         pause, it becomes ``running`` as ``job_get_available`` makes it; else None."""
@@ -170,16 +218,16 @@ class Driver(Protocol):
 
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
-    ) -> list[Row]:
+    ) -> list[JobRow] | list[WrittenRow]:
         """Apply outcomes to jobs still running; return the rows written. Their ``args``
         may be None (the caller ran the job, so it has them). With ``rows=False`` each
         written job comes back as a one-column row ``(id,)``: enough to count, and far
-        cheaper when nobody will look at the jobs."""
+        cheaper when nobody will look at the jobs (a `WrittenRow`)."""
         ...
 
-    async def job_get(self, job_id: int, *, ex: Any = None) -> Row | None: ...
+    async def job_get(self, job_id: int, *, ex: Any = None) -> JobRow | None: ...
 
-    async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[Row]: ...
+    async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[JobRow]: ...
 
     async def job_count_live(self) -> list[tuple[str, str, int]]:
         """Exact ``(queue, state, count)`` of every queue and state that is not finalized
@@ -201,11 +249,11 @@ class Driver(Protocol):
         ``limit`` of them."""
         ...
 
-    async def job_cancel(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None: ...
+    async def job_cancel(self, job_id: int, now: datetime, *, ex: Any = None) -> JobRow | None: ...
 
-    async def job_retry(self, job_id: int, now: datetime, *, ex: Any = None) -> Row | None: ...
+    async def job_retry(self, job_id: int, now: datetime, *, ex: Any = None) -> JobRow | None: ...
 
-    async def job_delete(self, job_id: int, *, ex: Any = None) -> Row | None: ...
+    async def job_delete(self, job_id: int, *, ex: Any = None) -> JobRow | None: ...
 
     async def job_state(self, job_id: int, *, ex: Any = None) -> str | None: ...
 
@@ -223,7 +271,7 @@ class Driver(Protocol):
 
     async def queue_paused(self, names: Sequence[str]) -> set[str]: ...
 
-    async def queue_list(self) -> list[Row]:
+    async def queue_list(self) -> list[QueueRow]:
         """Every queue row, ordered by name, as ``(name, paused_at, created_at, updated_at,
         available, running)``: the last two count the queue's jobs in those states."""
         ...
@@ -236,11 +284,11 @@ class Driver(Protocol):
 
     async def leader_resign(self, leader_id: str) -> bool: ...
 
-    async def leader_get(self) -> tuple[str, datetime, datetime] | None: ...
+    async def leader_get(self) -> LeaderRow | None: ...
 
     async def job_get_stuck(
         self, attempted_before: datetime, limit: int, after_id: int
-    ) -> list[Row]: ...
+    ) -> list[JobRow]: ...
 
     async def job_rescue_many(self, rescues: Sequence[JobRescue]) -> list[tuple[int, str, str]]: ...
 
