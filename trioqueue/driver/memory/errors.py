@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...errors import TrioqueueError
+
 if TYPE_CHECKING:
     from .transaction import MemoryTransaction
 
 __all__ = ["MemoryDataError", "MemoryStoreError"]
 
 
-class MemoryStoreError(Exception):
+class MemoryStoreError(TrioqueueError):
     """What PostgreSQL would have reported (a constraint violation, bad input, a
     deadlock); the memory driver raises it as the cause of a ``DatabaseError``."""
 
