@@ -13,8 +13,10 @@ import trio.lowlevel
 import trio.testing
 
 import trioqueue as tq
-from trioqueue._runtime.completer import Completer, Finished
-from trioqueue.driver.protocol import JobOutcome, Row
+from trioqueue._runtime.completer import Completer
+from trioqueue._runtime.dispatcher import Audience
+from trioqueue._runtime.outcome import FinishedRun
+from trioqueue.driver.protocol import JobOutcome, JobRow, WrittenRow
 from trioqueue.events import Event, EventKind
 
 
@@ -23,18 +25,31 @@ class Noop:
     kind = "noop"
 
 
-async def _running_job(driver: tq.MemoryDriver) -> Row:
+async def _running_job(driver: tq.MemoryDriver) -> JobRow:
     async with tq.open_client(driver=driver) as client:
         await client.insert(Noop())
     [row] = await driver.job_get_available("default", driver.clock(), 1, "worker")
     return row
 
 
-def _completed(driver: tq.MemoryDriver, row: Row) -> Finished:
+def _completed(driver: tq.MemoryDriver, row: JobRow) -> FinishedRun:
     outcome = JobOutcome(
-        row[0], tq.JobState.COMPLETED, driver.clock(), None, False, None, None, row[8]
+        id=row.id,
+        state=tq.JobState.COMPLETED,
+        finalized_at=driver.clock(),
+        scheduled_at=None,
+        give_back_attempt=False,
+        error_json=None,
+        metadata_json=None,
+        attempted_at=row.attempted_at,
     )
-    return Finished(outcome, EventKind.JOB_COMPLETED, 0.0, row[8], {})
+    return FinishedRun(
+        outcome=outcome,
+        event_kind=EventKind.JOB_COMPLETED,
+        duration=0.0,
+        attempted_at=row.attempted_at,
+        args={},
+    )
 
 
 def _completer(
@@ -64,15 +79,16 @@ async def test_final_flush_writes_at_once_instead_of_lingering(
     send, receive = trio.open_memory_channel[list[Event]](10)
     completer = _completer(driver, send, shutdown_timeout=0.02, linger=0.05)
     cancel, run = _cancellable(completer)
+    outcomes = completer.sender()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
         await trio.sleep(0.1)
         cancel.cancel()
         await trio.lowlevel.checkpoint()
-        completer.complete_nowait(_completed(driver, row), force=True)
+        outcomes.send_nowait(_completed(driver, row), force=True)
         await trio.sleep(1.0)
-        completer.close()
-    assert await driver.job_state(row[0]) == "completed"
+        outcomes.close()
+    assert await driver.job_state(row.id) == "completed"
     [events] = [batch async for batch in receive]
     assert [e.kind for e in events] == [EventKind.JOB_COMPLETED]
 
@@ -90,8 +106,8 @@ class CommitThenHang:
 
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
-    ) -> list[Row]:
-        written: list[Row] = await self.inner.job_set_state_if_running_many(
+    ) -> list[JobRow] | list[WrittenRow]:
+        written: list[JobRow] | list[WrittenRow] = await self.inner.job_set_state_if_running_many(
             outcomes, now, rows=rows
         )
         if not self.hung:
@@ -108,18 +124,19 @@ async def test_a_write_cancelled_after_committing_still_gets_its_event(
     send, receive = trio.open_memory_channel[list[Event]](10)
     completer = _completer(CommitThenHang(driver), send, shutdown_timeout=5.0)
     cancel, run = _cancellable(completer)
+    outcomes = completer.sender()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
-        completer.complete_nowait(_completed(driver, row))
+        outcomes.send_nowait(_completed(driver, row))
         await trio.sleep(1.0)  # past the linger: the write has committed and hangs
-        assert await driver.job_state(row[0]) == "completed"
+        assert await driver.job_state(row.id) == "completed"
         cancel.cancel()
         await trio.sleep(0.1)
-        completer.close()
+        outcomes.close()
     # The final flush found the job no longer running; it checked whether the interrupted
     # write was ours and still sent the event.
     [events] = [batch async for batch in receive]
-    assert [(e.kind, e.job and e.job.id) for e in events] == [(EventKind.JOB_COMPLETED, row[0])]
+    assert [(e.kind, e.job and e.job.id) for e in events] == [(EventKind.JOB_COMPLETED, row.id)]
 
 
 async def test_without_subscribers_written_jobs_are_not_read_back(
@@ -128,12 +145,13 @@ async def test_without_subscribers_written_jobs_are_not_read_back(
     driver = tq.MemoryDriver()
     row = await _running_job(driver)
     send, receive = trio.open_memory_channel[list[Event]](10)
-    completer = _completer(driver, send, shutdown_timeout=1.0, wants_events=lambda: False)
+    completer = _completer(driver, send, shutdown_timeout=1.0, audience=Audience(0))
+    outcomes = completer.sender()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(completer.run)
-        completer.complete_nowait(_completed(driver, row))
+        outcomes.send_nowait(_completed(driver, row))
         await trio.sleep(1.0)
-        completer.close()
-    assert await driver.job_state(row[0]) == "completed"
+        outcomes.close()
+    assert await driver.job_state(row.id) == "completed"
     assert completer.statistics().written == 1
     assert [batch async for batch in receive] == []

@@ -15,8 +15,10 @@ import trio.testing
 
 import trioqueue as tq
 from trioqueue._runtime import executor as executor_module
-from trioqueue._runtime.completer import Finished
-from trioqueue._runtime.executor import DEADLINE_SLACK, Executor, JobHandle
+from trioqueue._runtime.claimed import ClaimedJobs, Wakeup
+from trioqueue._runtime.executor import Executor
+from trioqueue._runtime.lane import DEADLINE_SLACK, JobHandle
+from trioqueue._runtime.outcome import FinishedRun
 from trioqueue.config import ClientConfig
 from trioqueue.events import EventKind
 
@@ -29,17 +31,25 @@ class Step:
     n: int
 
 
-class _Completer:
-    """What the executor needs of a completer: it keeps the outcomes in order."""
+class _Outcomes:
+    """What the executor needs of an outcome sender: it keeps the outcomes in order."""
 
     def __init__(self) -> None:
-        self.outcomes: list[Finished] = []
+        self.outcomes: list[FinishedRun] = []
 
-    def complete_nowait(self, item: Finished, *, force: bool = False) -> None:
+    def send_nowait(self, item: FinishedRun, *, force: bool = False) -> None:
         self.outcomes.append(item)
 
-    async def complete(self, item: Finished) -> None:
+    async def send(self, item: FinishedRun) -> None:
         self.outcomes.append(item)
+
+
+def _claimed(jobs: list[tq.Job[Any]], handles: list[JobHandle]) -> ClaimedJobs:
+    """``jobs`` claimed and queued, as a producer queues them for one worker task."""
+    claimed = ClaimedJobs("default", Wakeup())
+    for job, handle in zip(jobs, handles, strict=True):
+        claimed.add(job, handle)
+    return claimed
 
 
 def _job(n: int, kind: str = "step") -> tq.Job[Any]:
@@ -68,24 +78,20 @@ async def _run(
     jobs: list[tq.Job[Any]],
     handles: list[JobHandle] | None = None,
     **config: Any,
-) -> tuple[list[Finished], list[JobHandle]]:
+) -> tuple[list[FinishedRun], list[JobHandle]]:
     """Run ``jobs`` on one worker task, as a producer's worker runs what it has queued
     (with these ``handles``, or new ones)."""
-    completer = _Completer()
-    executor = Executor(workers, ClientConfig(**config), completer, lambda: NOW)  # type: ignore[arg-type]
+    outcomes = _Outcomes()
+    executor = Executor(workers, ClientConfig(**config), lambda: NOW)
     handles = handles if handles is not None else [JobHandle() for _ in jobs]
-    queue = list(zip(jobs, handles, strict=True))
-    ended: list[int] = []
-
-    def take() -> tuple[tq.Job[Any], JobHandle] | None:
-        return queue.pop(0) if queue else None
-
-    await executor.run(take, lambda job, _: ended.append(job.id))
-    assert ended == [job.id for job in jobs]
-    return completer.outcomes, handles
+    claimed = _claimed(jobs, handles)
+    await executor.run(claimed, outcomes)  # type: ignore[arg-type]
+    assert not claimed.running  # every job ended
+    assert [f.outcome.id for f in outcomes.outcomes] == [job.id for job in jobs]
+    return outcomes.outcomes, handles
 
 
-def _kinds(outcomes: list[Finished]) -> list[EventKind]:
+def _kinds(outcomes: list[FinishedRun]) -> list[EventKind]:
     return [f.event_kind for f in outcomes]
 
 
@@ -250,7 +256,7 @@ async def test_unknown_kind_after_a_job_with_a_timeout_is_recorded_as_such(
         EventKind.JOB_FAILED,
         EventKind.JOB_COMPLETED,
     ]
-    assert "UnknownKindError" in (outcomes[1].outcome.error_json or "")
+    assert "UnknownJobKindError" in (outcomes[1].outcome.error_json or "")
 
 
 async def test_outside_cancel_interrupts_the_running_job_only(
@@ -261,19 +267,18 @@ async def test_outside_cancel_interrupts_the_running_job_only(
 
     workers = tq.Workers()
     workers.add(Step, step)
-    completer = _Completer()
-    executor = Executor(workers, ClientConfig(), completer, lambda: NOW)  # type: ignore[arg-type]
-    queue = [(_job(n), JobHandle()) for n in range(4)]
-    ended: list[int] = []
+    outcomes = _Outcomes()
+    executor = Executor(workers, ClientConfig(), lambda: NOW)
+    claimed = _claimed([_job(n) for n in range(4)], [JobHandle() for _ in range(4)])
     with trio.move_on_after(5.0):
-        await executor.run(lambda: queue.pop(0) if queue else None, lambda j, _: ended.append(j.id))
-    assert _kinds(completer.outcomes) == [
+        await executor.run(claimed, outcomes)  # type: ignore[arg-type]
+    assert _kinds(outcomes.outcomes) == [
         EventKind.JOB_COMPLETED,
         EventKind.JOB_COMPLETED,
         EventKind.JOB_INTERRUPTED,
     ]
-    assert ended == [0, 1, 2]
-    assert len(queue) == 1  # job 3 was never taken
+    assert [f.outcome.id for f in outcomes.outcomes] == [0, 1, 2]
+    assert list(claimed.running) == [3]  # job 3 was never taken
 
 
 async def test_a_hard_stop_wins_over_a_timeout_that_passed_during_shielded_cleanup(
@@ -291,9 +296,8 @@ async def test_a_hard_stop_wins_over_a_timeout_that_passed_during_shielded_clean
 
     workers = tq.Workers()
     workers.add(Step, step, timeout=1.0)
-    completer = _Completer()
-    executor = Executor(workers, ClientConfig(), completer, lambda: NOW)  # type: ignore[arg-type]
-    queue = [(_job(0), JobHandle())]
+    outcomes = _Outcomes()
+    executor = Executor(workers, ClientConfig(), lambda: NOW)
     with trio.move_on_after(0.8):
-        await executor.run(lambda: queue.pop(0) if queue else None, lambda j, _: None)
-    assert _kinds(completer.outcomes) == [EventKind.JOB_INTERRUPTED]
+        await executor.run(_claimed([_job(0)], [JobHandle()]), outcomes)  # type: ignore[arg-type]
+    assert _kinds(outcomes.outcomes) == [EventKind.JOB_INTERRUPTED]

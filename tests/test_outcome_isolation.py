@@ -19,10 +19,11 @@ import trio
 import trio.testing
 
 import trioqueue as tq
-from trioqueue._runtime.completer import Completer, Finished
+from trioqueue._runtime.completer import Completer
+from trioqueue._runtime.outcome import FinishedRun
 from trioqueue.driver.faults import Fault, FaultyDriver
 from trioqueue.driver.postgres.driver import open_postgres_driver
-from trioqueue.driver.protocol import Driver, JobOutcome, Row
+from trioqueue.driver.protocol import Driver, JobOutcome, JobRow, WrittenRow
 from trioqueue.events import Event, EventKind
 
 
@@ -50,29 +51,36 @@ async def _driver(url: str | None) -> AsyncIterator[Driver]:
         yield driver
 
 
-async def _running(driver: Driver, n: int) -> list[Row]:
+async def _running(driver: Driver, n: int) -> list[JobRow]:
     async with tq.open_client(driver=driver) as client:
         await client.insert_many([Noop(i) for i in range(n)])
     return await driver.job_get_available("default", driver.clock(), n, "worker")
 
 
-def _finished(row: Row, state: tq.JobState, **outcome: Any) -> Finished:
+def _finished(row: JobRow, state: tq.JobState, **outcome: Any) -> FinishedRun:
     values: dict[str, Any] = {
-        "id": row[0],
+        "id": row.id,
         "state": state,
         "finalized_at": None,
         "scheduled_at": None,
         "give_back_attempt": False,
         "error_json": None,
         "metadata_json": None,
-        "attempted_at": row[8],
+        "attempted_at": row.attempted_at,
         **outcome,
     }
     kind = EventKind.JOB_COMPLETED if state is tq.JobState.COMPLETED else EventKind.JOB_FAILED
-    return Finished(JobOutcome(**values), kind, 0.0, row[8], {}, row[6])
+    return FinishedRun(
+        outcome=JobOutcome(**values),
+        event_kind=kind,
+        duration=0.0,
+        attempted_at=row.attempted_at,
+        args={},
+        attempt=row.attempt,
+    )
 
 
-async def _complete_all(driver: Any, items: list[Finished]) -> tuple[Completer, list[Event]]:
+async def _complete_all(driver: Any, items: list[FinishedRun]) -> tuple[Completer, list[Event]]:
     """Hand ``items`` to a completer of its own, let it write them, and return it with the
     events it sent."""
     send, receive = trio.open_memory_channel[list[Event]](100)
@@ -80,9 +88,9 @@ async def _complete_all(driver: Any, items: list[Finished]) -> tuple[Completer, 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(completer.run)
-            for item in items:
-                completer.complete_nowait(item)
-            completer.close()
+            with completer.sender() as outcomes:
+                for item in items:
+                    outcomes.send_nowait(item)
     return completer, [event for batch in [b async for b in receive] for event in batch]
 
 
@@ -97,8 +105,8 @@ async def test_refused_outcomes_are_isolated_and_written_in_a_storable_form(
             rows[5][0]: '{"at": "x", "attempt": 1, "error": "lone \udc80"}',
         }
         items = [
-            _finished(row, tq.JobState.RETRYABLE, scheduled_at=now, error_json=refused[row[0]])
-            if row[0] in refused
+            _finished(row, tq.JobState.RETRYABLE, scheduled_at=now, error_json=refused[row.id])
+            if row.id in refused
             else _finished(row, tq.JobState.COMPLETED, finalized_at=now)
             for row in rows
         ]
@@ -108,14 +116,14 @@ async def test_refused_outcomes_are_isolated_and_written_in_a_storable_form(
         # Every job got its outcome and its event; none stays running.
         assert sorted(e.job.id for e in events if e.job) == sorted(r[0] for r in rows)
         for row in rows:
-            stored = await driver.job_get(row[0])
+            stored = await driver.job_get(row.id)
             assert stored is not None
-            if row[0] not in refused:
+            if row.id not in refused:
                 assert stored[4] == "completed"
                 continue
             assert stored[4] == "retryable"
             [error] = stored[13]
-            assert error["attempt"] == row[6]
+            assert error["attempt"] == row.attempt
             assert error["error"].startswith(
                 "trioqueue could not store this attempt's outcome as it was"
             )
@@ -138,7 +146,7 @@ class RefuseJob:
 
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
-    ) -> list[Row]:
+    ) -> list[JobRow] | list[WrittenRow]:
         self.writes.append([o.id for o in outcomes])
         if any(o.id == self.job_id for o in outcomes):
             await trio.lowlevel.checkpoint()
@@ -168,7 +176,7 @@ async def test_an_outcome_refused_even_as_a_stand_in_is_given_up_not_retried(
         # The database answered after the failed write: writes are possible again, so
         # producers may fetch (they would otherwise wait for good).
         assert stats.writable
-        states = {row[0]: await driver.job_state(row[0]) for row in rows}
+        states = {row.id: await driver.job_state(row.id) for row in rows}
         assert states.pop(rows[3][0]) == "running"  # left for the rescuer
         assert set(states.values()) == {"completed"}
 
@@ -201,22 +209,24 @@ class Watch:
     def open_listener(self, channels: Sequence[str]) -> Any:
         return self.inner.open_listener(channels)
 
-    async def job_get_available(self, *args: Any, **kwargs: Any) -> list[Row]:
+    async def job_get_available(self, *args: Any, **kwargs: Any) -> list[JobRow]:
         if self.completer is not None:
             if not self.completer.writable:
                 self.fetched_while_unwritable += 1
             elif self.completer.statistics().failed_writes:
                 self.fetches_after_recovery += 1
-        rows: list[Row] = await self.inner.job_get_available(*args, **kwargs)
+        rows: list[JobRow] = await self.inner.job_get_available(*args, **kwargs)
         return rows
 
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
-    ) -> list[Row]:
+    ) -> list[JobRow] | list[WrittenRow]:
         self.writes.append(len(outcomes))
         assert self.completer is not None
         self.waiting.append(self.completer.statistics().pending - len(outcomes))
-        result: list[Row] = await self.inner.job_set_state_if_running_many(outcomes, now, rows=rows)
+        result: list[JobRow] | list[WrittenRow] = await self.inner.job_set_state_if_running_many(
+            outcomes, now, rows=rows
+        )
         return result
 
 

@@ -18,6 +18,8 @@ from typing import Any, final
 import attrs
 
 from .._codec import dumps, row_to_job
+from .._runtime.outcome import retry_delay
+from ..config import RetryPolicy
 from ..driver.protocol import INSERT_CHANNEL, Driver, JobRescue
 from ..errors import ValidationError
 from ..job import Job, JobState
@@ -64,8 +66,8 @@ class Rescuer:
     driver: Driver
     now: Callable[[], datetime]
     workers: Workers
-    retry_delay: Callable[[Job[Any]], float]
-    """Seconds until the retry of a rescued job (the client's policy)."""
+    retry_policy: RetryPolicy | None
+    """The client's retry policy (a worker's own ``next_retry`` comes first)."""
     config: RescuerConfig = RescuerConfig()
 
     def _threshold(self, kind: str) -> float | None:
@@ -92,7 +94,7 @@ class Rescuer:
             return JobRescue(job.id, JobState.CANCELLED, now, None, error, job.attempted_at)
         if job.attempt >= job.max_attempts:
             return JobRescue(job.id, JobState.DISCARDED, now, None, error, job.attempted_at)
-        delay = self.retry_delay(job)
+        delay = retry_delay(job, self.workers, self.retry_policy)
         state = (
             JobState.AVAILABLE if delay <= self.config.scheduler_interval else JobState.RETRYABLE
         )
@@ -124,7 +126,7 @@ class Rescuer:
                     skipped += 1
                     continue
                 decisions.append(self._decide(job, now))
-            after = rows[-1][0]
+            after = rows[-1].id
             if decisions:
                 written = await self.driver.job_rescue_many(decisions)
                 queues = sorted({q for _, q, s in written if s == JobState.AVAILABLE})

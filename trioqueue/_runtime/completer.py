@@ -1,8 +1,14 @@
 """The batch completer: writes finished jobs' outcomes in few statements.
 
-Workers hand outcomes over with :meth:`Completer.complete`; the completer writes them in
+Workers hand outcomes over through an `OutcomeSender`; the completer writes them in
 batches (by size or after a short linger), one statement per batch, applied only to rows
 still ``running``, then sends one event per written job to the dispatcher.
+
+Its input closes the way a trio memory channel does: every sender is a handle made by
+`Completer.sender` or `OutcomeSender.clone`, and once every handle made is closed (each
+producer closes its own as it ends, the runtime its original as the work nursery ends),
+the completer writes what is queued and returns. No flag tells it to stop: the last
+sender's closing is the nesting's fact that no outcome can come any more.
 
 A write can fail in two ways, and neither loses an outcome or stops the others:
 
@@ -25,36 +31,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NamedTuple, final
+from typing import Any, cast, final
 
 import attrs
 import trio
 
-from .._codec import dumps, row_to_job
-from ..driver.protocol import Driver, JobOutcome, Row
+from .._codec import dumps, row_to_job, row_to_job_with_args
+from ..driver.protocol import Driver, JobRow, WrittenRow
 from ..errors import DatabaseError
 from ..events import Event, EventKind
 from ..job import JobListParams, JobState
+from .dispatcher import Audience
 from .failure import storable_text
+from .outcome import FinishedRun
 
-__all__ = ["Completer", "CompleterStatistics", "Finished"]
+__all__ = ["Completer", "CompleterStatistics", "OutcomeSender"]
 
 log = logging.getLogger("trioqueue.completer")
-
-
-class Finished(NamedTuple):
-    """One finished run: the row update, the event it should produce, and how long it ran.
-    A NamedTuple: one is made per job (see `JobInsertParams`)."""
-
-    outcome: JobOutcome
-    event_kind: EventKind
-    duration: float
-    attempted_at: datetime | None = None
-    """When the run began (the row's ``attempted_at``): identifies this run of the job."""
-    args: Any = None
-    """The job's args as the worker saw them, for the event (the write returns none)."""
-    attempt: int = 0
-    """The attempt that ran (for an error entry the completer must write in its place)."""
 
 
 class _Rejected(Exception):
@@ -74,7 +67,7 @@ REFUSED_NOTE_LIMIT = 500
 """Characters of the database's complaint kept in a refused outcome's stand-in error."""
 
 
-def storable_stand_in(finished: Finished, error: DatabaseError, now: datetime) -> Finished:
+def storable_stand_in(finished: FinishedRun, error: DatabaseError, now: datetime) -> FinishedRun:
     """What to write for an outcome the database refused: the same state, times and
     attempt, with no metadata change and its error replaced by a note of trioqueue's own,
     built from nothing the job supplied. Not a checkpoint."""
@@ -89,6 +82,58 @@ def storable_stand_in(finished: Finished, error: DatabaseError, now: datetime) -
         }
     )
     return finished._replace(outcome=finished.outcome._replace(error_json=note, metadata_json=None))
+
+
+@final
+class OutcomeSender:
+    """One sender's handle on the completer's input (see the module's docstring). Use it
+    as a context manager, or close it: once every handle is closed, the input is.
+    Sending on a closed handle raises ``trio.ClosedResourceError``."""
+
+    __slots__ = ("_closed", "_completer")
+
+    def __init__(self, completer: Completer) -> None:
+        self._completer = completer
+        self._closed = False
+        completer._senders += 1
+
+    def clone(self) -> OutcomeSender:
+        """Another handle on the same input. Not a checkpoint."""
+        if self._closed:
+            raise trio.ClosedResourceError("this outcome sender is closed")
+        return OutcomeSender(self._completer)
+
+    def close(self) -> None:
+        """Close this handle (idempotent); the last one closes the input. Not a
+        checkpoint."""
+        if not self._closed:
+            self._closed = True
+            self._completer._sender_closed()
+
+    def __enter__(self) -> OutcomeSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_nowait(self, item: FinishedRun, *, force: bool = False) -> None:
+        """Queue an outcome without waiting. Not a checkpoint.
+
+        Raises ``trio.WouldBlock`` when the buffer is full (unless ``force``), and
+        ``trio.ClosedResourceError`` once this handle is closed."""
+        if self._closed:
+            raise trio.ClosedResourceError("this outcome sender is closed")
+        self._completer._queue(item, force)
+
+    async def send(self, item: FinishedRun) -> None:
+        """Queue an outcome, waiting while the buffer is full.
+
+        Always a checkpoint. On cancellation: the outcome is queued anyway (past the
+        limit), so it is still written before the completer exits; then Cancelled
+        propagates. Raises ``trio.ClosedResourceError`` once this handle is closed."""
+        if self._closed:
+            raise trio.ClosedResourceError("this outcome sender is closed")
+        await self._completer._queue_waiting(item)
 
 
 @final
@@ -117,13 +162,16 @@ class CompleterStatistics:
 @final
 @attrs.define(eq=False)
 class Completer:
+    """Writes the outcomes its senders hand over; see the module's docstring."""
+
     driver: Driver
     now: Callable[[], datetime]
     events: trio.MemorySendChannel[list[Event]]
+    """Where the events of written jobs go; the completer closes it as it returns."""
     args_type_for: Callable[[str], type[Any] | None]
     shutdown_timeout: float
-    wants_events: Callable[[], bool] = attrs.field(default=lambda: True)
-    """Whether anyone would receive job events now; if not, written jobs are not read back."""
+    audience: Audience = attrs.field(factory=Audience.everyone)
+    """Who listens for job events; while nobody does, written jobs are not read back."""
     flush_size: int = FLUSH_SIZE
     """Write as soon as this many outcomes wait."""
     linger: float = 0.05
@@ -133,10 +181,13 @@ class Completer:
     max_pending: int = 10_000
     """``complete`` blocks while this many wait, until fewer than half remain (the runtime
     sets it from the client's worker slots)."""
-    _pending: list[Finished] = attrs.field(factory=list, init=False)
+    _pending: list[FinishedRun] = attrs.field(factory=list, init=False)
     _work: trio.Event = attrs.field(factory=trio.Event, init=False)
     _space: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _senders: int = attrs.field(default=0, init=False)
+    """Sender handles made and not closed yet."""
     _closed: bool = attrs.field(default=False, init=False)
+    """Every handle made has been closed: no outcome can come any more."""
     _written: int = attrs.field(default=0, init=False)
     _batches: int = attrs.field(default=0, init=False)
     _failed: int = attrs.field(default=0, init=False)
@@ -180,33 +231,33 @@ class Completer:
         elif not writable and self._writable.is_set():
             self._writable = trio.Event()
 
-    def complete_nowait(self, item: Finished, *, force: bool = False) -> None:
-        """Queue an outcome without waiting. Not a checkpoint.
-
-        Raises ``trio.WouldBlock`` when the buffer is full (unless ``force``), and
-        ``trio.ClosedResourceError`` once the completer has been closed.
-        """
+    def sender(self) -> OutcomeSender:
+        """A new handle on the input (the runtime makes the original; producers get
+        clones of it). Not a checkpoint."""
         if self._closed:
-            raise trio.ClosedResourceError("the completer is closed")
+            raise trio.ClosedResourceError("the completer's input is closed")
+        return OutcomeSender(self)
+
+    def _sender_closed(self) -> None:
+        self._senders -= 1
+        if self._senders == 0:
+            self._closed = True
+            self._work.set()
+
+    def _queue(self, item: FinishedRun, force: bool) -> None:
         if not force and len(self._pending) >= self.max_pending:
             raise trio.WouldBlock
         self._pending.append(item)
         if len(self._pending) == 1 or len(self._pending) >= self.flush_size:
             self._work.set()
 
-    async def complete(self, item: Finished) -> None:
-        """Queue an outcome, waiting while the buffer is full.
-
-        Always a checkpoint. On cancellation: the outcome is queued anyway (past the
-        limit), so it is still written before the completer exits; then Cancelled
-        propagates. Raises ``trio.ClosedResourceError`` once closed.
-        """
+    async def _queue_waiting(self, item: FinishedRun) -> None:
         queued = False
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 try:
-                    self.complete_nowait(item)
+                    self._queue(item, False)
                     queued = True
                 except trio.WouldBlock:
                     self._waiting += 1
@@ -219,17 +270,12 @@ class Completer:
             await trio.lowlevel.cancel_shielded_checkpoint()
         except trio.Cancelled:
             if not queued:
-                self.complete_nowait(item, force=True)
+                self._queue(item, True)
             raise
 
-    def close(self) -> None:
-        """No more outcomes will come: write what is queued, then ``run`` returns.
-        Idempotent; not a checkpoint."""
-        self._closed = True
-        self._work.set()
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches until closed and empty; then close the event channel.
+        """Write batches until every sender is closed and nothing is left; then close the
+        event channel (on every path, so the dispatcher's drain always ends).
 
         On cancellation (the client cancelled from outside): keeps writing, shielded, for
         up to ``shutdown_timeout`` seconds, waiting for the interrupted jobs' outcomes and
@@ -274,8 +320,8 @@ class Completer:
                 self._space = trio.Event()
 
     async def _write_with_retries(
-        self, batch: list[Finished], want_rows: bool
-    ) -> tuple[list[Row], bool]:
+        self, batch: list[FinishedRun], want_rows: bool
+    ) -> tuple[list[JobRow | WrittenRow], bool]:
         """Write the batch, retrying with backoff while the write fails for reasons other
         than its data; return the rows written (``(id,)`` only unless ``want_rows``) and
         whether any attempt failed first. Raises `_Rejected` when the database refuses the
@@ -292,7 +338,7 @@ class Completer:
                 )
                 self._batches += 1
                 self._set_writable(True)
-                return rows, failed_before
+                return cast("list[JobRow | WrittenRow]", rows), failed_before
             except trio.Cancelled:
                 self._write_interrupted = True
                 raise
@@ -315,8 +361,8 @@ class Completer:
             delay = min(delay * 2, 10.0)
 
     async def _write_isolating(
-        self, batch: list[Finished], want_rows: bool
-    ) -> tuple[list[Row], bool]:
+        self, batch: list[FinishedRun], want_rows: bool
+    ) -> tuple[list[JobRow | WrittenRow], bool]:
         """`_write_with_retries`, but when the database refuses the batch's data, halve
         it until each refused outcome stands alone: every other outcome is written, and a
         refused one in its storable stand-in (`storable_stand_in`). If even the stand-in
@@ -354,33 +400,36 @@ class Completer:
                 )
                 return [], rejected.failed_before or again.failed_before
 
-    async def _write(self, batch: list[Finished]) -> None:
-        want_events = self.wants_events()
+    async def _write(self, batch: list[FinishedRun]) -> None:
+        want_events = self.audience.job_subscribers > 0
         dropped = self._dropped
         rows, failed_before = await self._write_isolating(batch, want_events)
         self._written += len(batch) - (self._dropped - dropped)
-        if want_events and failed_before and len(rows) < len(batch):
-            rows = rows + await self._written_by_lost_reply(batch, {r[0] for r in rows})
         if len(rows) < len(batch):
-            log.debug(
-                "%d of %d outcomes found their job no longer running",
-                len(batch) - len(rows),
-                len(batch),
-            )
+            if want_events and failed_before:
+                found = await self._written_by_lost_reply(batch, {r.id for r in rows})
+                rows = [*rows, *found]
+            if len(rows) < len(batch):
+                log.debug(
+                    "%d of %d outcomes found their job no longer running",
+                    len(batch) - len(rows),
+                    len(batch),
+                )
         if want_events:
-            self._publish(batch, rows)
+            # Asked for with rows=True: every row is a whole JobRow.
+            self._publish(batch, rows)  # type: ignore[arg-type]
 
-    def _publish(self, batch: list[Finished], rows: list[Row]) -> None:
+    def _publish(self, batch: list[FinishedRun], rows: list[JobRow]) -> None:
         by_id = {f.outcome.id: f for f in batch}
         events = []
         for row in rows:
-            finished = by_id.get(row[0])
+            finished = by_id.get(row.id)
             if finished is None:
                 continue
-            if row[2] is None:
-                job = row_to_job((*row[:2], finished.args, *row[3:]), None)
+            if row.args is None:
+                job = row_to_job_with_args(row, finished.args)
             else:
-                job = row_to_job(row, self.args_type_for(row[1]))
+                job = row_to_job(row, self.args_type_for(row.kind))
             kind = finished.event_kind
             if job.state == "cancelled" and kind is not EventKind.JOB_CANCELLED:
                 kind = EventKind.JOB_CANCELLED
@@ -388,10 +437,12 @@ class Completer:
         if events:
             try:
                 self.events.send_nowait(events)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            except trio.WouldBlock:
                 log.warning("event dispatcher not keeping up: %d events dropped", len(events))
 
-    async def _written_by_lost_reply(self, batch: list[Finished], seen: set[int]) -> list[Row]:
+    async def _written_by_lost_reply(
+        self, batch: list[FinishedRun], seen: set[int]
+    ) -> list[JobRow]:
         """After a write that failed, a retry finds some jobs no longer running: maybe the
         failed attempt did commit and only its reply was lost. Those rows are ours if they
         still carry the same run (``attempted_at``) and the state we wrote (or
@@ -411,16 +462,15 @@ class Completer:
         wanted = {f.outcome.id: f for f in missing}
         ours = []
         for row in rows:
-            finished = wanted[row[0]]
-            state = row[4]
+            finished = wanted[row.id]
             # A queued job cancelled after our write (job_cancel) is cancelled too, but not
             # by our write, and gets no event; only a cancel requested while the job ran
             # (cancel_attempted_at) turns an outcome into a cancel.
-            cancelled_by_our_write = state == JobState.CANCELLED.value and (
-                "cancel_attempted_at" in (row[14] or {})
+            cancelled_by_our_write = row.state == JobState.CANCELLED.value and (
+                "cancel_attempted_at" in (row.metadata or {})
             )
-            if row[8] == finished.attempted_at and (
-                state == finished.outcome.state.value or cancelled_by_our_write
+            if row.attempted_at == finished.attempted_at and (
+                row.state == finished.outcome.state.value or cancelled_by_our_write
             ):
                 ours.append(row)
         return ours

@@ -21,9 +21,26 @@ from ..events import Event, EventKind
 
 JOB_EVENT_KINDS = frozenset(kind for kind in EventKind if kind.value.startswith("job_"))
 
-__all__ = ["Dispatcher", "DispatcherStatistics", "Subscription"]
+__all__ = ["Audience", "Dispatcher", "DispatcherStatistics", "Subscription"]
 
 log = logging.getLogger("trioqueue.dispatcher")
+
+
+@final
+class Audience:
+    """Who listens for job events: the dispatcher keeps the count as subscriptions open
+    and close, and the completer reads it, to skip reading back written jobs while no one
+    would see their events (a subscription sees only what happens after it opens)."""
+
+    __slots__ = ("job_subscribers",)
+
+    def __init__(self, job_subscribers: int = 0) -> None:
+        self.job_subscribers = job_subscribers
+
+    @classmethod
+    def everyone(cls) -> Audience:
+        """An audience that always listens (a completer without a dispatcher)."""
+        return cls(1)
 
 
 @final
@@ -83,6 +100,8 @@ class Dispatcher:
     """Receives batches of events and offers each to every interested subscriber."""
 
     def __init__(self) -> None:
+        self.audience = Audience()
+        """Counts the open subscriptions that take job events."""
         self._subscribers: list[Subscription] = []
         self._closed = False
         self._published = 0
@@ -91,13 +110,6 @@ class Dispatcher:
 
     def statistics(self) -> DispatcherStatistics:
         return DispatcherStatistics(len(self._subscribers), self._published, self._dropped)
-
-    def wants_job_events(self) -> bool:
-        """Whether any open subscription takes job events. Not a checkpoint.
-
-        When none does, the completer skips reading back the jobs it wrote: events for
-        them would reach nobody (a subscription sees only what happens after it opens)."""
-        return any(not sub.kinds.isdisjoint(JOB_EVENT_KINDS) for sub in self._subscribers)
 
     def publish(self, events: Iterable[Event]) -> None:
         """Offer events to subscribers. Never blocks; not a checkpoint."""
@@ -135,12 +147,15 @@ class Dispatcher:
         if self._closed:
             raise TrioqueueError("the client has stopped; no more events will come")
         sub = Subscription(kind_set, buffer)
+        job_events = not kind_set.isdisjoint(JOB_EVENT_KINDS)
         self._subscribers.append(sub)
+        self.audience.job_subscribers += job_events
         try:
             yield sub
         finally:
             if sub in self._subscribers:
                 self._subscribers.remove(sub)
+                self.audience.job_subscribers -= job_events
             sub._close()
             await trio.lowlevel.checkpoint_if_cancelled()
 
@@ -153,27 +168,23 @@ class Dispatcher:
     async def run(
         self,
         receive: trio.MemoryReceiveChannel[list[Event]],
-        shutdown_timeout: float,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Publish every batch from ``receive`` until its senders are all closed, then end
+        """Publish every batch from ``receive`` until all its senders are closed, then end
         every subscription.
 
-        On cancellation: keeps draining, shielded, for up to ``shutdown_timeout`` seconds
-        so that events of jobs written during a hard shutdown still reach subscribers.
+        Shielded throughout, with no deadline of its own: it returns when the channel
+        ends, and only then. The senders close it (the completer as it returns, within
+        its own ``shutdown_timeout`` when cancelled; the runtime once the completion
+        nursery is done), so under cancellation from outside every event written before
+        they close still reaches subscribers, and the drain is bounded by the completer's
+        deadline alone.
         """
         task_status.started()
         try:
-            async with receive:
-                try:
-                    async for batch in receive:
-                        self.publish(batch)
-                except trio.Cancelled:
-                    with trio.move_on_after(shutdown_timeout) as cs:
-                        cs.shield = True
-                        async for batch in receive:
-                            self.publish(batch)
-                    raise
+            with trio.CancelScope(shield=True), receive:
+                async for batch in receive:
+                    self.publish(batch)
         finally:
             self.close()

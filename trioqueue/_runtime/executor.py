@@ -1,37 +1,37 @@
-"""Runs jobs in cancel scopes shared by the jobs run back to back (lanes), and turns
-whatever each run did into exactly one outcome for the completer — whatever the job
-raised or returned (see `failure` for hostile errors, `outcome` for the row changes)."""
+"""Runs claimed jobs in lanes (cancel scopes shared by the jobs run back to back, see
+`lane`), and turns whatever each run did into exactly one outcome for the completer —
+whatever the job raised or returned (see `failure` for hostile errors, `outcome` for the
+row changes)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NamedTuple, final
+from typing import TYPE_CHECKING, Any, NamedTuple, final
 
 import attrs
 import trio
 
 from .._codec import decode_args, with_args
 from ..config import ClientConfig, call_error_handler
-from ..errors import JobCancel, JobSnooze
+from ..errors import JobCancel, JobSnooze, UnknownJobKindError
 from ..events import EventKind
 from ..job import Job, JobState
 from ..middleware import WorkNext, build_work_chain, run_work_end, work_end_hooks
 from ..workers import DEFAULT_TIMEOUT, WorkerEntry, Workers
 from . import outcome
-from .completer import Completer, Finished
+from .claimed import ClaimedJobs, Wakeup
 from .failure import cancelled_for_real, describe, fatal_in
+from .lane import JobHandle, Lane
+from .outcome import FinishedRun
 
-__all__ = ["Executor", "JobHandle"]
+if TYPE_CHECKING:
+    from .completer import OutcomeSender
+
+__all__ = ["Executor"]
 
 log = logging.getLogger("trioqueue.executor")
-
-
-DEADLINE_SLACK = 0.001
-"""A job's timeout may pass up to this fraction of itself late (60 ms of 60 s), so that
-jobs run back to back can share their cancel scope's deadline (see `Executor.run`)."""
 
 
 class JobTimeoutError(Exception):
@@ -42,38 +42,8 @@ class JobCancelledRemotelyError(Exception):
     """Recorded when a running job is cancelled through ``job_cancel``."""
 
 
-class UnknownKindError(Exception):
-    """Recorded when a fetched job's kind has no worker on this client."""
-
-
 class ArgsDecodeError(Exception):
     """Recorded when a job's stored args cannot be made into its worker's args type."""
-
-
-@final
-class JobHandle:
-    """A claimed job's link to the cancel scope it runs in, so ``job_cancel`` can reach it.
-
-    While the job's own code runs, ``lane`` is the scope (see `Executor.run`); a cancel
-    that comes before that is remembered and applied when the job starts."""
-
-    __slots__ = ("cancel_requested", "lane")
-
-    def __init__(self) -> None:
-        self.lane: trio.CancelScope | None = None
-        self.cancel_requested = False
-
-    def cancel_remotely(self) -> None:
-        self.cancel_requested = True
-        if self.lane is not None:
-            self.lane.cancel()
-
-
-Take = Callable[[], "tuple[Job[Any], JobHandle] | None"]
-"""Hands out the next claimed job to run, or None when there is none."""
-
-Ended = Callable[["Job[Any]", "Finished"], None]
-"""Called once per job taken, right after its outcome was handed to the completer."""
 
 
 class _Run(NamedTuple):
@@ -87,6 +57,12 @@ class _Run(NamedTuple):
     error: BaseException | None
     """What it raised, whatever that was (None: it returned)."""
     timeout: float | None
+
+
+def _unknown(job: Job[Any]) -> UnknownJobKindError:
+    """What a run of a job whose kind has no worker on this client records (the error
+    inserting such a job raises, on a client that has workers)."""
+    return UnknownJobKindError(job.kind)
 
 
 def _decoded(job: Job[Any], entry: WorkerEntry[Any]) -> Job[Any]:
@@ -103,7 +79,7 @@ def _decoded(job: Job[Any], entry: WorkerEntry[Any]) -> Job[Any]:
     return with_args(job, decode_args(entry.args_type, args))
 
 
-def _log_end(job: Job[Any], finished: Finished, failure: BaseException | None) -> None:
+def _log_end(job: Job[Any], finished: FinishedRun, failure: BaseException | None) -> None:
     """One line per finished run, with structured fields (docs/observability.md): DEBUG,
     except WARNING for a failed attempt that will be retried and ERROR for a discard."""
     state = finished.outcome.state
@@ -155,7 +131,6 @@ class Executor:
 
     workers: Workers
     config: ClientConfig
-    completer: Completer
     now: Callable[[], datetime]
     _chains: dict[str, WorkNext] = attrs.field(factory=dict, init=False)
     """Per kind, what a run awaits: the worker function, or it wrapped in middleware."""
@@ -175,57 +150,61 @@ class Executor:
         self._ends[entry.kind] = (*work_end_hooks(entry.hooks), *self._work_ends)
         return chain
 
-    async def execute(self, job: Job[Any], handle: JobHandle) -> Finished:
-        """Run one job (see `run`): its outcome is queued with the completer, and also
+    async def execute(
+        self, job: Job[Any], handle: JobHandle, outcomes: OutcomeSender
+    ) -> FinishedRun:
+        """Run one job (see `run`): its outcome is sent to ``outcomes``, and also
         returned."""
-        items = [(job, handle)]
-        outcome: list[Finished] = []
-        await self.run(lambda: items.pop() if items else None, lambda _, f: outcome.append(f))
-        return outcome[0]
+        claimed = ClaimedJobs(job.queue, Wakeup())
+        claimed.add(job, handle)
+        await self.run(claimed, outcomes)
+        finished = claimed.last_ended
+        if finished is None:  # run() hands every job it takes over, or raises
+            raise RuntimeError(f"job {job.id} ended without an outcome")
+        return finished
 
-    async def run(self, take: Take, ended: Ended) -> None:
-        """Run jobs one after another as ``take()`` hands them out, until it returns None.
-        Each outcome is handed to the completer (waiting while its buffer is full), then
-        ``ended(job, finished)`` is called.
+    async def run(self, claimed: ClaimedJobs, outcomes: OutcomeSender) -> None:
+        """Run claimed jobs one after another as ``claimed.take()`` hands them out, until
+        none is queued. Each outcome is sent to ``outcomes`` (waiting while the
+        completer's buffer is full), then ``claimed.ended`` frees the job's slot.
 
-        A job runs inside a cancel scope with its deadline, which ``job_cancel`` and the
-        timeout cancel. Making a trio cancel scope costs more than a no-op job, so the jobs
-        run here share one (a "lane"); its deadline follows each job's as it starts (at
-        most `DEADLINE_SLACK` of the timeout late). A cancel uses the lane up: the job it
-        was meant for gets its outcome outside the lane, and the next job a new lane.
-        Between jobs nothing can cancel the lane: no job's handle points at it, and its
-        deadline is lifted before anything after a job's own code may wait (hooks, the
-        error handler, a full completer buffer).
+        Jobs run in a `Lane`: its deadline follows each job's as it starts (at most
+        `DEADLINE_SLACK` of the timeout late). A cancel uses the lane up: the job it was
+        meant for gets its outcome outside the lane, and the next job a new lane. Between
+        jobs nothing can cancel the lane: no job's handle points at it, and its deadline
+        is lifted before anything after a job's own code may wait (hooks, the error
+        handler, a full completer buffer).
 
         Whatever a job raises is its outcome (docs/failure-modes.md): an error recorded
         and the attempt counted, even for a ``BaseException`` or a hand-made
         ``trio.Cancelled``. ``KeyboardInterrupt`` and ``SystemExit`` (alone or in a group)
-        are recorded the same way, and then propagate once the outcome is queued.
+        are recorded the same way, and then propagate once the outcome is sent.
 
         On cancellation from outside (hard stop): the job in hand gets its "interrupted"
-        outcome (back to ``available``, attempt given back, no error) queued before
+        outcome (back to ``available``, attempt given back, no error) sent before
         Cancelled propagates, so the job never stays ``running``. Should anything else
         escape while a job is in hand (a hook or error handler raising a
         ``BaseException``), that job's outcome records it as a failed attempt first.
         """
-        item = take()
+        item = claimed.take()
         while item is not None:
-            item = await self._lane(item, take, ended)
+            item = await self._lane(item, claimed, outcomes)
 
     async def _lane(
-        self, item: tuple[Job[Any], JobHandle], take: Take, ended: Ended
+        self, item: tuple[Job[Any], JobHandle], claimed: ClaimedJobs, outcomes: OutcomeSender
     ) -> tuple[Job[Any], JobHandle] | None:
-        """Run jobs in one lane until ``take()`` runs dry (then None) or a cancel uses the
-        lane up (then the next item to run, from ``take()``)."""
+        """Run jobs in one lane until ``claimed`` runs dry (then None) or a cancel uses
+        the lane up (then the next item to run)."""
         job, handle = item
         start = trio.current_time()
-        in_hand = True  # the job's outcome is not queued yet
+        in_hand = True  # the job's outcome is not sent yet
+        lane = Lane()
         try:
-            with trio.CancelScope() as lane:
+            with lane.scope:
                 while True:
                     run = await self._run_job(job, handle, lane)
                     job = run.job
-                    if run.ran and lane.cancel_called:
+                    if run.ran and lane.used_up:
                         # Cancelled (by job_cancel or the timeout), whether the job caught
                         # it or never reached a checkpoint: it ends outside this lane. (A
                         # job that did not run has no deadline of its own in the lane, and
@@ -239,14 +218,13 @@ class Executor:
                         if log.isEnabledFor(logging.DEBUG):
                             _log_end(job, finished, None)
                     else:
-                        if lane.deadline != math.inf:
-                            lane.deadline = math.inf
+                        lane.lift()
                         finished, fatal = await self._end(run, start, handle)
                     in_hand = False
-                    await self._hand_over(job, finished, ended, lane)
+                    await self._hand_over(job, finished, claimed, outcomes, lane)
                     if fatal is not None:
                         raise fatal
-                    following = take()
+                    following = claimed.take()
                     if following is None:
                         return None
                     job, handle = following
@@ -272,16 +250,16 @@ class Executor:
                     error = JobTimeoutError(f"job timed out after {run.timeout} s")
             finished, fatal = await self._end(run._replace(error=error), start, handle)
             in_hand = False
-            await self._hand_over(job, finished, ended, None)
+            await self._hand_over(job, finished, claimed, outcomes, None)
             if fatal is not None:
                 raise fatal
         except BaseException as exc:
             if in_hand:
-                self._hand_back(job, exc, start, ended)
+                self._hand_back(job, exc, start, claimed, outcomes)
             raise
-        return take()
+        return claimed.take()
 
-    async def _run_job(self, job: Job[Any], handle: JobHandle, lane: trio.CancelScope) -> _Run:
+    async def _run_job(self, job: Job[Any], handle: JobHandle, lane: Lane) -> _Run:
         """Run the job's code in ``lane`` (with its deadline), catching whatever it raises.
 
         Cancelled from outside while the job runs (its error holds a ``Cancelled`` and the
@@ -289,28 +267,18 @@ class Executor:
         exception, which might be a group also holding errors that must not escape."""
         entry = self.workers.get(job.kind)
         if entry is None:
-            unknown = UnknownKindError(
-                f"no worker is registered for job kind {job.kind!r} on this client"
-            )
-            return _Run(job, None, False, unknown, None)
+            return _Run(job=job, entry=None, ran=False, error=_unknown(job), timeout=None)
         if type(job.args) is not entry.args_type:
             try:
                 job = _decoded(job, entry)
             except BaseException as exc:  # the args type's code: whatever it raises
-                return _Run(job, entry, False, exc, None)
+                return _Run(job=job, entry=entry, ran=False, error=exc, timeout=None)
         timeout = self._timeout(entry)
-        if timeout is None:
-            if lane.deadline != math.inf:
-                lane.deadline = math.inf
-        else:
-            # Moving a scope's deadline costs trio about as much as a no-op job: keep the
-            # lane's while it is within the slack.
-            due = trio.current_time() + timeout
-            if not due <= lane.deadline <= due + timeout * DEADLINE_SLACK:
-                lane.deadline = due + timeout * DEADLINE_SLACK
-        handle.lane = lane
+        lane.follow(timeout)
+        scope = lane.scope
+        handle.lane = scope
         if handle.cancel_requested:
-            lane.cancel()
+            scope.cancel()
         error: BaseException | None = None
         try:
             await (self._chains.get(job.kind) or self._chain(entry))(job)
@@ -318,12 +286,19 @@ class Executor:
             error = exc
         finally:
             handle.lane = None
-        if error is not None and not lane.cancel_called and cancelled_for_real(error):
+        if error is not None and not scope.cancel_called and cancelled_for_real(error):
             await trio.lowlevel.checkpoint()  # raises Cancelled: the task's scope is cancelled
-        return _Run(job, entry, True, error, timeout)
+        return _Run(job=job, entry=entry, ran=True, error=error, timeout=timeout)
 
-    def _hand_back(self, job: Job[Any], exc: BaseException, start: float, ended: Ended) -> None:
-        """``exc`` escaped while ``job`` was in hand: queue its outcome before it
+    def _hand_back(
+        self,
+        job: Job[Any],
+        exc: BaseException,
+        start: float,
+        claimed: ClaimedJobs,
+        outcomes: OutcomeSender,
+    ) -> None:
+        """``exc`` escaped while ``job`` was in hand: send its outcome before it
         propagates. A cancellation interrupts the job (back to ``available``, attempt
         given back); anything else is a failed attempt with ``exc`` recorded, retried on
         the default delay (no user code runs here). Not a checkpoint."""
@@ -343,29 +318,34 @@ class Executor:
                 scheduler_interval=self.config.scheduler_interval,
             )
             failure = exc
-        self.completer.complete_nowait(finished, force=True)
+        outcomes.send_nowait(finished, force=True)
+        claimed.ended(job.id, finished)
         if failure is not None or log.isEnabledFor(logging.DEBUG):
             _log_end(job, finished, failure)
-        ended(job, finished)
 
     async def _hand_over(
-        self, job: Job[Any], finished: Finished, ended: Ended, lane: trio.CancelScope | None
+        self,
+        job: Job[Any],
+        finished: FinishedRun,
+        claimed: ClaimedJobs,
+        outcomes: OutcomeSender,
+        lane: Lane | None,
     ) -> None:
-        """Queue the outcome, waiting while the completer's buffer is full; then
-        ``ended``. On cancellation the outcome is queued all the same."""
+        """Send the outcome, waiting while the completer's buffer is full; then free the
+        job's slot. On cancellation the outcome is sent all the same."""
         try:
             try:
-                self.completer.complete_nowait(finished)
+                outcomes.send_nowait(finished)
             except trio.WouldBlock:
-                if lane is not None and lane.deadline != math.inf:
-                    lane.deadline = math.inf
-                await self.completer.complete(finished)
+                if lane is not None:
+                    lane.lift()
+                await outcomes.send(finished)
         finally:
-            ended(job, finished)
+            claimed.ended(job.id, finished)
 
     async def _end(
         self, run: _Run, start: float, handle: JobHandle
-    ) -> tuple[Finished, BaseException | None]:
+    ) -> tuple[FinishedRun, BaseException | None]:
         """The outcome of a run — the work_end hooks (if the job's code ran), then
         `_decide`, then the log line — and the KeyboardInterrupt or SystemExit to raise
         once it is queued, if the job raised one."""
@@ -395,7 +375,7 @@ class Executor:
         error: BaseException | None,
         duration: float,
         handle: JobHandle,
-    ) -> Finished:
+    ) -> FinishedRun:
         now = self.now()
         if error is None:
             return outcome.completed(job, now, duration)
@@ -403,7 +383,7 @@ class Executor:
             snooze = outcome.snoozed(
                 job, now, error.seconds, self.config.scheduler_interval, duration
             )
-            if isinstance(snooze, Finished):
+            if isinstance(snooze, FinishedRun):
                 return snooze
             error = snooze
         cancel = handle.cancel_requested or isinstance(error, JobCancel | JobCancelledRemotelyError)

@@ -1,9 +1,11 @@
-"""What a finished run does to its job row: the `Finished` records the executor hands to
-the completer, one builder per kind of ending (DESIGN §4, the job lifecycle).
+"""What a finished run does to its job row: the `FinishedRun` records the executor hands
+to the completer, one builder per kind of ending, and the retry delay (which the rescuer
+uses too).
 
-Everything here is sync and never raises on values that came from user code: a retry
-policy's odd answer falls back to the default delay, an impossible snooze becomes an
-error of the attempt, an odd ``snoozes`` count in the metadata counts as none.
+Pure: nothing here awaits, touches storage or keeps state. Nothing here raises on values
+that came from user code either: a retry policy's odd answer falls back to the default
+delay, an impossible snooze becomes an error of the attempt, an odd ``snoozes`` count in
+the metadata counts as none.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import math
 import random
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._codec import dumps
 from ..config import RetryPolicy
@@ -20,18 +22,19 @@ from ..driver.protocol import JobOutcome
 from ..errors import MAX_SNOOZE, snooze_seconds_ok
 from ..events import EventKind
 from ..job import Job, JobState
-from ..workers import WorkerEntry
-from .completer import Finished
+from ..workers import WorkerEntry, Workers
 from .failure import error_entry
 
 __all__ = [
     "MAX_RETRY_DELAY",
+    "FinishedRun",
     "InvalidSnoozeError",
     "completed",
     "default_retry_delay",
     "failed",
     "interrupted",
     "next_retry_delay",
+    "retry_delay",
     "snoozed",
 ]
 
@@ -39,6 +42,22 @@ log = logging.getLogger("trioqueue.executor")
 
 MAX_RETRY_DELAY = MAX_SNOOZE
 """The longest a retry waits, whatever a policy answers: ten years."""
+
+
+class FinishedRun(NamedTuple):
+    """One finished run of a job, as the executor hands it to the completer: the row
+    update, the event it should produce, and how long it ran. A NamedTuple: one is made
+    per job, and it costs what a tuple costs."""
+
+    outcome: JobOutcome
+    event_kind: EventKind
+    duration: float
+    attempted_at: datetime | None = None
+    """When the run began (the row's ``attempted_at``): identifies this run of the job."""
+    args: Any = None
+    """The job's args as the worker saw them, for the event (the write returns none)."""
+    attempt: int = 0
+    """The attempt that ran (for an error entry the completer must write in its place)."""
 
 
 class InvalidSnoozeError(Exception):
@@ -78,6 +97,12 @@ def next_retry_delay(
             )
             note = f"the retry policy answered {_short_repr(answer)}; the default delay was used"
     return min(default_retry_delay(job), MAX_RETRY_DELAY), note
+
+
+def retry_delay(job: Job[Any], workers: Workers, retry_policy: RetryPolicy | None) -> float:
+    """Seconds until ``job``'s retry, for a job whose run ended elsewhere (the rescuer's
+    stuck jobs): `next_retry_delay` with the job's worker, if this client has one."""
+    return next_retry_delay(job, workers.get(job.kind), retry_policy)[0]
 
 
 def _seconds(answer: object) -> float | None:
@@ -124,9 +149,9 @@ def _finished(
     give_back_attempt: bool = False,
     error_json: str | None = None,
     metadata_json: str | None = None,
-) -> Finished:
-    return Finished(
-        JobOutcome(
+) -> FinishedRun:
+    return FinishedRun(
+        outcome=JobOutcome(
             id=job.id,
             state=state,
             finalized_at=finalized_at,
@@ -136,28 +161,20 @@ def _finished(
             metadata_json=metadata_json,
             attempted_at=job.attempted_at,
         ),
-        kind,
-        duration,
-        job.attempted_at,
-        job.args,
-        job.attempt,
+        event_kind=kind,
+        duration=duration,
+        attempted_at=job.attempted_at,
+        args=job.args,
+        attempt=job.attempt,
     )
 
 
-def completed(job: Job[Any], now: datetime, duration: float) -> Finished:
-    """The job returned: ``completed``. (Built positionally: every job that succeeds
-    makes one.)"""
-    return Finished(
-        JobOutcome(job.id, JobState.COMPLETED, now, None, False, None, None, job.attempted_at),
-        EventKind.JOB_COMPLETED,
-        duration,
-        job.attempted_at,
-        job.args,
-        job.attempt,
-    )
+def completed(job: Job[Any], now: datetime, duration: float) -> FinishedRun:
+    """The job returned: ``completed``."""
+    return _finished(job, JobState.COMPLETED, EventKind.JOB_COMPLETED, duration, finalized_at=now)
 
 
-def interrupted(job: Job[Any], duration: float) -> Finished:
+def interrupted(job: Job[Any], duration: float) -> FinishedRun:
     """The run was cut short by a stop: back to ``available``, its attempt given back and
     no error recorded."""
     return _finished(
@@ -167,7 +184,7 @@ def interrupted(job: Job[Any], duration: float) -> Finished:
 
 def snoozed(
     job: Job[Any], now: datetime, seconds: object, scheduler_interval: float, duration: float
-) -> Finished | InvalidSnoozeError:
+) -> FinishedRun | InvalidSnoozeError:
     """The job raised ``JobSnooze(seconds)``: ``scheduled`` that much later (``available``
     when due within ``scheduler_interval``), its attempt given back, no error. A time that
     cannot be scheduled (``seconds`` changed after the JobSnooze was made) comes back as
@@ -202,7 +219,7 @@ def failed(
     cancel: bool,
     retry_policy: RetryPolicy | None,
     scheduler_interval: float,
-) -> Finished:
+) -> FinishedRun:
     """The attempt failed with ``error`` (recorded on the job, storable whatever it is):
     ``cancelled`` when ``cancel``; ``discarded`` once the attempts are used up; else
     retried after the retry delay (``available`` when that is within

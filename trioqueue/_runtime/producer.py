@@ -1,5 +1,5 @@
-"""The producer: one per queue. Fetches as many jobs as it has free slots and runs them on
-a pool of worker tasks, each running its jobs through `Executor.run` (in a cancel scope
+"""The producer: one per queue. Fetches as many jobs as it has free slots and hands them
+to its `ClaimedJobs`, whose worker tasks run them through `Executor.run` (each in a lane
 shared with the jobs it ran before, until a cancel uses it up).
 
 Fetches happen when woken (an insert notification, a freed slot after a full fetch, a
@@ -13,24 +13,22 @@ cancellation arriving mid-statement.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import random
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, final
+from typing import final
 
 import attrs
 import trio
 
 from .._codec import row_to_job
-from ..driver.protocol import Driver, Row
+from ..driver.protocol import Driver, JobRow
 from ..errors import DatabaseError
-from ..job import Job
-from . import outcome
-from .completer import Completer, Finished
-from .executor import Executor, JobHandle
+from .claimed import ClaimedJobs, Wakeup
+from .completer import Completer, OutcomeSender
+from .executor import Executor
 
 __all__ = ["Producer", "ProducerStatistics"]
 
@@ -60,139 +58,69 @@ class Producer:
     client_id: str
     executor: Executor
     completer: Completer
+    """Consulted for backpressure: nothing is fetched while it cannot write."""
     now: Callable[[], datetime]
     fetch_cooldown: float
     fetch_poll_interval: float
     check_cancels: bool
     """Poll for cancel requests of running jobs (when LISTEN is not available)."""
-    _running: dict[int, JobHandle] = attrs.field(factory=dict, init=False)
-    """Every claimed job that has not handed its outcome over yet (queued or running)."""
-    _queued: collections.deque[tuple[Job[Any], JobHandle]] = attrs.field(
-        factory=collections.deque, init=False
-    )
-    """Claimed jobs waiting for a worker task."""
-    _idle: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
-    """Worker tasks waiting for a job."""
-    _waking: int = attrs.field(default=0, init=False)
-    """Worker tasks woken or started that have not run yet."""
-    _fetching: bool = attrs.field(default=True, init=False)
-    _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _wake: Wakeup = attrs.field(factory=Wakeup, init=False)
+    claimed: ClaimedJobs = attrs.field(init=False)
+    """Every claimed job that has not handed its outcome over yet, and its workers."""
     _fetch_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
-    _jobs_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
-    _hard_stop: bool = attrs.field(default=False, init=False)
-    _last_fetch_full: bool = attrs.field(default=False, init=False)
+    _jobs_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    """Cancelled by a hard stop: every running job is interrupted."""
     _fetches: int = attrs.field(default=0, init=False)
     _fetched: int = attrs.field(default=0, init=False)
 
+    def __attrs_post_init__(self) -> None:
+        self.claimed = ClaimedJobs(self.queue, self._wake)
+
     def statistics(self) -> ProducerStatistics:
-        return ProducerStatistics(len(self._running), self._fetches, self._fetched)
+        return ProducerStatistics(len(self.claimed), self._fetches, self._fetched)
 
     def wake(self) -> None:
         """Ask for a fetch soon (respecting the cooldown). Not a checkpoint."""
         self._wake.set()
 
     def cancel_job(self, job_id: int) -> bool:
-        """Cancel a running job's scope; False if this producer is not running it."""
-        handle = self._running.get(job_id)
-        if handle is None:
-            return False
-        handle.cancel_remotely()
-        return True
+        """Cancel a claimed job; False if this producer did not claim it."""
+        return self.claimed.cancel(job_id)
 
     def soft_stop(self) -> None:
-        """Stop fetching; running jobs go on to the end. Not a checkpoint."""
+        """Stop fetching; running jobs go on to the end. Not a checkpoint; before `run`,
+        it runs no fetch at all."""
         self._fetch_scope.cancel()
 
     def hard_stop(self) -> None:
         """Stop fetching and cancel every running job. Not a checkpoint."""
-        self._hard_stop = True
         self._fetch_scope.cancel()
-        if self._jobs_scope is not None:
-            self._jobs_scope.cancel()
+        self._jobs_scope.cancel()
 
     async def run(
         self,
+        outcomes: OutcomeSender,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Fetch and run jobs until stopped; return when every job it claimed has handed
-        its outcome to the completer."""
-        try:
-            async with trio.open_nursery() as jobs:
-                self._jobs_scope = jobs.cancel_scope
-                if self._hard_stop:
-                    jobs.cancel_scope.cancel()
-                task_status.started()
-                try:
-                    with self._fetch_scope:
-                        await self._fetch_loop(jobs)
-                finally:
-                    # The workers drain the queue and then end.
-                    self._fetching = False
-                    self._waking += len(self._idle)
-                    self._idle.unpark_all()
-        finally:
-            # Workers take every queued job, even after a hard stop (each then reports
-            # "interrupted"); should one end while jobs it was woken for are queued, hand
-            # those back here the same way, so no claimed job stays running.
-            while self._queued:
-                job, _ = self._queued.popleft()
-                self.completer.complete_nowait(outcome.interrupted(job, 0.0), force=True)
-                del self._running[job.id]
+        its outcome to ``outcomes``, and close it (this producer's handle on the
+        completer's input)."""
+        with outcomes:
+            try:
+                with self._jobs_scope:
+                    async with trio.open_nursery() as jobs:
+                        self.claimed.serve(jobs, self.executor, outcomes)
+                        task_status.started()
+                        try:
+                            with self._fetch_scope:
+                                await self._fetch_loop()
+                        finally:
+                            self.claimed.stop_accepting()
+            finally:
+                self.claimed.hand_back(outcomes)
 
-    def _queue(self, job: Job[Any]) -> None:
-        """Queue a claimed job for a worker task. Not a checkpoint."""
-        handle = JobHandle()
-        self._running[job.id] = handle
-        self._queued.append((job, handle))
-
-    def _call_workers(self, jobs: trio.Nursery, n: int) -> None:
-        """Unless a worker is already on its way, wake (or start) ``n`` workers. Not a
-        checkpoint.
-
-        Workers fan out: each that takes a job while more are queued calls two more, so
-        jobs that block all start within a few scheduling rounds, while jobs that never
-        block are run back to back by the first worker instead of waking one per job."""
-        if self._waking:
-            return
-        self._waking = n
-        for _ in range(n):
-            if self._idle:
-                self._idle.unpark()
-            else:
-                jobs.start_soon(self._worker, jobs, name=f"trioqueue worker ({self.queue})")
-
-    async def _worker(self, jobs: trio.Nursery) -> None:
-        """Run queued jobs one after another; wait while there are none; end once the
-        producer stops fetching and the queue is empty. A worker runs the next queued job
-        without a scheduling point in between (a job's own awaits are its checkpoints)."""
-        self._waking -= 1
-
-        def take() -> tuple[Job[Any], JobHandle] | None:
-            queued = self._queued
-            if not queued:
-                return None
-            item = queued.popleft()
-            if queued:
-                self._call_workers(jobs, min(2, len(queued)))
-            return item
-
-        while True:
-            if self._queued:
-                await self.executor.run(take, self._ended)
-            elif self._fetching:
-                await self._idle.park()
-                self._waking -= 1
-            else:
-                return
-
-    def _ended(self, job: Job[Any], finished: Finished) -> None:
-        """A job's outcome is with the completer: its slot is free."""
-        del self._running[job.id]
-        if self._last_fetch_full:
-            self._wake.set()
-
-    async def _fetch_loop(self, jobs: trio.Nursery) -> None:
+    async def _fetch_loop(self) -> None:
         last_fetch = -math.inf
         last_found_work = False
         again = False
@@ -207,7 +135,7 @@ class Producer:
             # nothing: without this check a stopped producer would keep claiming jobs for
             # as long as each fetch comes back full.
             await trio.lowlevel.checkpoint_if_cancelled()
-            free = self.max_workers - len(self._running)
+            free = self.max_workers - len(self.claimed)
             # The cooldown limits how often a busy queue is fetched from. After a fetch
             # that found nothing, a wake-up means new work: fetch at once (idle latency).
             # Right after a full fetch there is a backlog: fetch again at once while slots
@@ -216,7 +144,7 @@ class Producer:
                 wait = last_fetch + self.fetch_cooldown - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
-                    free = self.max_workers - len(self._running)
+                    free = self.max_workers - len(self.claimed)
             again = False
             if free > 0 and not self.completer.writable:
                 # Outcomes cannot be written now: fetch nothing until they can, so that
@@ -224,11 +152,11 @@ class Producer:
                 # Cancel requests of running jobs are still polled for meanwhile.
                 with trio.move_on_after(self.fetch_poll_interval) as waited:
                     await self.completer.wait_writable()
-                if waited.cancelled_caught and self.check_cancels and self._running:
+                if waited.cancelled_caught and self.check_cancels and self.claimed:
                     await self._poll_cancels()
                 continue
             if free > 0:
-                self._wake = trio.Event()
+                self._wake.clear()
                 last_fetch = trio.current_time()
                 limit = min(free, max_fetch)
                 try:
@@ -246,17 +174,17 @@ class Producer:
                 backoff = 0.1
                 self._fetches += 1
                 self._fetched += len(rows)
-                self._last_fetch_full = len(rows) == limit
+                full = self.claimed.wake_when_free = len(rows) == limit
                 last_found_work = bool(rows)
                 # No checkpoint between the fetch and queuing the jobs: every claimed job
                 # is run or, after a hard stop, handed back (see run), so it always
                 # reports an outcome.
                 args_type = self.executor.workers.args_type
+                claimed = self.claimed
                 for row in rows:  # in priority order
-                    self._queue(row_to_job(row, args_type(row[1])))
-                if self._queued:
-                    self._call_workers(jobs, 1)
-                if self._last_fetch_full and len(self._running) < self.max_workers:
+                    claimed.add(row_to_job(row, args_type(row.kind)))
+                claimed.call_workers(1)
+                if full and len(claimed) < self.max_workers:
                     again = True
                     continue
             # After finding work, look again one cooldown later: inserts made meanwhile may
@@ -266,18 +194,18 @@ class Producer:
                 poll = self.fetch_cooldown
             else:
                 poll = self.fetch_poll_interval * random.uniform(1.0, 1.1)
-            if len(self._running) >= self.max_workers:
+            if len(self.claimed) >= self.max_workers:
                 # Every slot is busy, so a wake-up (an insert notification, a resume) can
                 # do nothing now; and the fetch that filled the last slot was full, so the
                 # first job to end wakes this loop anyway. Forget the wake-up: waiting on a
                 # set event returns at once, and the loop would spin until a slot frees.
-                self._wake = trio.Event()
+                self._wake.clear()
             with trio.move_on_after(poll) as waited:
                 await self._wake.wait()
-            if waited.cancelled_caught and self.check_cancels and self._running:
+            if waited.cancelled_caught and self.check_cancels and self.claimed:
                 await self._poll_cancels()
 
-    async def _fetch(self, limit: int) -> list[Row]:
+    async def _fetch(self, limit: int) -> list[JobRow]:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + FETCH_DEADLINE
             return await self.driver.job_get_available(
@@ -290,7 +218,7 @@ class Producer:
 
     async def _poll_cancels(self) -> None:
         try:
-            ids = await self.driver.job_cancel_requested(list(self._running))
+            ids = await self.driver.job_cancel_requested(list(self.claimed.running))
         except DatabaseError as exc:
             log.warning("checking for cancel requests failed: %s", exc)
             return

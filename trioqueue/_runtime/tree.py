@@ -1,27 +1,39 @@
-"""The whole nursery tree of a running client, in one place (DESIGN §1).
+"""The whole nursery tree of a running client, in one place: `Runtime.run`.
 
 ```
-Runtime.run
+Runtime.run                                                  _runtime/tree.py
 └── nursery "services"
-    ├── notifier         one LISTEN connection → callbacks (unless poll_only)
-    ├── elector          leader election; while leader, its nursery runs maintenance:
-    │   └── scheduler, rescuer, cleaner, queue cleaner
-    ├── periodic jobs    this client's periodic jobs, leader or not (each run inserted once)
-    ├── queue keeper     re-announces our queues; in poll_only mode, polls pause state
-    ├── stop watcher     soft_stop_timeout → hard stop
-    └── dispatcher       receives event batches from the completer, fans out
+    ├── notifier        one LISTEN connection → callbacks     _runtime/notifier.py
+    │                   (unless poll_only)
+    ├── elector         leader election; while leader, its    _maintenance/elector.py
+    │   │               nursery runs maintenance:
+    │   └── scheduler, rescuer, cleaner, queue cleaner        _maintenance/*.py
+    ├── periodic jobs   this client's periodic jobs, leader   _maintenance/periodic.py
+    │                   or not (each run inserted once)
+    ├── queue keeper    re-announces our queues; in poll_only  (here)
+    │                   mode, polls their pause state
+    ├── stop watcher    soft_stop_timeout → hard stop         (here)
+    └── nursery "dispatch"
+        ├── dispatcher  events → subscribers; drains until    _runtime/dispatcher.py
+        │               every event sender has closed
         └── nursery "completion"
-            ├── completer    outcomes → batched writes → events
+            ├── completer  outcomes → batched writes →        _runtime/completer.py
+            │              events; closes its event sender
+            │              when its input has closed
             └── nursery "work"
-                └── producer per queue → its worker tasks (each job in its own cancel scope)
+                └── producer per queue → its worker tasks     _runtime/producer.py,
+                    (jobs run in lanes)                       claimed.py, executor.py
 ```
 
-Every channel points outward: the completer's event channel is closed only when the
-completion nursery is done, and the completer is closed only when the work nursery is done,
-so nothing can be sent to a receiver that has stopped reading, and shutdown cannot hang on a
-full channel. Soft stop cancels the producers' fetch scopes; hard stop also cancels their
-job nurseries, and each cancelled or still-queued job hands back an "interrupted" outcome
-first.
+Every channel points outward, and closes as the nesting unwinds: each producer holds a
+handle on the completer's input and closes it as it ends, and the runtime closes the
+original handle when the work nursery is done, so the completer's input closes exactly
+when no outcome can come any more. The completer then closes its event sender, and the
+runtime its own (which carries queue events) when the completion nursery is done; only
+then does the dispatcher's drain end. Nothing can be sent to a receiver that has stopped
+reading, and shutdown cannot hang on a full channel. Soft stop cancels the producers'
+fetch scopes; hard stop also cancels their job scopes, and each cancelled or still-queued
+job hands back an "interrupted" outcome first.
 """
 
 from __future__ import annotations
@@ -35,9 +47,10 @@ from typing import TYPE_CHECKING, Any, final
 import attrs
 import trio
 
+from .._insert import InsertBuilder
 from .._maintenance.cleaner import Cleaner, CleanerConfig, QueueCleaner
 from .._maintenance.elector import Elector
-from .._maintenance.periodic import PeriodicEnqueuer, PeriodicEnqueuerConfig, PrepareInsert
+from .._maintenance.periodic import PeriodicEnqueuer, PeriodicEnqueuerConfig
 from .._maintenance.rescuer import Rescuer, RescuerConfig
 from .._maintenance.scheduler import Scheduler, SchedulerConfig
 from ..config import ClientConfig, QueueConfig
@@ -45,14 +58,12 @@ from ..current import running_client
 from ..driver.protocol import CONTROL_CHANNEL, INSERT_CHANNEL, LEADERSHIP_CHANNEL, Driver
 from ..errors import DatabaseError
 from ..events import Event, EventKind
-from ..job import Job
 from ..periodic import PeriodicJobs
 from ..workers import Workers
 from .completer import FLUSH_SIZE, Completer
 from .dispatcher import Dispatcher
 from .executor import Executor
 from .notifier import Notifier
-from .outcome import next_retry_delay
 from .producer import Producer
 from .startup import Startup
 
@@ -64,7 +75,7 @@ __all__ = ["Runtime"]
 log = logging.getLogger("trioqueue.runtime")
 
 EVENT_CHANNEL_SIZE = 1024
-"""Batches of events in flight from the completer to the dispatcher."""
+"""Batches of events in flight to the dispatcher."""
 
 QUEUE_ANNOUNCE_INTERVAL = 600.0
 """Seconds between re-announcements of this client's queues (so the queue cleaner, which
@@ -74,8 +85,9 @@ deletes rows not announced for a day, leaves them alone)."""
 @final
 @attrs.define(eq=False)
 class Runtime:
-    """The working part of a client with queues. Build it, ``await nursery.start(rt.run)``,
-    and stop it with :meth:`soft_stop` / :meth:`hard_stop`."""
+    """The working part of a client with queues. Build it (every part is built here),
+    ``await nursery.start(rt.run)``, and stop it with :meth:`soft_stop` /
+    :meth:`hard_stop`."""
 
     driver: Driver
     config: ClientConfig
@@ -84,21 +96,115 @@ class Runtime:
     now: Callable[[], datetime]
     periodic_jobs: PeriodicJobs = attrs.field(factory=PeriodicJobs)
     """The client's periodic jobs, enqueued by this client whether it leads or not."""
-    prepare_insert: PrepareInsert | None = None
-    """The client's insert-params builder; without it no periodic jobs are enqueued."""
+    inserts: InsertBuilder | None = None
+    """The client's insert builder; without it no periodic jobs are enqueued."""
     client: Client | None = None
     """What ``trioqueue.current_client()`` returns in this runtime's tasks."""
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher, init=False)
+    completer: Completer = attrs.field(init=False)
     producers: dict[str, Producer] = attrs.field(factory=dict, init=False)
     notifier: Notifier | None = attrs.field(default=None, init=False)
-    elector: Elector | None = attrs.field(default=None, init=False)
-    completer: Completer | None = attrs.field(default=None, init=False)
+    """None in poll_only mode."""
+    elector: Elector = attrs.field(init=False)
+    periodic: PeriodicEnqueuer | None = attrs.field(default=None, init=False)
     done: trio.Event = attrs.field(factory=trio.Event, init=False)
     started: trio.Event = attrs.field(factory=trio.Event, init=False)
     """Set once start-up succeeded (the queues are registered, the producers run)."""
+    _events_out: trio.MemorySendChannel[list[Event]] = attrs.field(init=False)
+    _events_in: trio.MemoryReceiveChannel[list[Event]] = attrs.field(init=False)
     _stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     _hard: bool = attrs.field(default=False, init=False)
     _paused: dict[str, bool] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        cfg = self.config
+        self._events_out, self._events_in = trio.open_memory_channel[list[Event]](
+            EVENT_CHANNEL_SIZE
+        )
+        self.completer = Completer(
+            self.driver,
+            self.now,
+            self._events_out.clone(),
+            self.workers.args_type,
+            cfg.shutdown_timeout,
+            self.dispatcher.audience,
+            max_pending=self.max_pending(),
+        )
+        executor = Executor(self.workers, cfg, self.now)
+        for name, queue_config in self.queues.items():
+            self.producers[name] = Producer(
+                queue=name,
+                max_workers=queue_config.max_workers,
+                driver=self.driver,
+                client_id=cfg.id,
+                executor=executor,
+                completer=self.completer,
+                now=self.now,
+                fetch_cooldown=cfg.fetch_cooldown,
+                fetch_poll_interval=cfg.fetch_poll_interval,
+                check_cancels=cfg.poll_only,
+            )
+        self.elector = Elector(
+            self.driver, cfg.id, cfg.leader_interval, self.now, self._maintenance_services()
+        )
+        if not cfg.poll_only:
+            self.notifier = Notifier(
+                self.driver, [INSERT_CHANNEL, CONTROL_CHANNEL, LEADERSHIP_CHANNEL]
+            )
+            self.notifier.subscribe(INSERT_CHANNEL, self._on_insert)
+            self.notifier.subscribe(CONTROL_CHANNEL, self._on_control)
+            self.notifier.subscribe(LEADERSHIP_CHANNEL, self.elector.on_notification)
+            self.notifier.on_connect(self._wake_all)
+        if self.inserts is not None:
+            self.periodic = PeriodicEnqueuer(
+                self.driver,
+                self.now,
+                self.periodic_jobs,
+                self.inserts,
+                PeriodicEnqueuerConfig(max_sleep=cfg.leader_interval),
+            )
+
+    async def run(
+        self,
+        startup: Startup | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the tree until stopped. Reports started once every producer runs.
+
+        Registering the queues retries transient database errors under ``startup`` (the
+        client's start-up budget; a fresh ``startup_timeout`` when None), then fails the
+        start with its DatabaseError. On cancellation from outside: a hard stop, with the
+        final writes shielded for up to ``shutdown_timeout`` seconds, and every event they
+        produce still delivered (the dispatcher drains until the completer is done).
+        """
+        startup = Startup(self.config.startup_timeout) if startup is None else startup
+        if self.client is not None:
+            running_client.set(self.client)  # inherited by every task below this one
+        try:
+            async with trio.open_nursery() as services:
+                if self.notifier is not None:
+                    await services.start(self.notifier.run)
+                services.start_soon(self.elector.run)
+                if self.periodic is not None:
+                    services.start_soon(self._after_start, self.periodic.run)
+                services.start_soon(self._queue_keeper)
+                services.start_soon(self._stop_watcher)
+                async with trio.open_nursery() as dispatch:
+                    dispatch.start_soon(self.dispatcher.run, self._events_in)
+                    with self._events_out:
+                        async with trio.open_nursery() as completion:
+                            completion.start_soon(self.completer.run)
+                            with self.completer.sender() as outcomes:
+                                await self._register_queues(startup)
+                                async with trio.open_nursery() as work:
+                                    for producer in self.producers.values():
+                                        await work.start(producer.run, outcomes.clone())
+                                    self.started.set()
+                                    task_status.started()
+                services.cancel_scope.cancel()
+        finally:
+            self.done.set()
 
     def soft_stop(self) -> None:
         """Stop fetching; let running jobs finish. Idempotent, not a checkpoint."""
@@ -120,15 +226,31 @@ class Runtime:
 
     def queue_changed(self, action: str, queue: str) -> None:
         """A queue was paused or resumed (seen through a control message or a poll).
-        Emits an event only when this client runs the queue and its state changed."""
+        Emits an event, through the dispatcher's channel like every other, only when this
+        client runs the queue and its state changed. Not a checkpoint."""
         paused = action == "pause"
         if queue not in self.producers or self._paused.get(queue) == paused:
             return
         self._paused[queue] = paused
         kind = EventKind.QUEUE_PAUSED if paused else EventKind.QUEUE_RESUMED
-        self.dispatcher.publish([Event(kind, queue=queue)])
+        try:
+            self._events_out.send_nowait([Event(kind, queue=queue)])
+        except trio.WouldBlock:
+            log.warning("event dispatcher not keeping up: %s event dropped", kind)
+        except trio.ClosedResourceError:
+            pass  # the client has stopped: no subscription can see it any more
         if action == "resume":
             self.producers[queue].wake()
+
+    def max_pending(self) -> int:
+        """How many finished-but-unwritten outcomes the completer holds before workers
+        wait: the client's worker slots, and at least one flush. With the jobs that are
+        running, that is all a crash can make run again (docs/failure-modes.md)."""
+        return max(sum(q.max_workers for q in self.queues.values()), FLUSH_SIZE)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.elector.is_leader
 
     def _on_insert(self, payload: dict[str, Any]) -> None:
         producer = self.producers.get(str(payload.get("queue")))
@@ -144,18 +266,9 @@ class Runtime:
         elif action in ("pause", "resume"):
             self.queue_changed(str(action), str(payload.get("queue")))
 
-    def max_pending(self) -> int:
-        """How many finished-but-unwritten outcomes the completer holds before workers
-        wait: the client's worker slots, and at least one flush. With the jobs that are
-        running, that is all a crash can make run again (docs/failure-modes.md)."""
-        return max(sum(q.max_workers for q in self.queues.values()), FLUSH_SIZE)
-
-    @property
-    def is_leader(self) -> bool:
-        return self.elector is not None and self.elector.is_leader
-
-    def _retry_delay(self, job: Job[Any]) -> float:
-        return next_retry_delay(job, self.workers.get(job.kind), self.config.retry_policy)[0]
+    def _wake_all(self) -> None:
+        for producer in self.producers.values():
+            producer.wake()
 
     def _maintenance_services(self) -> list[Callable[[], Any]]:
         cfg = self.config
@@ -166,7 +279,7 @@ class Runtime:
             self.driver,
             self.now,
             self.workers,
-            self._retry_delay,
+            cfg.retry_policy,
             RescuerConfig(
                 interval=cfg.rescuer_interval,
                 rescue_after=cfg.rescue_stuck_jobs_after,
@@ -185,6 +298,17 @@ class Runtime:
         )
         queue_cleaner = QueueCleaner(self.driver, self.now)
         return [scheduler.run, rescuer.run, cleaner.run, queue_cleaner.run]
+
+    async def _register_queues(self, startup: Startup) -> None:
+        """Announce every queue, retrying transient errors under ``startup``."""
+        for name in self.producers:
+            self._paused[name] = await startup.retry(
+                f"registering queue {name!r}", functools.partial(self._register_queue, name)
+            )
+
+    async def _register_queue(self, name: str) -> bool:
+        """Announce queue ``name``; whether it is paused."""
+        return await self.driver.queue_upsert(name, self.now())
 
     async def _queue_keeper(self) -> None:
         """Re-announce our queues now and then; in poll_only mode also poll their pause
@@ -205,63 +329,6 @@ class Runtime:
             except DatabaseError as exc:
                 log.warning("queue upkeep failed: %s", exc)
 
-    def _wake_all(self) -> None:
-        for producer in self.producers.values():
-            producer.wake()
-
-    async def run(
-        self,
-        startup: Startup | None = None,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run the tree until stopped. Reports started once every producer runs.
-
-        Registering the queues retries transient database errors under ``startup`` (the
-        client's start-up budget; a fresh ``startup_timeout`` when None), then fails
-        the start with its DatabaseError. On cancellation from outside: a hard stop,
-        with the final writes shielded for up to ``shutdown_timeout`` seconds.
-        """
-        if startup is None:
-            startup = Startup(self.config.startup_timeout)
-        if self.client is not None:
-            running_client.set(self.client)  # inherited by every task below this one
-        try:
-            async with trio.open_nursery() as services:
-                if not self.config.poll_only:
-                    self.notifier = Notifier(
-                        self.driver, [INSERT_CHANNEL, CONTROL_CHANNEL, LEADERSHIP_CHANNEL]
-                    )
-                    self.notifier.subscribe(INSERT_CHANNEL, self._on_insert)
-                    self.notifier.subscribe(CONTROL_CHANNEL, self._on_control)
-                    self.notifier.on_connect(self._wake_all)
-                    await services.start(self.notifier.run)
-                self.elector = Elector(
-                    self.driver,
-                    self.config.id,
-                    self.config.leader_interval,
-                    self.now,
-                    self._maintenance_services(),
-                )
-                if self.notifier is not None:
-                    self.notifier.subscribe(LEADERSHIP_CHANNEL, self.elector.on_notification)
-                services.start_soon(self.elector.run)
-                if self.prepare_insert is not None:
-                    periodic = PeriodicEnqueuer(
-                        self.driver,
-                        self.now,
-                        self.periodic_jobs,
-                        self.prepare_insert,
-                        PeriodicEnqueuerConfig(max_sleep=self.config.leader_interval),
-                    )
-                    services.start_soon(self._after_start, periodic.run)
-                services.start_soon(self._queue_keeper)
-                services.start_soon(self._stop_watcher)
-                await self._run_dispatch(startup, task_status)
-                services.cancel_scope.cancel()
-        finally:
-            self.done.set()
-
     async def _after_start(self, run: Callable[[], Awaitable[None]]) -> None:
         """``await run()`` once start-up has succeeded: a client whose start fails
         inserts nothing (a periodic run, say)."""
@@ -274,57 +341,3 @@ class Runtime:
             await trio.sleep(self.config.soft_stop_timeout)
             log.info("soft_stop_timeout passed: cancelling running jobs")
             self.hard_stop()
-
-    async def _run_dispatch(self, startup: Startup, task_status: trio.TaskStatus[None]) -> None:
-        event_send, event_receive = trio.open_memory_channel[list[Event]](EVENT_CHANNEL_SIZE)
-        async with trio.open_nursery() as dispatch:
-            dispatch.start_soon(self.dispatcher.run, event_receive, self.config.shutdown_timeout)
-            self.completer = Completer(
-                self.driver,
-                self.now,
-                event_send,
-                self.workers.args_type,
-                self.config.shutdown_timeout,
-                self.dispatcher.wants_job_events,
-                max_pending=self.max_pending(),
-            )
-            async with trio.open_nursery() as completion:
-                completion.start_soon(self.completer.run)
-                try:
-                    await self._run_work(startup, task_status)
-                finally:
-                    self.completer.close()
-
-    async def _register_queue(self, name: str) -> bool:
-        """Announce queue ``name``; whether it is paused."""
-        return await self.driver.queue_upsert(name, self.now())
-
-    async def _run_work(self, startup: Startup, task_status: trio.TaskStatus[None]) -> None:
-        assert self.completer is not None
-        executor = Executor(self.workers, self.config, self.completer, self.now)
-        for name, queue_config in self.queues.items():
-            self.producers[name] = Producer(
-                queue=name,
-                max_workers=queue_config.max_workers,
-                driver=self.driver,
-                client_id=self.config.id,
-                executor=executor,
-                completer=self.completer,
-                now=self.now,
-                fetch_cooldown=self.config.fetch_cooldown,
-                fetch_poll_interval=self.config.fetch_poll_interval,
-                check_cancels=self.config.poll_only,
-            )
-        for name in self.producers:
-            self._paused[name] = await startup.retry(
-                f"registering queue {name!r}", functools.partial(self._register_queue, name)
-            )
-        async with trio.open_nursery() as work:
-            for producer in self.producers.values():
-                await work.start(producer.run)
-            if self._hard:
-                self.hard_stop()
-            elif self._stopping.is_set():
-                self.soft_stop()
-            self.started.set()
-            task_status.started()
