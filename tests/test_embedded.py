@@ -106,7 +106,7 @@ def test_pg_bin_dir_variable_wins_and_is_checked(
 
 def test_missing_binaries_give_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(embedded.PG_BIN_DIR_ENV, raising=False)
-    monkeypatch.setattr(embedded, "_candidate_bindirs", lambda: iter(()))
+    monkeypatch.setattr("trioqueue.embedded.binaries._candidate_bindirs", lambda: iter(()))
     with pytest.raises(EmbeddedServerError) as info:
         find_pg_bindir()
     message = str(info.value)
@@ -219,7 +219,7 @@ class _FakeServer:
 @pytest.mark.parametrize("how", ["return", "raise", "cancel-outside"])
 async def test_open_embedded_server_always_stops(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _FakeServer.instances.clear()
-    monkeypatch.setattr(embedded, "EmbeddedServer", _FakeServer)
+    monkeypatch.setattr("trioqueue.embedded.server.EmbeddedServer", _FakeServer)
     with trio.CancelScope() as outer:
         try:
             async with open_embedded_server(temporary=True) as url:

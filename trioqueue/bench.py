@@ -379,7 +379,8 @@ async def run_bench(
     single_inserts: int = 1000,
 ) -> int:
     """``trioqueue bench``: print progress to stderr and a summary table to stdout."""
-    from .embedded import open_embedded_server, resolve_database_url
+    from ._urls import resolve_database_url
+    from .embedded import open_embedded_server
 
     url = resolve_database_url(database_url)
     out = sys.stderr

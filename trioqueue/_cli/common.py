@@ -24,7 +24,8 @@ import click
 import trio
 
 from .._runtime.failure import leaves
-from ..embedded import DATABASE_URL_ENV, EmbeddedServerError, resolve_database_url
+from .._urls import DATABASE_URL_ENV, resolve_database_url
+from ..embedded import EmbeddedServerError
 from ..errors import TrioqueueError, ValidationError
 from ..job import INT64_MAX, parse_bigint
 
