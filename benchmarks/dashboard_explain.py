@@ -16,10 +16,10 @@ from typing import Any
 import psycopg
 import trio
 
+from trioqueue import migrate
 from trioqueue.driver.postgres import PgConnection
 from trioqueue.driver.postgres.queries import QUERIES
 from trioqueue.embedded import EmbeddedServer
-from trioqueue.migrations import migrate
 
 NOW = datetime.now(UTC)
 EXPLAIN = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF, SUMMARY ON) "

@@ -122,7 +122,7 @@ def template_database(pg_server_url: str) -> Iterator[str]:
     After migrating, connections to it are disallowed and any left are terminated, because
     CREATE DATABASE ... TEMPLATE fails while the template has connections.
     """
-    from trioqueue.migrations import migrate
+    from trioqueue import migrate
 
     name = f"tq_tpl_{_SESSION_TAG}"
     url = _create_database(pg_server_url, name, template=None)

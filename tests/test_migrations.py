@@ -325,3 +325,46 @@ async def test_live_state_readers_can_use_the_partial_fetch_index(
                 plan = await conn.fetch(f"EXPLAIN EXECUTE under_test({args})")
     text = "\n".join(str(r[0]) for r in plan)
     assert "tq_job_fetch_idx" in text, text
+
+
+def test_schema_version_is_the_newest_migration() -> None:
+    # The drivers and the client read the leaf _schema, not the runner: they must agree.
+    from trioqueue import _schema, migrations
+
+    assert _schema.SCHEMA_VERSION == migrations.latest_version()
+
+
+_IMPORT_MIGRATIONS_ALONE = """
+import importlib.util, json, sys, types
+
+# Load trioqueue.migrations under a bare trioqueue package, so that trioqueue/__init__.py
+# (which loads the client, the drivers and psycopg) does not run: what is loaded then is
+# what the migrations package itself pulls in.
+spec = importlib.util.find_spec("trioqueue")
+package = types.ModuleType("trioqueue")
+package.__path__ = list(spec.submodule_search_locations)
+sys.modules["trioqueue"] = package
+
+import trioqueue.migrations
+
+assert trioqueue.migrations.latest_version() >= 1
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_migrations_package_loads_no_driver_server_or_psycopg() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_MIGRATIONS_ALONE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    loaded = set(json.loads(out))
+    assert "trioqueue.migrations" in loaded
+    assert "trioqueue.client" not in loaded  # the package's __init__ did not run
+    unwanted = ("psycopg", "trioqueue.embedded", "trioqueue.driver")
+    found = sorted(
+        m for m in loaded if m in unwanted or m.startswith(tuple(u + "." for u in unwanted))
+    )
+    assert not found

@@ -5,6 +5,8 @@ Every public name lives here; everything else is private and may change.
 
 from __future__ import annotations
 
+from ._migrate import migrate as migrate
+from ._migrate import migration_list as migration_list
 from ._runtime.dispatcher import Subscription as Subscription
 from .client import Client as Client
 from .client import JobCounts as JobCounts
@@ -38,8 +40,6 @@ from .job import UniqueOpts as UniqueOpts
 from .middleware import InsertMiddleware as InsertMiddleware
 from .middleware import InsertParams as InsertParams
 from .middleware import WorkerMiddleware as WorkerMiddleware
-from .migrations import migrate as migrate
-from .migrations import migration_list as migration_list
 from .periodic import PeriodicJob as PeriodicJob
 from .settings import WorkerSettings as WorkerSettings
 from .transaction import Transaction as Transaction

@@ -411,7 +411,7 @@ async def _bench(
     *,
     cleanup: bool,
 ) -> int:
-    from .migrations import migrate
+    from ._migrate import migrate
 
     await migrate(url)
     settings = BenchSettings(max_workers=max_workers)

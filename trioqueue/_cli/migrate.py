@@ -14,8 +14,8 @@ __all__ = ["migrate"]
 async def _migrate(
     action: Literal["up", "down", "list"], database_url: str | None, target_version: int | None
 ) -> int:
-    from ..migrations import migrate as run_migrations
-    from ..migrations import migration_list
+    from .._migrate import migrate as run_migrations
+    from .._migrate import migration_list
 
     if action == "list":
         for status in await migration_list(database_url):

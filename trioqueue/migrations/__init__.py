@@ -1,26 +1,37 @@
 """Numbered SQL migrations: ``NNN_name.up.sql`` and ``NNN_name.down.sql`` in this folder.
 
+This package holds the SQL files and the runner only: the runner works on any connection
+that has the few methods of :class:`MigrationConnection`, and imports no driver, no
+embedded server and not psycopg.  The public entry points that take a database URL
+(``trioqueue.migrate`` and ``trioqueue.migration_list``) connect in ``trioqueue._migrate``.
+
 Each migration runs in its own transaction under a transaction-level advisory lock, and is
-recorded in ``tq_migration``; so running :func:`migrate` from several processes at once is
-safe (they queue on the lock, and each applies only what is still missing).
+recorded in ``tq_migration``; so migrating from several processes at once is safe (they
+queue on the lock, and each applies only what is still missing).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from importlib import resources
-from typing import Literal, final
+from typing import Any, Literal, Protocol, final
 
 import attrs
-import psycopg
-import trio
 
-from ..driver.postgres import PgConnection
-from ..errors import DatabaseError, ValidationError
+from ..errors import ValidationError
 
-__all__ = ["Migration", "MigrationStatus", "migrate", "migration_list", "migrations"]
+__all__ = [
+    "Migration",
+    "MigrationConnection",
+    "MigrationStatus",
+    "applied_versions",
+    "latest_version",
+    "migrate_connection",
+    "migrations",
+    "schema_version",
+]
 
 # An arbitrary constant: every trioqueue migrator takes this advisory lock.
 _LOCK_KEY = 0x7471_6D69  # "tqmi"
@@ -57,6 +68,23 @@ class MigrationStatus:
     applied: bool
 
 
+class MigrationConnection(Protocol):
+    """What the runner needs of a connection (``PgConnection`` has it): ``$1, $2``
+    placeholders, rows as sequences, and ``async with conn.transaction():``."""
+
+    async def execute(self, query: str, params: Sequence[Any] | None = None) -> object: ...
+
+    async def fetch(
+        self, query: str, params: Sequence[Any] | None = None
+    ) -> Sequence[Sequence[Any]]: ...
+
+    async def fetchval(self, query: str, params: Sequence[Any] | None = None) -> Any: ...
+
+    async def execute_script(self, sql: str) -> None: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[object]: ...
+
+
 def migrations() -> list[Migration]:
     """Every migration shipped with trioqueue, in version order."""
     found: dict[int, dict[str, str]] = {}
@@ -76,46 +104,16 @@ def migrations() -> list[Migration]:
     return result
 
 
-async def _applied(conn: PgConnection) -> set[int]:
+async def applied_versions(conn: MigrationConnection) -> set[int]:
+    """The versions recorded as applied on ``conn``'s database (none before the first run)."""
     exists = await conn.fetchval("SELECT to_regclass('tq_migration') IS NOT NULL")
     if not exists:
         return set()
     return {int(r[0]) for r in await conn.fetch("SELECT version FROM tq_migration")}
 
 
-def _is_memory_url(database_url: str | None) -> bool:
-    from ..driver.memory import MEMORY_URL_PREFIX
-    from ..embedded import resolve_database_url
-
-    url = resolve_database_url(database_url)
-    return url is not None and url.startswith(MEMORY_URL_PREFIX)
-
-
-@asynccontextmanager
-async def _connect(database_url: str | None) -> AsyncIterator[PgConnection]:
-    from ..embedded import open_embedded_server, resolve_database_url
-
-    url = resolve_database_url(database_url)
-    if url is None:
-        async with open_embedded_server() as embedded_url:
-            conn = await PgConnection.connect(embedded_url)
-            try:
-                yield conn
-            finally:
-                await conn.aclose()
-        return
-    try:
-        conn = await PgConnection.connect(url)
-    except psycopg.Error as exc:
-        raise DatabaseError("connecting to run migrations", exc) from exc
-    try:
-        yield conn
-    finally:
-        await conn.aclose()
-
-
 async def migrate_connection(
-    conn: PgConnection,
+    conn: MigrationConnection,
     *,
     direction: Literal["up", "down"] = "up",
     target_version: int | None = None,
@@ -141,7 +139,7 @@ async def migrate_connection(
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", [_LOCK_KEY])
             await conn.execute_script(_BOOTSTRAP)
-            applied = await _applied(conn)
+            applied = await applied_versions(conn)
             if direction == "up":
                 if target_version is not None and migration.version > target_version:
                     break
@@ -168,49 +166,12 @@ async def migrate_connection(
     return done
 
 
-async def migrate(
-    database_url: str | None = None,
-    *,
-    direction: Literal["up", "down"] = "up",
-    target_version: int | None = None,
-) -> list[int]:
-    """Bring the database's schema up to date (idempotent); return the versions applied.
-
-    ``database_url`` ``None`` means ``$TRIOQUEUE_DATABASE_URL``, else the embedded server.
-    Safe when several processes run it at once. Database errors are raised as
-    ``DatabaseError`` naming the migration step. A ``memory://`` URL has nothing to
-    migrate (the memory store always has the newest schema): returns ``[]``.
-    """
-    if _is_memory_url(database_url):
-        await trio.lowlevel.checkpoint()
-        return []
-    async with _connect(database_url) as conn:
-        try:
-            return await migrate_connection(
-                conn, direction=direction, target_version=target_version
-            )
-        except psycopg.Error as exc:
-            raise DatabaseError(f"running migrations {direction}", exc) from exc
-
-
-async def migration_list(database_url: str | None = None) -> list[MigrationStatus]:
-    """Every known migration and whether it is applied (all of them, for ``memory://``)."""
-    if _is_memory_url(database_url):
-        await trio.lowlevel.checkpoint()
-        return [MigrationStatus(m.version, m.name, True) for m in migrations()]
-    async with _connect(database_url) as conn:
-        try:
-            applied = await _applied(conn)
-        except psycopg.Error as exc:
-            raise DatabaseError("listing migrations", exc) from exc
-    return [MigrationStatus(m.version, m.name, m.version in applied) for m in migrations()]
-
-
-async def schema_version(conn: PgConnection) -> int:
+async def schema_version(conn: MigrationConnection) -> int:
     """The newest applied migration on ``conn``'s database (0 when none)."""
-    applied = await _applied(conn)
+    applied = await applied_versions(conn)
     return max(applied, default=0)
 
 
 def latest_version() -> int:
+    """The newest migration shipped (0 when none)."""
     return max((m.version for m in migrations()), default=0)
