@@ -6,7 +6,7 @@ completer sends eight such arrays for every batch of outcomes, so the generic pa
 largest single cost of finishing a job. These encoders know their element type and write
 the wire format directly: a header, then each element as a length and its bytes.
 
-Each encoder returns a ``bytes`` subclass whose dumper (registered in ``connection.py``)
+Each encoder returns a ``bytes`` subclass whose dumper (registered in ``adapters.py``)
 passes it through with the array type's oid.
 """
 

@@ -3,62 +3,49 @@
 psycopg's ``AsyncConnection`` needs asyncio, but the protocol layer underneath it is I/O
 free: ``psycopg.pq`` (libpq in non-blocking mode), ``psycopg.generators`` (protocol steps that
 yield "wait for readable/writable" requests) and ``psycopg.adapt.Transformer`` (parameter and
-row adaptation). This module answers those wait requests with
-``trio.lowlevel.wait_readable``/``wait_writable``, so everything runs in the trio task that awaits
-it, and cancellation is entirely in our hands.
+row adaptation). `PgConnection` answers those wait requests with
+``trio.lowlevel.wait_readable``/``wait_writable`` (``waiting.py``), so everything runs in the
+trio task that awaits it, and cancellation is entirely in our hands.
 See docs/decisions/0001-psycopg-sans-io-under-trio.md.
 
 These psycopg modules are semi-internal: the project pins psycopg to 3.3.x.
 
-Type notes:
-
-* Parameters use ``$1, $2`` placeholders and are dumped by psycopg's default adapters
-  (``PyFormat.AUTO``). A Python ``int`` is sent as int2/int4/int8/numeric depending on its value,
-  as psycopg does: write ``$1::bigint`` where an expression (rather than a column) must be wide.
-* Results are requested in binary format. Types with no binary loader (enums, custom types)
-  come back as ``bytes``: cast them to ``text`` in SQL. ``bit``/``varbit`` load as ``str`` such
-  as ``"10101010"``.
-* The session uses ``client_encoding=UTF8`` whatever the connection string says.
+How values are sent and loaded (types, formats, encoding) is in ``adapters.py``; COPY FROM
+STDIN in ``copy.py``; the ``async with conn.transaction()`` block and its rollback in
+``transaction.py``; waiting for notifications in ``notifications.py``.
 """
 
 from __future__ import annotations
 
-import binascii
-import json
 import select
-import struct
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, overload
 
 import attrs
 import psycopg
 import trio
-from psycopg import capabilities, errors, generators, pq
-from psycopg._copy_base import BinaryFormatter, Formatter, TextFormatter
-from psycopg.abc import Buffer, PQGen, PQGenConn
-from psycopg.adapt import AdaptersMap, Dumper, Loader, PyFormat, Transformer
+from psycopg import errors, generators, pq
+from psycopg.abc import PQGen
+from psycopg.adapt import PyFormat, Transformer
 from psycopg.conninfo import make_conninfo
 from psycopg.pq import PGnotify
 from psycopg.pq.abc import PGconn, PGresult
-from psycopg.types.string import BytesBinaryDumper
-from psycopg.waiting import Ready, Wait
+from psycopg.rows import RowMaker
 
-from .arrays import dumpers as array_dumpers
+from .adapters import ADAPTERS
+from .copy import abort_copy_in, copy_from_stdin
+from .notifications import Notify, notify_from_pq, quote_ident, wait_notifies
+from .transaction import TransactionBlock
+from .waiting import StatementLock, send_cancel, wait_conn, wait_gen
 
-__all__ = ["Notify", "PgConnection", "QueryResult", "acquire_without_yielding"]
+__all__ = ["Notify", "PgConnection", "QueryResult"]
 
 RV = TypeVar("RV")
-
-_WAIT_R: Final = Wait.R
-_WAIT_W: Final = Wait.W
-_READY_R: Final = Ready.R
-_READY_W: Final = Ready.W
-_READY_RW: Final = Ready.RW
+RowT = TypeVar("RowT")
 
 _AUTO: Final = PyFormat.AUTO
 _BINARY: Final = pq.Format.BINARY
-_TEXT: Final = pq.Format.TEXT
 
 _TUPLES_OK: Final = pq.ExecStatus.TUPLES_OK
 _COMMAND_OK: Final = pq.ExecStatus.COMMAND_OK
@@ -68,7 +55,6 @@ _COPY_IN: Final = pq.ExecStatus.COPY_IN
 _COPY_OUT: Final = pq.ExecStatus.COPY_OUT
 _COPY_BOTH: Final = pq.ExecStatus.COPY_BOTH
 
-_IDLE: Final = pq.TransactionStatus.IDLE
 _ACTIVE: Final = pq.TransactionStatus.ACTIVE
 _INTRANS: Final = pq.TransactionStatus.INTRANS
 _INERROR: Final = pq.TransactionStatus.INERROR
@@ -77,94 +63,13 @@ _CONN_BAD: Final = pq.ConnStatus.BAD
 
 _ENCODING: Final = "utf-8"
 
-# libpq can loop forever on a single huge put_copy_data (psycopg #255): feed it in chunks.
-_COPY_CHUNK: Final = 128 * 1024
-
-# Non-blocking cancel (PQcancelStart/PQcancelPoll) needs libpq >= 17; the binary wheel has 18.
-_HAS_CANCEL_CONN: Final = capabilities.has_cancel_safe()
-
 DEFAULT_CANCEL_TIMEOUT: Final = 5.0
 # Prepared statements kept per session; past this, statements run unprepared.
 _MAX_PREPARED: Final = 256
 
 
 # --------------------------------------------------------------------------------------------
-# Adaptation context
-
-
-class _BitBinaryLoader(Loader):
-    """Load ``bit``/``varbit`` (binary format) as a ``str`` of 0/1, like the text format."""
-
-    format = _BINARY
-    _unpack = struct.Struct("!i").unpack_from
-
-    def load(self, data: Buffer) -> str:
-        (nbits,) = self._unpack(data)
-        bits = bytes(data[4:])
-        if not nbits:
-            return ""
-        return format(int.from_bytes(bits, "big"), f"0{len(bits) * 8}b")[:nbits]
-
-
-class _BytesHexTextDumper(Dumper):
-    """bytea in text format as ``\\x<hex>``, with or without a connection.
-
-    psycopg's text bytea dumper needs a connection to escape correctly: without one (our
-    case) libpq's PQescapeBytea doubles single quotes, which corrupts text COPY data.
-    """
-
-    format = _TEXT
-    oid = psycopg.postgres.types["bytea"].oid
-
-    def dump(self, obj: Buffer) -> Buffer:
-        return b"\\x" + binascii.hexlify(obj)
-
-
-_raw_decode = json.JSONDecoder().raw_decode
-
-
-class _JsonbBinaryLoader(Loader):
-    """Load ``jsonb`` (binary format: a version byte, then the JSON text) faster than
-    psycopg's generic loader: the server's output has no surrounding whitespace, so the
-    text goes straight to the decoder, and the empty object and array (most metadata and
-    errors) skip it altogether."""
-
-    format = _BINARY
-
-    def load(self, data: Buffer) -> Any:
-        text = bytes(data[1:])
-        if text == b"{}":
-            return {}
-        if text == b"[]":
-            return []
-        return _raw_decode(text.decode())[0]
-
-
-_ADAPTERS: Final = AdaptersMap(psycopg.adapters)
-_ADAPTERS.register_loader("jsonb", _JsonbBinaryLoader)
-_ADAPTERS.register_loader("bit", _BitBinaryLoader)
-_ADAPTERS.register_loader("varbit", _BitBinaryLoader)
-for _cls in (bytes, bytearray, memoryview):
-    _ADAPTERS.register_dumper(_cls, _BytesHexTextDumper)
-    # registered last, so parameters (PyFormat.AUTO) keep going out in binary
-    _ADAPTERS.register_dumper(_cls, BytesBinaryDumper)
-del _cls
-for _array_cls, _array_dumper in array_dumpers():
-    _ADAPTERS.register_dumper(_array_cls, _array_dumper)
-del _array_cls, _array_dumper
-
-
-# --------------------------------------------------------------------------------------------
 # Public value types
-
-
-@attrs.frozen
-class Notify:
-    """A notification received on a channel this connection listens to."""
-
-    channel: str
-    payload: str
-    pid: int
 
 
 @attrs.frozen
@@ -177,98 +82,6 @@ class QueryResult:
     """Rows affected or returned (libpq's cmd_tuples); 0 when the command reports none."""
     status: str
     """The command tag, e.g. ``"UPDATE 3"``."""
-
-
-# --------------------------------------------------------------------------------------------
-# Waiting
-
-
-async def _wait_rw(fd: int) -> Ready:
-    # Only needed while a large send can't be flushed at once. Waiting for writability alone
-    # could deadlock if the server is blocked writing to us, so wake up now and then and let
-    # the generator consume input (harmless when there is none) before trying again.
-    with trio.move_on_after(0.05):
-        await trio.lowlevel.wait_writable(fd)
-        return _READY_RW
-    return _READY_R
-
-
-async def _wait_conn(gen: PQGenConn[RV]) -> RV:
-    """Drive a generator that yields ``(fd, Wait)`` pairs (connect, cancel)."""
-    try:
-        fd, s = next(gen)
-        while True:
-            if s == _WAIT_R:
-                await trio.lowlevel.wait_readable(fd)
-                ready = _READY_R
-            elif s == _WAIT_W:
-                await trio.lowlevel.wait_writable(fd)
-                ready = _READY_W
-            else:
-                ready = await _wait_rw(fd)
-            fd, s = gen.send(ready)
-    except StopIteration as ex:
-        rv: RV = ex.value
-        return rv
-
-
-def _notify_from_pq(n: PGnotify) -> Notify:
-    return Notify(
-        n.relname.decode(_ENCODING, "replace"), n.extra.decode(_ENCODING, "replace"), n.be_pid
-    )
-
-
-def _copy_end_gen(pgconn: PGconn, error: bytes | None) -> PQGen[list[PGresult]]:
-    """End (or abort, with ``error``) a COPY FROM STDIN and return the final results.
-
-    Unlike ``psycopg.generators.copy_end`` it returns error results instead of raising, so the
-    caller can tell a server error (connection fine) from an I/O error (connection broken).
-    """
-    while pgconn.put_copy_end(error) == 0:
-        while not (yield _WAIT_W):
-            pass
-    while pgconn.flush() != 0:
-        while not (yield _WAIT_W):
-            pass
-    results: list[PGresult] = yield from generators.fetch_many(pgconn)
-    return results
-
-
-def _quote_ident_bytes(pgconn: PGconn, name: str) -> bytes:
-    return bytes(pq.Escaping(pgconn).escape_identifier(name.encode(_ENCODING)))
-
-
-async def acquire_without_yielding(primitive: trio.Lock | trio.Semaphore) -> None:
-    """Acquire ``primitive``, taking it at once if it is free, without a trip through the
-    scheduler; when it is not, wait for it as ``acquire`` does (fairly: trio hands it to
-    the longest waiter). A cancellation point either way.
-
-    For what every statement passes through (a pool slot, the connection lock): the
-    statement's own I/O wait is a scheduling point anyway, and each extra yield cost a
-    single insert another pass through trio's run loop."""
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        primitive.acquire_nowait()
-    except trio.WouldBlock:
-        await primitive.acquire()
-
-
-class _StatementLock:
-    """A ``trio.Lock`` whose ``async with`` uses `acquire_without_yielding`."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    async def __aenter__(self) -> None:
-        await acquire_without_yielding(self._lock)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-
-    def statistics(self) -> trio.LockStatistics:
-        return self._lock.statistics()
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,8 +130,8 @@ class PgConnection:
         """Wrap a connected, non-blocking ``pgconn``. Use `connect` instead."""
         self._pgconn = pgconn
         self._fd = pgconn.socket
-        self._lock = _StatementLock()
-        self._tx = Transformer(_ADAPTERS)
+        self._lock = StatementLock()
+        self._tx = Transformer(ADAPTERS)
         self._closed = False
         self._cancel_timeout = cancel_timeout
         self._tx_depth = 0
@@ -331,7 +144,7 @@ class PgConnection:
         pgconn.notify_handler = self._notifies_append
 
     def _notifies_append(self, n: PGnotify) -> None:
-        self._notifies.append(_notify_from_pq(n))
+        self._notifies.append(notify_from_pq(n))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -359,7 +172,7 @@ class PgConnection:
         gen = generators.connect(dsn)
         try:
             with trio.fail_after(connect_timeout):
-                pgconn = await _wait_conn(gen)
+                pgconn = await wait_conn(gen)
         except trio.TooSlowError:
             gen.close()
             raise psycopg.OperationalError(
@@ -460,28 +273,10 @@ class PgConnection:
             self._close_now()
         return psycopg.OperationalError(f"{reason}: {msg}" if msg else reason)
 
-    async def _wait(self, gen: PQGen[RV]) -> RV:
-        """Drive a psycopg generator to completion on our socket (no error handling)."""
-        fd = self._fd
-        try:
-            s = next(gen)
-            while True:
-                if s == _WAIT_R:
-                    await trio.lowlevel.wait_readable(fd)
-                    s = gen.send(_READY_R)
-                elif s == _WAIT_W:
-                    await trio.lowlevel.wait_writable(fd)
-                    s = gen.send(_READY_W)
-                else:
-                    s = gen.send(await _wait_rw(fd))
-        except StopIteration as ex:
-            rv: RV = ex.value
-            return rv
-
     async def _run(self, gen: PQGen[RV]) -> RV:
         """Drive ``gen`` for a statement already sent; cancel it server-side on trio cancel."""
         try:
-            return await self._wait(gen)
+            return await wait_gen(gen, self._fd)
         except trio.Cancelled:
             await self._cancel_inflight(gen)
             raise
@@ -503,25 +298,13 @@ class PgConnection:
         ) as cs:
             try:
                 if self._pgconn.transaction_status == _ACTIVE:
-                    await self._send_cancel()
-                await self._wait(gen)  # results (normally QueryCanceled) are discarded
+                    await send_cancel(self._pgconn)
+                await wait_gen(gen, self._fd)  # results (normally QueryCanceled) are discarded
             except Exception:
                 self._close_now()
                 return
         if cs.cancelled_caught:
             self._close_now()
-
-    async def _send_cancel(self) -> None:
-        if _HAS_CANCEL_CONN:
-            cancel_conn = self._pgconn.cancel_conn()
-            cancel_conn.start()
-            try:
-                await _wait_conn(generators.cancel(cancel_conn))
-            finally:
-                cancel_conn.finish()
-        else:  # pragma: no cover - libpq < 17 only
-            cancel = self._pgconn.get_cancel()
-            await trio.to_thread.run_sync(cancel.cancel, abandon_on_cancel=True)
 
     def _wake_notify_waiter(self) -> None:
         scope = self._notify_scope
@@ -596,20 +379,20 @@ class PgConnection:
         if status == _FATAL_ERROR:
             raise errors.error_from_result(res, encoding=_ENCODING)
         if status == _COPY_IN:
-            await self._abort_copy_in(b"COPY is not supported by execute(): use copy_in()")
+            await abort_copy_in(self, b"COPY is not supported by execute(): use copy_in()")
             raise psycopg.NotSupportedError("COPY is not supported by execute(): use copy_in()")
         if status == _COPY_OUT or status == _COPY_BOTH:
             self._close_now()
             raise psycopg.NotSupportedError("COPY TO/BOTH is not supported (connection closed)")
         raise psycopg.InternalError(f"unexpected result status: {pq.ExecStatus(status).name}")
 
-    def _rows(self, res: PGresult) -> list[tuple[Any, ...]]:
+    def _rows(self, res: PGresult, make_row: RowMaker[RowT]) -> list[RowT]:
         if res.status != _TUPLES_OK:
             return []
         tx = self._tx
         tx.set_pgresult(res)
         try:
-            return tx.load_rows(0, res.ntuples, tuple)
+            return tx.load_rows(0, res.ntuples, make_row)
         finally:
             tx.set_pgresult(None)
 
@@ -628,7 +411,7 @@ class PgConnection:
                 if status == _FATAL_ERROR:
                     raise errors.error_from_result(res, encoding=_ENCODING)
                 if status == _COPY_IN:
-                    await self._abort_copy_in(b"COPY is not supported by execute_script()")
+                    await abort_copy_in(self, b"COPY is not supported by execute_script()")
                     raise psycopg.NotSupportedError("COPY is not supported by execute_script()")
                 if status == _COPY_OUT or status == _COPY_BOTH:
                     self._close_now()
@@ -652,26 +435,67 @@ class PgConnection:
         self._wake_notify_waiter()
         async with self._lock:
             res = await self._exec(query, params, prepare)
-            rows = self._rows(res)
+            rows = self._rows(res, tuple)
         status = res.command_status
         return QueryResult(
             rows, res.command_tuples or 0, status.decode(_ENCODING) if status else ""
         )
 
+    @overload
     async def fetch(
         self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
-    ) -> list[tuple[Any, ...]]:
+    ) -> list[tuple[Any, ...]]: ...
+
+    @overload
+    async def fetch(
+        self,
+        query: str,
+        params: Sequence[Any] | None = None,
+        *,
+        prepare: bool = False,
+        make_row: RowMaker[RowT],
+    ) -> list[RowT]: ...
+
+    async def fetch(
+        self,
+        query: str,
+        params: Sequence[Any] | None = None,
+        *,
+        prepare: bool = False,
+        make_row: RowMaker[Any] = tuple,
+    ) -> list[Any]:
         """Run one statement and return all its rows. ``prepare`` and cancellation as in
-        `execute`."""
+        `execute`. ``make_row`` makes each row from the tuple of its values, as psycopg
+        loads them (by default the row is that tuple), e.g. ``SomeNamedTuple._make``."""
         self._wake_notify_waiter()
         async with self._lock:
-            return self._rows(await self._exec(query, params, prepare))
+            return self._rows(await self._exec(query, params, prepare), make_row)
 
+    @overload
     async def fetchrow(
         self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
-    ) -> tuple[Any, ...] | None:
+    ) -> tuple[Any, ...] | None: ...
+
+    @overload
+    async def fetchrow(
+        self,
+        query: str,
+        params: Sequence[Any] | None = None,
+        *,
+        prepare: bool = False,
+        make_row: RowMaker[RowT],
+    ) -> RowT | None: ...
+
+    async def fetchrow(
+        self,
+        query: str,
+        params: Sequence[Any] | None = None,
+        *,
+        prepare: bool = False,
+        make_row: RowMaker[Any] = tuple,
+    ) -> Any:
         """Run one statement and return its first row, or None. ``prepare`` and
-        cancellation as in `execute`."""
+        cancellation as in `execute`; ``make_row`` as in `fetch`."""
         self._wake_notify_waiter()
         async with self._lock:
             res = await self._exec(query, params, prepare)
@@ -680,7 +504,7 @@ class PgConnection:
             tx = self._tx
             tx.set_pgresult(res)
             try:
-                return tx.load_row(0, tuple)
+                return tx.load_row(0, make_row)
             finally:
                 tx.set_pgresult(None)
 
@@ -702,7 +526,7 @@ class PgConnection:
 
     # ---- transactions ----------------------------------------------------------------------
 
-    def transaction(self) -> _Transaction:
+    def transaction(self) -> TransactionBlock:
         """``async with conn.transaction():`` runs the block in a transaction.
 
         ``BEGIN`` on entry, ``COMMIT`` on normal exit. Nested blocks (or a block entered while
@@ -715,28 +539,7 @@ class PgConnection:
 
         The connection must not be used by other tasks while the block is open.
         """
-        return _Transaction(self)
-
-    async def _rollback_shielded(self, savepoint: bytes | None) -> None:
-        """Roll back the transaction (``None``) or to ``savepoint``; close on any failure."""
-        if self.broken:
-            return
-        with trio.CancelScope(
-            shield=True, deadline=trio.current_time() + self._cancel_timeout
-        ) as cs:
-            try:
-                if savepoint is None:
-                    if self._pgconn.transaction_status != _IDLE:
-                        await self._simple("ROLLBACK")
-                    self._tx_depth = 0
-                else:
-                    sp = savepoint.decode()
-                    await self._simple(f"ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}")
-            except Exception:
-                self._close_now()
-                return
-        if cs.cancelled_caught:
-            self._close_now()
+        return TransactionBlock(self)
 
     # ---- COPY ------------------------------------------------------------------------------
 
@@ -765,97 +568,19 @@ class PgConnection:
         bounded by ``cancel_timeout``) so nothing is written and the connection stays usable
         (or is closed if even that fails); the exception then propagates.
         """
-        self._wake_notify_waiter()
-        async with self._lock:
-            pgconn = self._usable()
-            try:
-                pgconn.send_query(query.encode(_ENCODING))
-            except psycopg.OperationalError:
-                raise self._broke("sending the query failed") from None
-            results: list[PGresult] = await self._run(generators.execute(pgconn))
-            res = results[0]
-            if res.status == _FATAL_ERROR:
-                raise errors.error_from_result(res, encoding=_ENCODING)
-            if res.status != _COPY_IN:
-                if res.status == _COPY_OUT or res.status == _COPY_BOTH:
-                    self._close_now()
-                raise psycopg.ProgrammingError(
-                    "copy_in() needs a COPY ... FROM STDIN statement,"
-                    f" got {pq.ExecStatus(res.status).name}"
-                )
-
-            try:
-                if raw:
-                    for buf in rows:
-                        await self._copy_send(buf)  # type: ignore[arg-type]
-                else:
-                    formatter = self._copy_formatter(res.binary_tuples == 1, types)
-                    for row in rows:
-                        buf = formatter.write_row(row)
-                        if buf:
-                            await self._copy_send(buf)
-                    buf = formatter.end()
-                    if buf:
-                        await self._copy_send(buf)
-            except BaseException as ex:
-                if isinstance(ex, trio.ClosedResourceError):
-                    raise self._broke("the connection was closed") from ex
-                await self._abort_copy_in(f"copy_in() aborted: {type(ex).__name__}".encode())
-                raise
-
-            results = await self._run(_copy_end_gen(pgconn, None))
-            for res in results:
-                if res.status == _FATAL_ERROR:
-                    raise errors.error_from_result(res, encoding=_ENCODING)
-            return results[0].command_tuples or 0
-
-    def _copy_formatter(self, binary: bool, types: Sequence[int | str] | None) -> Formatter:
-        # A fresh Transformer: set_dumper_types() pins dumpers that must not leak into the
-        # connection's shared one.
-        tx = Transformer(_ADAPTERS)
-        if types is not None:
-            registry = _ADAPTERS.types
-            oids = [t if isinstance(t, int) else registry.get_oid(t) for t in types]
-            tx.set_dumper_types(oids, _BINARY if binary else _TEXT)
-        elif binary:
-            raise psycopg.ProgrammingError("binary COPY needs types=[...] (the column types)")
-        return BinaryFormatter(tx) if binary else TextFormatter(tx)
-
-    async def _copy_send(self, buf: Buffer) -> None:
-        pgconn = self._pgconn
-        if len(buf) <= _COPY_CHUNK:
-            await self._wait(generators.copy_to(pgconn, buf))
-            return
-        view = memoryview(buf)
-        for i in range(0, len(view), _COPY_CHUNK):
-            await self._wait(generators.copy_to(pgconn, view[i : i + _COPY_CHUNK]))
-
-    async def _abort_copy_in(self, message: bytes) -> None:
-        """Abort a COPY FROM STDIN in progress (shielded, bounded); close on failure."""
-        if self.broken:
-            return
-        with trio.CancelScope(
-            shield=True, deadline=trio.current_time() + self._cancel_timeout
-        ) as cs:
-            try:
-                await self._wait(_copy_end_gen(self._pgconn, message))
-            except Exception:
-                self._close_now()
-                return
-        if cs.cancelled_caught:
-            self._close_now()
+        return await copy_from_stdin(self, query, rows, types=types, raw=raw)
 
     # ---- LISTEN / NOTIFY -------------------------------------------------------------------
 
     async def listen(self, channel: str) -> None:
         """``LISTEN`` to ``channel`` (quoted as an identifier, so dots etc. are fine)."""
-        ident = _quote_ident_bytes(self._usable(), channel).decode(_ENCODING)
+        ident = quote_ident(self._usable(), channel)
         await self._simple(f"LISTEN {ident}")
         self._listening.add(channel)
 
     async def unlisten(self, channel: str) -> None:
         """``UNLISTEN`` ``channel``."""
-        ident = _quote_ident_bytes(self._usable(), channel).decode(_ENCODING)
+        ident = quote_ident(self._usable(), channel)
         await self._simple(f"UNLISTEN {ident}")
         self._listening.discard(channel)
 
@@ -879,7 +604,7 @@ class PgConnection:
     def _collect_notifies(self) -> None:
         pgconn = self._pgconn
         while n := pgconn.notifies():
-            self._notifies.append(_notify_from_pq(n))
+            self._notifies.append(notify_from_pq(n))
 
     async def wait_notifies(self) -> list[Notify]:
         """Wait until at least one notification has arrived; return all pending ones.
@@ -891,117 +616,4 @@ class PgConnection:
         Raises ``psycopg.OperationalError`` if the connection is lost. Cancellation just
         stops waiting (nothing is in flight on the server).
         """
-        lock = self._lock
-        while True:
-            if self._notifies:
-                return self.pending_notifies()
-            async with lock:
-                pgconn = self._usable()
-                self._collect_notifies()
-                if self._notifies:
-                    return self.pending_notifies()
-                if lock.statistics().tasks_waiting:
-                    continue  # let the statement waiting for the lock go first
-                with trio.CancelScope() as scope:
-                    self._notify_scope = scope
-                    try:
-                        await trio.lowlevel.wait_readable(self._fd)
-                    except trio.ClosedResourceError as ex:
-                        raise self._broke("the connection was closed") from ex
-                    finally:
-                        self._notify_scope = None
-                if scope.cancelled_caught:
-                    continue  # another task wants the connection
-                try:
-                    pgconn.consume_input()
-                except psycopg.OperationalError:
-                    raise self._broke("the connection was lost") from None
-                if pgconn.status == _CONN_BAD:
-                    raise self._broke("the connection was lost")
-                self._collect_notifies()
-
-    # ---- pool support ----------------------------------------------------------------------
-
-    def _check_idle(self) -> bool:
-        """Cheap liveness check for an idle connection: False if it is (now) broken.
-
-        An idle session normally sends nothing; if the socket is readable, read what is there
-        (a termination notice, EOF, or buffered notifications).
-        """
-        if self.broken:
-            return False
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
-        pgconn = self._pgconn
-        # A terminated backend sends an error message, then EOF: the first read gets the
-        # message, a second one sees EOF. Bounded, in case notifications keep arriving.
-        for _ in range(4):
-            if not poller.poll(0):
-                break
-            try:
-                pgconn.consume_input()
-                pgconn.is_busy()  # parse what was read
-            except psycopg.OperationalError:
-                self._close_now()
-                return False
-            if pgconn.status == _CONN_BAD:
-                self._close_now()
-                return False
-            self._collect_notifies()
-        return True
-
-
-class _Transaction:
-    """The async context manager returned by `PgConnection.transaction`."""
-
-    __slots__ = ("_conn", "_savepoint")
-
-    def __init__(self, conn: PgConnection) -> None:
-        self._conn = conn
-        self._savepoint: bytes | None = None
-
-    async def __aenter__(self) -> PgConnection:
-        conn = self._conn
-        if conn._tx_depth == 0 and not conn.in_transaction:
-            self._savepoint = None
-            sql = "BEGIN"
-        else:
-            self._savepoint = f"tq_sp_{conn._tx_depth + 1}".encode()
-            sql = f"SAVEPOINT tq_sp_{conn._tx_depth + 1}"
-        try:
-            await conn._simple(sql)
-        except BaseException:
-            # A cancelled BEGIN/SAVEPOINT may still have reached the server.
-            if self._savepoint is None and conn.in_transaction:
-                await conn._rollback_shielded(None)
-            raise
-        conn._tx_depth += 1
-        return conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        conn = self._conn
-        conn._tx_depth = max(0, conn._tx_depth - 1)
-        sp = self._savepoint
-        if exc_type is None:
-            if sp is None and conn._pgconn.transaction_status == _INERROR and not conn.closed:
-                # COMMIT would silently roll back: make the failure visible.
-                await conn._rollback_shielded(None)
-                raise errors.InFailedSqlTransaction(
-                    "the transaction had failed (an error was caught inside the block)"
-                    " and has been rolled back"
-                )
-            try:
-                await conn._simple("COMMIT" if sp is None else f"RELEASE SAVEPOINT {sp.decode()}")
-            except BaseException:
-                if sp is not None or conn.in_transaction:
-                    await conn._rollback_shielded(sp)
-                raise
-        else:
-            await conn._rollback_shielded(sp)
+        return await wait_notifies(self)

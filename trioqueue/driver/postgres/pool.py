@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Final, TypeVar, overload
 
 import attrs
+import psycopg
 import trio
+from psycopg import pq
+from psycopg.rows import RowMaker
 
-from trioqueue.driver.postgres.connection import (
-    DEFAULT_CANCEL_TIMEOUT,
-    PgConnection,
-    QueryResult,
-    acquire_without_yielding,
-)
+from trioqueue.driver.postgres.connection import DEFAULT_CANCEL_TIMEOUT, PgConnection, QueryResult
+from trioqueue.driver.postgres.transaction import rollback_shielded
+from trioqueue.driver.postgres.waiting import acquire_without_yielding
 
 __all__ = ["PgPool", "PoolStatistics", "open_pool"]
+
+RowT = TypeVar("RowT")
+
+_CONN_BAD: Final = pq.ConnStatus.BAD
 
 
 @attrs.frozen
@@ -101,7 +106,7 @@ class PgPool:
             idle = self._idle
             while idle:
                 conn = idle.pop()
-                if conn._check_idle():
+                if _check_idle(conn):
                     self._in_use += 1
                     return conn
                 conn._close_now()
@@ -120,7 +125,7 @@ class PgPool:
         try:
             if not conn.broken:
                 if conn.in_transaction:
-                    await conn._rollback_shielded(None)
+                    await rollback_shielded(conn, None)
                 if conn._listening and not conn.broken:
                     with trio.CancelScope(shield=True) as cs:
                         cs.deadline = trio.current_time() + self._cancel_timeout
@@ -142,17 +147,53 @@ class PgPool:
         async with self.acquire() as conn:
             return await conn.execute(query, params)
 
+    @overload
     async def fetch(
         self, query: str, params: Sequence[Any] | None = None, *, prepare: bool = False
-    ) -> list[tuple[Any, ...]]:
-        async with self.acquire() as conn:
-            return await conn.fetch(query, params, prepare=prepare)
+    ) -> list[tuple[Any, ...]]: ...
 
+    @overload
+    async def fetch(
+        self,
+        query: str,
+        params: Sequence[Any] | None = None,
+        *,
+        prepare: bool = False,
+        make_row: RowMaker[RowT],
+    ) -> list[RowT]: ...
+
+    async def fetch(
+        self,
+        query: str,
+        params: Sequence[Any] | None = None,
+        *,
+        prepare: bool = False,
+        make_row: RowMaker[Any] = tuple,
+    ) -> list[Any]:
+        """`PgConnection.fetch` on a connection borrowed for the statement."""
+        async with self.acquire() as conn:
+            return await conn.fetch(query, params, prepare=prepare, make_row=make_row)
+
+    @overload
     async def fetchrow(
         self, query: str, params: Sequence[Any] | None = None
-    ) -> tuple[Any, ...] | None:
+    ) -> tuple[Any, ...] | None: ...
+
+    @overload
+    async def fetchrow(
+        self, query: str, params: Sequence[Any] | None = None, *, make_row: RowMaker[RowT]
+    ) -> RowT | None: ...
+
+    async def fetchrow(
+        self,
+        query: str,
+        params: Sequence[Any] | None = None,
+        *,
+        make_row: RowMaker[Any] = tuple,
+    ) -> Any:
+        """`PgConnection.fetchrow` on a connection borrowed for the statement."""
         async with self.acquire() as conn:
-            return await conn.fetchrow(query, params)
+            return await conn.fetchrow(query, params, make_row=make_row)
 
     async def fetchval(self, query: str, params: Sequence[Any] | None = None) -> Any:
         async with self.acquire() as conn:
@@ -181,6 +222,37 @@ class PgPool:
     ) -> None:
         with trio.CancelScope(shield=True):
             await self.aclose()
+
+
+def _check_idle(conn: PgConnection) -> bool:
+    """Cheap liveness check for an idle connection: False if it is (now) broken.
+
+    An idle session normally sends nothing; if the socket is readable, read what is there
+    (a termination notice, EOF, or buffered notifications).
+    """
+    if conn.broken:
+        return False
+    poller = conn._poller
+    if poller is None:
+        poller = conn._poller = select.poll()
+        poller.register(conn._fd, select.POLLIN)
+    pgconn = conn._pgconn
+    # A terminated backend sends an error message, then EOF: the first read gets the
+    # message, a second one sees EOF. Bounded, in case notifications keep arriving.
+    for _ in range(4):
+        if not poller.poll(0):
+            break
+        try:
+            pgconn.consume_input()
+            pgconn.is_busy()  # parse what was read
+        except psycopg.OperationalError:
+            conn._close_now()
+            return False
+        if pgconn.status == _CONN_BAD:
+            conn._close_now()
+            return False
+        conn._collect_notifies()
+    return True
 
 
 class _Acquire:
