@@ -31,7 +31,7 @@ import attrs
 import trio
 
 import trioqueue as tq
-from trioqueue._runtime.failure import MAX_ERROR_MESSAGE, MAX_ERROR_TRACE
+from trioqueue._failure import MAX_ERROR_MESSAGE, MAX_ERROR_TRACE
 
 # --------------------------------------------------------------------------------- plans
 

@@ -13,9 +13,9 @@ import trio.lowlevel
 import trio.testing
 
 import trioqueue as tq
+from trioqueue._outcome import FinishedRun
 from trioqueue._runtime.completer import Completer
 from trioqueue._runtime.dispatcher import Audience
-from trioqueue._runtime.outcome import FinishedRun
 from trioqueue.driver.protocol import JobOutcome, JobRow, WrittenRow
 from trioqueue.events import Event, EventKind
 

@@ -14,11 +14,11 @@ import trio.lowlevel
 import trio.testing
 
 import trioqueue as tq
+from trioqueue._outcome import FinishedRun
 from trioqueue._runtime import executor as executor_module
 from trioqueue._runtime.claimed import ClaimedJobs, Wakeup
 from trioqueue._runtime.executor import Executor
 from trioqueue._runtime.lane import DEADLINE_SLACK, JobHandle
-from trioqueue._runtime.outcome import FinishedRun
 from trioqueue.config import ClientConfig
 from trioqueue.events import EventKind
 

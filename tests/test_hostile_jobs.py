@@ -22,7 +22,7 @@ import trio
 
 import trioqueue as tq
 import trioqueue.testing as tqt
-from trioqueue._runtime.failure import MAX_ERROR_MESSAGE, MAX_ERROR_TRACE
+from trioqueue._failure import MAX_ERROR_MESSAGE, MAX_ERROR_TRACE
 from trioqueue.driver.protocol import JobOutcome
 
 _stores = itertools.count()

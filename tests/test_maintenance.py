@@ -20,7 +20,7 @@ from trioqueue._maintenance.cleaner import (
 )
 from trioqueue._maintenance.rescuer import Rescuer, RescuerConfig
 from trioqueue._maintenance.scheduler import Scheduler, SchedulerConfig
-from trioqueue._runtime.outcome import default_retry_delay
+from trioqueue._outcome import default_retry_delay
 from trioqueue.driver.postgres import open_pool
 from trioqueue.driver.postgres.driver import PostgresDriver
 

@@ -379,7 +379,7 @@ def test_without_middleware_a_run_awaits_the_worker_itself() -> None:
     assert entry is not None
     assert build_work_chain(entry.fn, (), (), ()) is _noop
     assert build_work_chain(entry.fn, (Retag(),), (), (object(),)) is _noop
-    executor = Executor(workers, tq.ClientConfig(), None, None)  # type: ignore[arg-type]
+    executor = Executor(workers, tq.ClientConfig(), None)  # type: ignore[arg-type]
     assert executor._chain(entry) is _noop
     assert executor._work_ends == ()
 

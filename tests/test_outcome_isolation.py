@@ -19,8 +19,8 @@ import trio
 import trio.testing
 
 import trioqueue as tq
+from trioqueue._outcome import FinishedRun
 from trioqueue._runtime.completer import Completer
-from trioqueue._runtime.outcome import FinishedRun
 from trioqueue.driver.faults import Fault, FaultyDriver
 from trioqueue.driver.postgres.driver import open_postgres_driver
 from trioqueue.driver.protocol import Driver, JobOutcome, JobRow, WrittenRow

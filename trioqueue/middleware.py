@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar, final, runtime_checkable
 
 import attrs
 
-from ._runtime.failure import cancelled_for_real
+from ._failure import cancelled_for_real
 from .errors import ValidationError
 from .job import InsertOpts, Job, UniqueOpts
 

@@ -45,9 +45,10 @@ import attrs
 import trio
 
 from ._codec import decode_args, dumps, row_to_job, with_args
+from ._failure import fatal_unwrapped
 from ._runtime.completer import Completer
-from ._runtime.executor import Executor, JobHandle
-from ._runtime.failure import fatal_unwrapped
+from ._runtime.executor import Executor
+from ._runtime.lane import JobHandle
 from .client import Client, open_client
 from .config import ClientConfig
 from .current import running_client
@@ -285,12 +286,12 @@ async def _jobs(driver: Driver, ex: Any, kinds: Sequence[str] | None) -> list[Jo
         found.extend(row_to_job(row, None) for row in rows)
         if len(rows) < _PAGE:
             return found
-        after = rows[-1][0]
+        after = rows[-1].id
 
 
 async def _other_kinds(driver: Driver, ex: Any) -> str:
     rows = await driver.job_list(JobListParams(limit=_PAGE), ex=ex)
-    counts = Counter(str(row[1]) for row in rows)
+    counts = Counter(str(row.kind) for row in rows)
     if not counts:
         return "no jobs of any kind"
     listed = ", ".join(f"{kind!r} x{n}" for kind, n in sorted(counts.items()))
@@ -585,17 +586,17 @@ async def _run_claimed(client: Client, workers: Workers, job: Job[Any]) -> WorkR
         cfg.shutdown_timeout,
         linger=0.0,
     )
-    executor = Executor(workers, cfg, completer, store.clock)
+    executor = Executor(workers, cfg, store.clock)
     # A job's KeyboardInterrupt or SystemExit propagates (as itself) once written.
     with fatal_unwrapped():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(completer.run)
-            token = running_client.set(client)  # trioqueue.current_client() in the job
-            try:
-                finished = await executor.execute(job, JobHandle())
-            finally:
-                running_client.reset(token)
-                completer.close()
+            with completer.sender() as outcomes:
+                token = running_client.set(client)  # trioqueue.current_client() in the job
+                try:
+                    finished = await executor.execute(job, JobHandle(), outcomes)
+                finally:
+                    running_client.reset(token)
     with receive:
         while True:
             try:

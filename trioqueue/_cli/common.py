@@ -23,7 +23,7 @@ import attrs
 import click
 import trio
 
-from .._runtime.failure import leaves
+from .._failure import leaves
 from .._urls import DATABASE_URL_ENV, resolve_database_url
 from ..embedded import EmbeddedServerError
 from ..errors import TrioqueueError, ValidationError

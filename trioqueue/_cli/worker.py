@@ -46,7 +46,7 @@ import attrs
 import click
 import trio
 
-from .._runtime.failure import fatal_unwrapped
+from .._failure import fatal_unwrapped
 from ..client import Client, open_client
 from ..config import MAX_WORKERS_LIMIT, QueueConfig
 from ..errors import ValidationError

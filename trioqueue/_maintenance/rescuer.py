@@ -18,7 +18,7 @@ from typing import Any, final
 import attrs
 
 from .._codec import dumps, row_to_job
-from .._runtime.outcome import retry_delay
+from .._outcome import retry_delay
 from ..config import RetryPolicy
 from ..driver.protocol import INSERT_CHANNEL, Driver, JobRescue
 from ..errors import ValidationError

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, final
 
 import trio
 
+from .. import _outcome as outcome
+from .._outcome import FinishedRun
 from ..job import Job
-from . import outcome
 from .lane import JobHandle
-from .outcome import FinishedRun
 
 if TYPE_CHECKING:
     from .completer import OutcomeSender

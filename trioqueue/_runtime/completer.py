@@ -37,13 +37,13 @@ import attrs
 import trio
 
 from .._codec import dumps, row_to_job, row_to_job_with_args
+from .._failure import storable_text
+from .._outcome import FinishedRun
 from ..driver.protocol import Driver, JobRow, WrittenRow
 from ..errors import DatabaseError
 from ..events import Event, EventKind
 from ..job import JobListParams, JobState
 from .dispatcher import Audience
-from .failure import storable_text
-from .outcome import FinishedRun
 
 __all__ = ["Completer", "CompleterStatistics", "OutcomeSender"]
 

@@ -13,18 +13,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple, final
 import attrs
 import trio
 
+from .. import _outcome as outcome
 from .._codec import decode_args, with_args
+from .._failure import cancelled_for_real, describe, fatal_in
+from .._outcome import FinishedRun
 from ..config import ClientConfig, call_error_handler
 from ..errors import JobCancel, JobSnooze, UnknownJobKindError
 from ..events import EventKind
 from ..job import Job, JobState
 from ..middleware import WorkNext, build_work_chain, run_work_end, work_end_hooks
 from ..workers import DEFAULT_TIMEOUT, WorkerEntry, Workers
-from . import outcome
 from .claimed import ClaimedJobs, Wakeup
-from .failure import cancelled_for_real, describe, fatal_in
 from .lane import JobHandle, Lane
-from .outcome import FinishedRun
 
 if TYPE_CHECKING:
     from .completer import OutcomeSender

@@ -31,8 +31,8 @@ from typing import TypeVar, final
 
 import trio
 
+from .._failure import leaves
 from ..errors import DatabaseError
-from .failure import leaves
 
 __all__ = ["Startup", "backoff"]
 

@@ -23,7 +23,7 @@ from typing import Final
 
 import trio
 
-from .._codec import dumps
+from ._codec import dumps
 
 __all__ = [
     "MAX_ERROR_MESSAGE",
