@@ -9,6 +9,7 @@ Whatever the stop, it returns, and no job the client fetched is left ``running``
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ import pytest
 import trio
 
 import trioqueue as tq
+from trioqueue.driver.faults import Fault, FaultyDriver
+from trioqueue.driver.postgres.driver import open_postgres_driver
 
 FAST: dict[str, Any] = {
     "fetch_poll_interval": 0.1,
@@ -271,33 +274,181 @@ async def test_cancelled_from_outside_at_random_moments(database_url: str) -> No
     assert tracker.finished > 0
 
 
-async def test_never_reading_subscriber_cannot_block_shutdown(database_url: str) -> None:
+class _Stop:
+    """How a stop begins, for the tests that run each one."""
+
+    SOFT = "soft"
+    HARD = "hard"
+    SOFT_STOP_TIMEOUT = "soft_stop_timeout"
+    OUTSIDE = "outside"
+
+
+@pytest.mark.parametrize("how", [_Stop.SOFT, _Stop.HARD, _Stop.SOFT_STOP_TIMEOUT, _Stop.OUTSIDE])
+async def test_never_reading_subscriber_cannot_block_shutdown(
+    database_url: str, pg_driver: Any, how: str
+) -> None:
     """River's completer bug class: a subscriber that never reads must not stall the
-    completer, so stop() returns and every outcome is written."""
-    n = 5000
-    done = trio.Event()
-    count = 0
+    completer, whatever the stop. Outcomes are pending when the stop begins (each write
+    is slowed down, and jobs are still running); the stop returns in bounded time; every
+    event published is either in the subscriber's buffer or counted as dropped, and its
+    stream ends; no job is left running."""
+    n = 2000
+    half = trio.Event()
+    finished = 0
     workers = tq.Workers()
 
     @workers.worker(Sleep)
     async def work(job: tq.Job[Sleep]) -> None:
-        nonlocal count
-        await trio.lowlevel.checkpoint()
-        count += 1
-        if count == n:
-            done.set()
+        nonlocal finished
+        await trio.sleep(job.args.seconds)
+        finished += 1
+        if finished == n // 2:
+            half.set()
 
-    with trio.fail_after(60):
-        async with tq.open_client(database_url) as inserter:
-            assert await inserter.insert_many_fast([Sleep()] * n) == n
-        async with (
-            working(database_url, workers, max_workers=100) as client,
-            client.subscribe(*tq.EventKind, buffer=10) as stuck,
-        ):
-            await done.wait()
-            await client.stop()
-            assert stuck.dropped > 0
-        jobs = await all_jobs(database_url)
+    # A few jobs run long (fewer than the worker slots, so the rest get done): a soft stop
+    # waits for them (soft_stop_timeout then cuts them short), a hard stop interrupts them.
+    jobs = [Sleep(60.0 if i % 100 == 0 else 0.0) for i in range(n)]
+    slow_writes = FaultyDriver(
+        pg_driver, [Fault("job_set_state_if_running_many", "delay", times=None, seconds=0.05)]
+    )
+    config: dict[str, Any] = {}
+    if how == _Stop.SOFT:
+        jobs = [Sleep(0.0)] * n  # nothing long: a soft stop waits for what runs
+    if how == _Stop.SOFT_STOP_TIMEOUT:
+        config["soft_stop_timeout"] = 0.2
+    async with tq.open_client(database_url) as inserter:
+        assert await inserter.insert_many_fast(jobs) == n
+    async with contextlib.AsyncExitStack() as after_client:
+        with trio.fail_after(60), trio.CancelScope() as outer:
+            async with tq.open_client(
+                driver=slow_writes,
+                workers=workers,
+                queues={"default": tq.QueueConfig(max_workers=100)},
+                **{**FAST, **config},
+            ) as client:
+                # Entered here, left only once the client has stopped: the subscription
+                # lives through the whole shutdown and is read afterwards.
+                stuck = await after_client.enter_async_context(
+                    client.subscribe(*tq.EventKind, buffer=10)
+                )
+                await half.wait()
+                assert client.statistics()["completer"].pending > 0 or how != _Stop.SOFT
+                with trio.fail_after(30):  # the stop itself is bounded
+                    if how == _Stop.OUTSIDE:
+                        outer.cancel()
+                        await trio.sleep_forever()
+                    await client.stop(cancel=how == _Stop.HARD)
+        assert outer.cancelled_caught == (how == _Stop.OUTSIDE)
+        published = client.statistics()["dispatcher"].published
+        with trio.fail_after(5):  # the stream ends
+            received = [event async for event in stuck]
+        assert len(received) <= 10
+        assert stuck.dropped > 0
+        assert len(received) + stuck.dropped == published
+    stored = await all_jobs(database_url)
+    assert len(stored) == n
+    states = collections.Counter(j.state for j in stored)
+    assert set(states) <= {tq.JobState.COMPLETED, tq.JobState.AVAILABLE}, states
+    if how == _Stop.SOFT:
+        assert states[tq.JobState.COMPLETED] == finished
+    for job in stored:
+        assert job.attempt == (1 if job.state is tq.JobState.COMPLETED else 0), job
+        assert job.errors == [], job
 
-    assert len(jobs) == n
-    assert collections.Counter(j.state for j in jobs) == {tq.JobState.COMPLETED: n}
+
+@pytest.fixture
+async def pg_driver(database_url: str) -> AsyncIterator[Any]:
+    """A PostgreSQL driver of the test's database, for the test to wrap."""
+    async with open_postgres_driver(database_url) as driver:
+        yield driver
+
+
+@attrs.define
+class _SlowFinalWrite:
+    """A driver whose outcome writes are slow. The first is slow to cancel, as a
+    PostgreSQL statement is (the connection waits, shielded, for the server to stop it):
+    it lands all the same, and the completer sees the cancel only afterwards. Every later
+    write takes ``later`` seconds first. ``in_flight`` is set once the first has begun."""
+
+    inner: Any
+    first: float
+    later: float
+    in_flight: trio.Event = attrs.field(factory=trio.Event)
+    writes: int = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def job_set_state_if_running_many(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes += 1
+        if self.writes > 1:
+            await trio.sleep(self.later)
+            return await self.inner.job_set_state_if_running_many(*args, **kwargs)
+        self.in_flight.set()
+        with trio.CancelScope(shield=True):
+            await trio.sleep(self.first)
+            return await self.inner.job_set_state_if_running_many(*args, **kwargs)
+
+
+async def test_a_final_write_near_shutdown_timeout_still_reaches_subscribers(
+    database_url: str, pg_driver: Any
+) -> None:
+    """The race between completer and dispatcher under cancellation from outside: the
+    completer sees the cancel late (its write in flight is slow to cancel), then its
+    final write takes just under ``shutdown_timeout``. Its events arrive after
+    ``shutdown_timeout`` has passed since the cancel, and must still reach a subscriber
+    that lives outside the cancelled scope: the dispatcher drains until the completer is
+    done, with no deadline of its own."""
+    timeout = 2.0
+    release = trio.Event()
+    sleepers = 5
+    started = 0
+    all_started = trio.Event()
+    workers = tq.Workers()
+
+    @workers.worker(Sleep)
+    async def work(job: tq.Job[Sleep]) -> None:
+        nonlocal started
+        if job.args.seconds > 0:
+            started += 1
+            if started == sleepers:
+                all_started.set()
+            await trio.sleep(job.args.seconds)
+        else:
+            await release.wait()
+
+    # The final flush starts half a shutdown_timeout after the cancel, and its write takes
+    # just under a whole one: its events come well after shutdown_timeout has passed
+    # since the cancel, and still within the completer's own deadline.
+    slow = _SlowFinalWrite(pg_driver, first=timeout * 0.5, later=timeout * 0.9)
+    async with tq.open_client(database_url) as inserter:
+        await inserter.insert_many([Sleep(0.0)] + [Sleep(600.0)] * sleepers)
+    events: list[tq.Event] = []
+
+    async def read(client: tq.Client, task_status: trio.TaskStatus[None]) -> None:
+        async with client.subscribe(*tq.EventKind, buffer=100) as sub:
+            task_status.started()
+            async for event in sub:
+                events.append(event)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as outside:
+            with trio.CancelScope() as cancelled:
+                async with tq.open_client(
+                    driver=slow,
+                    workers=workers,
+                    queues={"default": tq.QueueConfig(max_workers=10)},
+                    shutdown_timeout=timeout,
+                    **FAST,
+                ) as client:
+                    await outside.start(read, client)
+                    await all_started.wait()
+                    release.set()  # the quick job ends: its write is the slow one
+                    await slow.in_flight.wait()
+                    cancelled.cancel()
+                    await trio.sleep_forever()
+    # The reader's stream ended (the nursery closed) with every event of both writes.
+    kinds = collections.Counter(e.kind for e in events)
+    assert kinds == {tq.EventKind.JOB_COMPLETED: 1, tq.EventKind.JOB_INTERRUPTED: sleepers}
+    stored = collections.Counter(j.state for j in await all_jobs(database_url))
+    assert stored == {tq.JobState.COMPLETED: 1, tq.JobState.AVAILABLE: sleepers}
