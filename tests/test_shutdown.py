@@ -130,8 +130,15 @@ async def test_stop_is_a_soft_stop_and_the_client_can_still_insert(database_url:
             assert later.state is tq.JobState.AVAILABLE
             for job in first:
                 assert (await client.job_get(job.id)).state is tq.JobState.COMPLETED
-            await trio.sleep(0.3)  # several poll intervals: a stopped client fetches nothing
-            assert (await client.job_get(later.id)).state is tq.JobState.AVAILABLE
+            # A stopped client fetches nothing: another client, started after it, is the
+            # one that runs the job inserted after the stop.
+            async with (
+                working(database_url, tracker.workers(), id="after-the-stop") as other,
+                other.subscribe(tq.EventKind.JOB_COMPLETED) as done,
+            ):
+                ran = (await done.receive()).job
+            assert ran is not None and ran.id == later.id
+            assert ran.attempted_by == ["after-the-stop"]
 
     assert sorted(e.job.id for e in events if e.job) == sorted(j.id for j in first)
 
@@ -196,17 +203,25 @@ async def test_soft_stop_timeout_escalates(database_url: str, how: str) -> None:
 async def test_outside_cancellation_during_soft_stop_escalates(database_url: str) -> None:
     tracker = Tracker()
     with trio.fail_after(30):
-        with trio.move_on_after(0.5) as cs:
-            async with working(database_url, tracker.workers()) as client:
-                await client.insert(Sleep(60))
-                await tracker.wait_started(1)
-            # Leaving the block waits for the job, until the cancellation arrives.
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as cs:
+                async with working(database_url, tracker.workers()) as client:
+                    await client.insert(Sleep(60))
+                    await tracker.wait_started(1)
+                    # Leaving the block waits for the job, until the cancellation arrives
+                    # (later than the block's exit: a soft stop is in progress by then).
+                    nursery.start_soon(_cancel_later, cs, 0.2)
         assert cs.cancelled_caught
         [job] = await all_jobs(database_url)
 
     assert tracker.cancelled == 1
     assert job.state is tq.JobState.AVAILABLE
     assert job.attempt == 0
+
+
+async def _cancel_later(scope: trio.CancelScope, seconds: float) -> None:
+    await trio.sleep(seconds)
+    scope.cancel()
 
 
 @pytest.mark.parametrize("then", ["returns", "sleeps"])
@@ -252,10 +267,13 @@ async def test_cancelled_from_outside_at_random_moments(database_url: str) -> No
             await inserter.insert_many([Sleep(d) for d in durations])
         for i in range(20):
             delay = rng.uniform(0, 0.3)
-            with trio.fail_after(20):
-                with trio.move_on_after(delay):
-                    async with working(database_url, workers, max_workers=20, id=f"iter-{i}"):
-                        await trio.sleep_forever()
+            with trio.fail_after(20), trio.CancelScope() as outside:
+                async with working(database_url, workers, max_workers=20, id=f"iter-{i}"):
+                    # A random moment of a running client's life (not of its start-up,
+                    # whose length depends on the machine).
+                    await trio.sleep(delay)
+                    outside.cancel()
+                    await trio.sleep_forever()
             assert not tracker.running
             jobs = await all_jobs(database_url)
             states = collections.Counter(j.state for j in jobs)
