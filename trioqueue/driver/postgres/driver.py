@@ -105,11 +105,12 @@ class PostgresDriver:
         return datetime.now(UTC)
 
     async def schema_version(self) -> int:
-        from ...migrations import schema_version
-
         with wrapped("checking the schema version"):
             async with self._pool.acquire() as conn:
-                return await schema_version(conn)
+                if not await conn.fetchval("SELECT to_regclass('tq_migration') IS NOT NULL"):
+                    return 0  # nothing was ever migrated here
+                version = await conn.fetchval("SELECT max(version) FROM tq_migration")
+                return 0 if version is None else int(version)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgConnection]:
