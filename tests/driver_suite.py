@@ -30,12 +30,15 @@ from trioqueue.driver.protocol import (
     JobInsertParams,
     JobOutcome,
     JobRescue,
+    JobRow,
+    LeaderRow,
     Listener,
     Notification,
     PeriodicJobState,
-    Row,
+    QueueRow,
+    WrittenRow,
 )
-from trioqueue.job import DEFAULT_UNIQUE_STATES, JobState
+from trioqueue.job import DEFAULT_UNIQUE_STATES, JobListParams, JobState
 from trioqueue.migrations import latest_version
 
 Case = Callable[[Driver], Awaitable[None]]
@@ -54,7 +57,9 @@ MINIMAL_STATES = frozenset(
     {JobState.AVAILABLE, JobState.PENDING, JobState.RUNNING, JobState.SCHEDULED}
 )
 
-# Row positions.
+Row = JobRow
+
+# Row positions (a JobRow is a tuple too; the named fields say the same).
 ID, KIND, ARGS, QUEUE, STATE, PRIORITY, ATTEMPT, MAX_ATTEMPTS = range(8)
 ATTEMPTED_AT, ATTEMPTED_BY, CREATED_AT, FINALIZED_AT, SCHEDULED_AT = range(8, 13)
 ERRORS, METADATA, TAGS = range(13, 16)
@@ -207,6 +212,28 @@ async def schema_version_clock_and_ping(driver: Driver) -> None:
     now = driver.clock()
     assert now.utcoffset() == timedelta(0)
     assert driver.clock() >= now
+
+
+@case
+async def rows_come_typed(driver: Driver) -> None:
+    """Every row comes back as the protocol's NamedTuple, so callers read it by name."""
+    [(inserted, skipped)] = await driver.job_insert_many([params(queue="typed")], [], NOW)
+    assert type(inserted) is JobRow and skipped is False
+    assert inserted.queue == "typed" and inserted.state == "available"
+    assert type(await driver.job_get(inserted.id)) is JobRow
+    assert all(type(r) is JobRow for r in await driver.job_list(JobListParams(limit=5)))
+    [claimed] = await driver.job_get_available("typed", NOW, 1, "client-1")
+    assert type(claimed) is JobRow and claimed.attempted_by == ["client-1"]
+    written = await driver.job_set_state_if_running_many(
+        [outcome(claimed.id, JobState.COMPLETED)], at(1), rows=False
+    )
+    assert written == [WrittenRow(claimed.id)] and type(written[0]) is WrittenRow
+    await driver.queue_upsert("typed", NOW)
+    queues = await driver.queue_list()
+    assert queues and all(type(q) is QueueRow for q in queues)
+    assert await driver.leader_attempt_elect("typed-leader", NOW, at(30))
+    leader = await driver.leader_get()
+    assert type(leader) is LeaderRow and leader.leader_id == "typed-leader"
 
 
 # ---------------------------------------------------------------------------------- inserting
