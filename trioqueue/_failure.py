@@ -1,4 +1,4 @@
-"""What a failed attempt records, whatever the job raised (DESIGN §2, hostile jobs).
+"""What a failed attempt records, whatever the job raised (docs/failure-modes.md).
 
 A job may raise anything: an exception whose ``str()`` raises, text PostgreSQL cannot
 store (NUL, lone surrogates), a message of megabytes, a ``BaseException``, an exception
