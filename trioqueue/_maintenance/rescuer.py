@@ -90,16 +90,25 @@ class Rescuer:
             }
         )
         assert job.attempted_at is not None
-        if "cancel_attempted_at" in job.metadata:
-            return JobRescue(job.id, JobState.CANCELLED, now, None, error, job.attempted_at)
-        if job.attempt >= job.max_attempts:
-            return JobRescue(job.id, JobState.DISCARDED, now, None, error, job.attempted_at)
+        cancelled = "cancel_attempted_at" in job.metadata
+        if cancelled or job.attempt >= job.max_attempts:
+            return JobRescue(
+                id=job.id,
+                state=JobState.CANCELLED if cancelled else JobState.DISCARDED,
+                finalized_at=now,
+                scheduled_at=None,
+                error_json=error,
+                attempted_at=job.attempted_at,
+            )
         delay = retry_delay(job, self.workers, self.retry_policy)
-        state = (
-            JobState.AVAILABLE if delay <= self.config.scheduler_interval else JobState.RETRYABLE
-        )
+        soon = delay <= self.config.scheduler_interval
         return JobRescue(
-            job.id, state, None, now + timedelta(seconds=delay), error, job.attempted_at
+            id=job.id,
+            state=JobState.AVAILABLE if soon else JobState.RETRYABLE,
+            finalized_at=None,
+            scheduled_at=now + timedelta(seconds=delay),
+            error_json=error,
+            attempted_at=job.attempted_at,
         )
 
     async def run_once(self) -> RescuerResult:
