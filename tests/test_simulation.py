@@ -26,6 +26,7 @@ from conftest import fresh_database
 from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 from simulation_plan import (
+    QUEUES,
     Behaviour,
     ClientSpec,
     FaultSpec,
@@ -176,6 +177,79 @@ LOST_REPLY_THEN_QUEUED_CANCEL = Plan(
 @regression(LOST_REPLY_THEN_QUEUED_CANCEL)
 def test_regression_lost_reply_is_not_credited_with_a_later_cancel(plan: Plan) -> None:
     assert_holds(run_on_memory(plan, memory_driver))
+
+
+# ------------------------------------------------------------------ pinned plans
+
+# Clients with no subscriber (the completer's rows=False path: PostgreSQL's short
+# statements) beside one with subscribers, under write faults, a remote cancel of a running
+# job, an outside cancel and a restart. The generated PostgreSQL plans are few; this one
+# runs the short statements under faults on every run.
+NO_SUBSCRIBERS = Plan(
+    jobs=(
+        JobSpec(behaviours=(Behaviour("return", 0.3),)),
+        JobSpec(behaviours=(Behaviour("raise"), Behaviour("snooze", 0.5)), queue="other"),
+        JobSpec(behaviours=(Behaviour("block"),), max_attempts=2),
+        JobSpec(behaviours=(Behaviour("shielded", 1.0),)),
+    ),
+    clients=(
+        ClientSpec(
+            queues=QUEUES,
+            subscribe=False,
+            faults=(FaultSpec("job_set_state_if_running_many", "error_after", 2),),
+        ),
+        ClientSpec(queues=QUEUES, max_workers=1, subscribe=False),
+        ClientSpec(queues=("default",), max_workers=1),
+    ),
+    steps=(
+        Step(0.0, "insert_many", -1, (0, 1, 2, 3, 0, 1)),
+        Step(0.3, "cancel", -1, (0,), busy=True),
+        Step(0.3, "outside_cancel", 0, busy=True),
+        Step(1.0, "insert", 1, (0, 2)),
+        Step(1.0, "start", 0),
+        Step(0.5, "hard_stop", 1, busy=True),
+        Step(1.0, "insert_many", 0, (3, 0)),
+    ),
+    job_timeout=2.0,
+    shutdown_timeout=3.0,
+)
+
+
+def test_plan_without_subscribers_on_memory() -> None:
+    assert_holds(run_on_memory(NO_SUBSCRIBERS, memory_driver))
+
+
+def test_plan_without_subscribers_on_postgres(database_url: str) -> None:
+    assert_holds(run_on_postgres(NO_SUBSCRIBERS, database_url, scale=PG_SCALE))
+
+
+# A client with subscribers cancelled from outside while its jobs run: its subscriber's
+# task lives outside the cancelled scope and must receive an event for every outcome the
+# final flush writes (jobs that return at once, a shielded one that ends well inside
+# shutdown_timeout, an interrupted one).
+OUTSIDE_CANCEL_EVENTS = Plan(
+    jobs=(
+        JobSpec(behaviours=(Behaviour("return", 1.0),)),
+        JobSpec(behaviours=(Behaviour("shielded", 0.5),)),
+        JobSpec(behaviours=(Behaviour("block"),)),
+    ),
+    clients=(ClientSpec(max_workers=3),),
+    steps=(Step(0.0, "insert_many", -1, (0, 1, 2)), Step(0.2, "outside_cancel", 0, busy=True)),
+    job_timeout=5.0,
+    shutdown_timeout=3.0,
+)
+
+
+def test_outside_cancel_events_on_memory() -> None:
+    sim = run_on_memory(OUTSIDE_CANCEL_EVENTS, memory_driver)
+    assert_holds(sim)
+    [life] = [life for life in sim.lives.values() if life.outside]
+    assert len(life.events) == 3  # the plan's three runs, each written in the final flush
+
+
+def test_outside_cancel_events_on_postgres(database_url: str) -> None:
+    sim = run_on_postgres(OUTSIDE_CANCEL_EVENTS, database_url, scale=PG_SCALE)
+    assert_holds(sim)
 
 
 async def _stale_outcome_is_not_written(d: Any) -> None:
