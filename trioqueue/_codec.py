@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -22,6 +22,9 @@ from ._validate import (
 )
 from .errors import ValidationError
 from .job import AttemptError, InsertOpts, Job, JobState, UniqueOpts
+
+if TYPE_CHECKING:
+    from .driver.protocol import JobRow
 
 __all__ = [
     "args_to_dict",
@@ -347,36 +350,36 @@ def _metadata(raw: Any) -> dict[str, Any]:
 _STATES = {state.value: state for state in JobState}
 
 
-def row_to_job(row: tuple[Any, ...], args_type: type[Any] | None) -> Job[Any]:
-    """A Job from a row in the driver's ``Row`` order. Args that the type does not accept
-    stay the decoded JSON object, so a stored job can always be read."""
-    args = row[2]
+def row_to_job(row: JobRow, args_type: type[Any] | None) -> Job[Any]:
+    """A Job from a driver's row. Args that the type does not accept stay the decoded
+    JSON object, so a stored job can always be read."""
+    args = row.args
     if args_type is not None:
         try:
             args = decode_args(args_type, args)
         except Exception:
-            args = row[2]
+            args = row.args
     return row_to_job_with_args(row, args)
 
 
-def row_to_job_with_args(row: tuple[Any, ...], args: Any) -> Job[Any]:
+def row_to_job_with_args(row: JobRow, args: Any) -> Job[Any]:
     """A Job from a row, with ``args`` in place of the stored args (an insert's own)."""
-    errors = row[13]
+    errors = row.errors
     return Job(
-        row[0],
-        row[1],
+        row.id,
+        row.kind,
         args,
-        row[3],
-        _STATES[row[4]],
-        row[5],
-        row[6],
-        row[7],
-        row[8],
-        list(row[9] or ()),
-        row[10],
-        row[11],
-        row[12],
+        row.queue,
+        _STATES[row.state],
+        row.priority,
+        row.attempt,
+        row.max_attempts,
+        row.attempted_at,
+        list(row.attempted_by or ()),
+        row.created_at,
+        row.finalized_at,
+        row.scheduled_at,
         _errors(errors) if errors else [],
-        _metadata(row[14]),
-        list(row[15] or ()),
+        _metadata(row.metadata),
+        list(row.tags or ()),
     )
