@@ -36,6 +36,7 @@ import attrs
 import trio
 
 from .._codec import row_to_job
+from .._insert import InsertBuilder
 from ..driver.protocol import Driver, JobInsertParams, PeriodicJobState
 from ..errors import DatabaseError, UnknownJobKindError, ValidationError
 from ..job import InsertOpts, Job, JobState
@@ -50,9 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("trioqueue.periodic")
-
-PrepareInsert = Callable[[Any, datetime], JobInsertParams]
-"""Builds validated insert params from ``(args, opts)`` at ``now`` (the client's own)."""
 
 ALL_STATES = "11111111"
 """A run's unique key holds in every state: a finished run is never inserted again."""
@@ -189,7 +187,9 @@ class PeriodicEnqueuer:
     driver: Driver
     now: Callable[[], datetime]
     jobs: PeriodicJobs
-    prepare: PrepareInsert
+    inserts: InsertBuilder
+    """The client's insert builder: a run's job is checked and encoded as the client's
+    own inserts are (a kind without a worker here raises UnknownJobKindError)."""
     config: PeriodicEnqueuerConfig = PeriodicEnqueuerConfig()
     _seen: set[str] = attrs.field(factory=set, init=False)
     """Ids of jobs this client has handled since it started (for ``run_on_start``)."""
@@ -230,7 +230,7 @@ class PeriodicEnqueuer:
                     missed_runs=plan.missed_runs, missed_since=plan.missed_since.isoformat()
                 )
             opts = attrs.evolve(opts, metadata=metadata, unique=None)
-            params = self.prepare((args, opts), now)
+            params = self.inserts.params((args, opts), now)
         except UnknownJobKindError as exc:
             # A client without the worker (a web app, say): expected, so one WARNING per
             # job, and the runs are left to the clients that have it.
