@@ -17,13 +17,13 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from ._codec import dumps
+from ._failure import error_entry
 from .config import RetryPolicy
 from .driver.protocol import JobOutcome
 from .errors import MAX_SNOOZE, snooze_seconds_ok
 from .events import EventKind
 from .job import Job, JobState
 from .workers import WorkerEntry, Workers
-from ._failure import error_entry
 
 __all__ = [
     "MAX_RETRY_DELAY",

@@ -17,6 +17,8 @@ import trio
 from .._failure import fatal_unwrapped
 from .._maintenance.periodic import PeriodicEnqueuer, PeriodicEnqueuerConfig
 from .._runtime.startup import Startup
+from .._schema import SCHEMA_VERSION
+from .._urls import is_memory_url, resolve_database_url
 from ..config import ClientConfig, QueueConfig, validate_queues
 from ..current import running_client
 from ..driver.postgres.driver import open_postgres_driver
@@ -75,10 +77,10 @@ async def open_client(
             yield client
         return
 
-    from ..embedded import open_embedded_server, resolve_database_url
+    from ..embedded import open_embedded_server
 
     url = resolve_database_url(database_url)
-    if url is not None and url.startswith("memory://"):
+    if url is not None and is_memory_url(url):
         from ..driver.memory import memory_driver_for_url
 
         async with _run_client(memory_driver_for_url(url), cfg, workers, queue_configs) as client:
@@ -134,15 +136,13 @@ async def _run_client(
     The start-up's database steps retry transient errors under ``startup`` (a fresh
     budget of ``startup_timeout`` when None); a schema that is too old fails at once.
     """
-    from ..migrations import latest_version
-
     if startup is None:
         startup = Startup(cfg.startup_timeout)
     version = await startup.retry("checking the schema version", driver.schema_version)
-    if version < latest_version():
+    if version < SCHEMA_VERSION:
         raise TrioqueueError(
             f"the database schema is at version {version}, this trioqueue needs "
-            f"{latest_version()}: run `trioqueue migrate` (or `await trioqueue.migrate(url)`)"
+            f"{SCHEMA_VERSION}: run `trioqueue migrate` (or `await trioqueue.migrate(url)`)"
         )
     client = Client(driver, cfg, workers, queues, driver.clock)
     if client._runtime is None:

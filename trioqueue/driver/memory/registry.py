@@ -4,13 +4,11 @@ one names (`memory_driver_for_url`)."""
 from __future__ import annotations
 
 import threading
-from typing import Final
 
+from ..._urls import MEMORY_URL_PREFIX
 from .driver import MemoryDriver
 
 __all__ = ["MEMORY_URL_PREFIX", "memory_driver_for_url"]
-
-MEMORY_URL_PREFIX: Final = "memory://"
 
 _named: dict[str, MemoryDriver] = {}
 _named_lock = threading.Lock()
