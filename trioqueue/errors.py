@@ -36,10 +36,12 @@ class ValidationError(TrioqueueError, ValueError):
 
 @final
 class UnknownJobKindError(ValidationError):
-    """Inserting a kind that no worker is registered for, on a client that has workers."""
+    """No worker is registered for a job's kind: raised when inserting such a job on a
+    client that has workers, and recorded on a fetched job whose kind has no worker on
+    the client that fetched it (``where`` then says so)."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__("kind", f"no worker is registered for job kind {kind!r}")
+    def __init__(self, kind: str, where: str = "") -> None:
+        super().__init__("kind", f"no worker is registered for job kind {kind!r}{where}")
         self.kind = kind
 
 

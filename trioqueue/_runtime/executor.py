@@ -62,7 +62,7 @@ class _Run(NamedTuple):
 def _unknown(job: Job[Any]) -> UnknownJobKindError:
     """What a run of a job whose kind has no worker on this client records (the error
     inserting such a job raises, on a client that has workers)."""
-    return UnknownJobKindError(job.kind)
+    return UnknownJobKindError(job.kind, " on this client")
 
 
 def _decoded(job: Job[Any], entry: WorkerEntry[Any]) -> Job[Any]:
