@@ -9,19 +9,12 @@ from typing import Any, ClassVar, cast
 import attrs
 import pytest
 import trio
-from support import eventually
+from support import FAST, eventually
 
 import trioqueue as tq
 from trioqueue.driver.faults import Fault, FaultyDriver
 from trioqueue.driver.postgres.driver import open_postgres_driver
 from trioqueue.driver.protocol import Driver
-
-FAST = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-    "leader_interval": 0.2,
-}
 
 
 @attrs.frozen

@@ -15,8 +15,6 @@ and kills the processes it started, whatever happens; none asserts anything abou
 
 from __future__ import annotations
 
-import collections
-import importlib.util
 import os
 import signal
 import subprocess
@@ -24,22 +22,17 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 import psycopg
 import pytest
 import trio
+from support import FAST, Sleep, Tracker
 
 import trioqueue as tq
 from trioqueue.driver.postgres import PgConnection
 from trioqueue.embedded import EmbeddedServer
-
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-}
 
 WORKER_SCRIPT = Path(__file__).with_name("worker_process.py")
 
@@ -54,12 +47,6 @@ class Record:
     """Worked by ``worker_process.py``: sleeps, then writes a row into ``runs``."""
 
     kind: ClassVar[str] = "record"
-    seconds: float = 0.0
-
-
-@attrs.frozen
-class Sleep:
-    kind: ClassVar[str] = "sleep"
     seconds: float = 0.0
 
 
@@ -155,42 +142,6 @@ async def worker_processes(url: str, count: int, *args: str) -> AsyncIterator[li
                     await p.proc.wait()
                 assert p.proc.stdout is not None
                 await p.proc.stdout.aclose()
-
-
-class Tracker:
-    """Runs of in-process workers: how often each job ran, and any run that started while
-    the same job was already running."""
-
-    def __init__(self) -> None:
-        self.runs: collections.Counter[int] = collections.Counter()
-        self.running: set[int] = set()
-        self.overlaps: list[int] = []
-        self.finished = 0
-        self._changed = trio.Event()
-
-    async def wait_finished(self, n: int) -> None:
-        while self.finished < n:
-            await self._changed.wait()
-
-    def workers(self, *, longest: float = 60.0) -> tq.Workers:
-        """A ``sleep`` worker that sleeps ``job.args.seconds``, at most ``longest``."""
-        workers = tq.Workers()
-
-        @workers.worker(Sleep)
-        async def sleep(job: tq.Job[Sleep]) -> None:
-            if job.id in self.running:
-                self.overlaps.append(job.id)
-            self.running.add(job.id)
-            self.runs[job.id] += 1
-            try:
-                await trio.sleep(min(job.args.seconds, longest))
-            finally:
-                self.running.discard(job.id)
-            self.finished += 1
-            self._changed.set()
-            self._changed = trio.Event()
-
-        return workers
 
 
 def assert_each_ran_once(tracker: Tracker, ids: list[int]) -> None:
@@ -309,14 +260,22 @@ async def test_client_survives_killed_connections(database_url: str) -> None:
             assert tracker.runs[probe.job.id] == 1
 
 
-async def test_client_survives_a_server_restart(
-    database_url: str, pg_server: EmbeddedServer | None
-) -> None:
+@pytest.fixture
+def own_server(pg_server: EmbeddedServer | None) -> EmbeddedServer:
+    """The session's embedded server, which a test may restart. A sync fixture skips with
+    its reason shown: a ``pytest.skip`` inside an async test loses it (pytest-trio)."""
     if pg_server is None:
         pytest.skip(
             "restarts the session's embedded server; with $TRIOQUEUE_TEST_DATABASE_URL set "
             "the server is shared and not ours to restart"
         )
+    return pg_server
+
+
+async def test_client_survives_a_server_restart(
+    database_url: str, own_server: EmbeddedServer
+) -> None:
+    pg_server = own_server
     jobs = 2000
     tracker = Tracker()
     try:
@@ -372,10 +331,6 @@ async def test_a_sigkilled_worker_leaves_its_job_running(database_url: str) -> N
     assert job.errors == []
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("trioqueue._maintenance.rescuer") is None,
-    reason="the rescuer (trioqueue/_maintenance/rescuer.py) does not exist yet",
-)
 async def test_the_rescuer_returns_a_killed_workers_job_to_work(database_url: str) -> None:
     tracker = Tracker()
     with trio.fail_after(30):
@@ -384,10 +339,9 @@ async def test_the_rescuer_returns_a_killed_workers_job_to_work(database_url: st
             database_url,
             workers=tracker.workers(longest=0.0),
             queues={"default": tq.QueueConfig(max_workers=5)},
-            **FAST,
+            **{**FAST, "leader_interval": 0.5},
             rescue_stuck_jobs_after=0.5,
             rescuer_interval=0.2,
-            leader_interval=0.5,
             retry_policy=lambda job: 0.0,
         ) as client:
             await tracker.wait_finished(1)

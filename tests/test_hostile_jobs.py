@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import attrs
 import pytest
 import trio
+from support import FAST
 
 import trioqueue as tq
 import trioqueue.testing as tqt
@@ -114,14 +115,6 @@ def _workers() -> tq.Workers:
     workers = tq.Workers()
     workers.add(Act, _act)
     return workers
-
-
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.5,
-    "leader_interval": 0.5,
-}
 
 
 @asynccontextmanager

@@ -28,7 +28,6 @@ runs 200 examples per path on the memory driver and 150 per path on PostgreSQL
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -39,10 +38,9 @@ import pytest
 import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support import LONG, SOAK
 
 import trioqueue as tq
-
-SOAK = os.environ.get("TRIOQUEUE_SOAK") == "1"
 
 _common: dict[str, Any] = {
     "deadline": None,
@@ -61,7 +59,6 @@ MEMORY = settings.get_profile("trioqueue-fuzz-memory-soak" if SOAK else "trioque
 POSTGRES = settings.get_profile(
     "trioqueue-fuzz-postgres-soak" if SOAK else "trioqueue-fuzz-postgres"
 )
-LONG = pytest.mark.timeout(6 * 3600 if SOAK else 600)
 
 MAX_DEPTH = 100
 INT_TEXT_LIMIT = 10**4300  # sys.get_int_max_str_digits(): ints from here on have no text

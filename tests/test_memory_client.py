@@ -13,18 +13,12 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from support import FAST
 
 import trioqueue as tq
 from trioqueue.driver.memory import MemoryDriver, memory_driver_for_url
 from trioqueue.driver.protocol import JobInsertParams
 from trioqueue.migrations import latest_version, migrations
-
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.05,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-    "leader_interval": 0.2,
-}
 
 FINAL = (tq.JobState.COMPLETED, tq.JobState.CANCELLED, tq.JobState.DISCARDED)
 

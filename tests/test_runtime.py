@@ -7,22 +7,15 @@ Tests wait on subscription events rather than sleeping wherever they can.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import attrs
 import pytest
 import trio
+from support import wait_fetches, working
 
 import trioqueue as tq
-
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-}
 
 JOB_EVENTS = (
     tq.EventKind.JOB_COMPLETED,
@@ -47,20 +40,6 @@ class Other:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-@asynccontextmanager
-async def working(
-    url: str, workers: tq.Workers, *, max_workers: int = 10, **config: Any
-) -> AsyncIterator[tq.Client]:
-    """A client working the ``default`` queue with quick intervals."""
-    async with tq.open_client(
-        url,
-        workers=workers,
-        queues={"default": tq.QueueConfig(max_workers=max_workers)},
-        **{**FAST, **config},
-    ) as client:
-        yield client
 
 
 async def next_event(sub: tq.Subscription, job_id: int | None = None) -> tq.Event:
@@ -537,7 +516,7 @@ async def test_priority_order(database_url: str) -> None:
         ):
             for priority in (4, 1, 3, 2):
                 await client.insert(Task(priority), tq.InsertOpts(priority=priority))
-            await trio.sleep(0.3)  # several poll intervals: nothing runs while paused
+            await wait_fetches(client)  # fetches that saw the jobs: nothing runs while paused
             assert ran == []
             await client.queue_resume("default")
             for _ in range(4):
@@ -639,14 +618,19 @@ async def test_max_workers_respected(database_url: str) -> None:
     workers = tq.Workers()
     running = 0
     peak = 0
+    full = trio.Event()
 
     @workers.worker(Task)
     async def work(job: tq.Job[Task]) -> None:
+        # The first jobs wait until three run at once, so the peak is reached whatever
+        # the timing; a fourth at once would be max_workers broken.
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
+        if running == 3:
+            full.set()
         try:
-            await trio.sleep(0.05)
+            await full.wait()
         finally:
             running -= 1
 

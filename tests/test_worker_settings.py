@@ -8,6 +8,7 @@ from typing import Any, ClassVar, overload
 import attrs
 import pytest
 import trio
+from support import FAST
 
 import trioqueue as tq
 from trioqueue.testing import work_one
@@ -23,9 +24,6 @@ class OrderArgs:
 class NotifyArgs:
     kind: ClassVar[str] = "notify"
     order_id: int
-
-
-FAST: dict[str, Any] = {"fetch_poll_interval": 0.1, "fetch_cooldown": 0.01}
 
 
 def _workers(seen: list[tuple[str, Any]]) -> tq.Workers:

@@ -20,15 +20,9 @@ from typing import Any, ClassVar
 
 import attrs
 import trio
+from support import FAST
 
 import trioqueue as tq
-
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-    "leader_interval": 0.2,
-}
 
 TABLES = """
 CREATE TABLE worker_app_marks (job_id bigint, kind text NOT NULL, note text NOT NULL);

@@ -31,17 +31,9 @@ from typing import Any, ClassVar
 
 import attrs
 import trio
+from support import FAST
 
 import trioqueue as tq
-
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-    # Short terms: when a test kills this process while it leads, its leadership
-    # expires (after 3 intervals) soon enough for another client to take over.
-    "leader_interval": 0.5,
-}
 
 
 @attrs.frozen
@@ -84,7 +76,9 @@ async def main(url: str, max_workers: int, client_id: str | None) -> None:
         say(f"started {job.id}")
         await trio.sleep(job.args.seconds)
 
-    config = dict(FAST)
+    # FAST's short terms matter here too: when a test kills this process while it leads,
+    # its leadership expires (after 3 intervals) soon enough for another client to take over.
+    config: dict[str, Any] = dict(FAST)
     if client_id is not None:
         config["id"] = client_id
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
