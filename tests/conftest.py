@@ -7,6 +7,10 @@ migrated *template* database; every test that asks for ``database_url`` gets its
 
 All fixtures here are sync: pytest-trio only allows function-scoped async fixtures, and a
 session-scoped server must outlive every test's ``trio.run``.
+
+Hypothesis: under CI (``$CI`` set, or ``TRIOQUEUE_CI=1``, which ``.ci/run`` exports) the
+``trioqueue-ci`` profile is loaded: derandomized, so a red run replays the same examples
+(docs/testing.md, "Reproducing a CI failure"). Locally the default profile stays as it is.
 """
 
 from __future__ import annotations
@@ -21,11 +25,28 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 from psycopg import sql
+from support import env_flag
 
 from trioqueue.embedded import DATABASE_URL_ENV, EmbeddedServer
 
 TEST_DATABASE_URL_ENV = "TRIOQUEUE_TEST_DATABASE_URL"
+CI_ENV = "TRIOQUEUE_CI"
+
+# Loaded here, before any test module is imported: the profiles the test modules register
+# (and the settings objects they build) inherit every value they do not set themselves
+# from the profile loaded when they are made, derandomize and database among them.
+settings.register_profile(
+    "trioqueue-ci",
+    derandomize=True,  # the examples follow from the test's code alone: a rerun replays them
+    database=None,  # nothing to keep in a clone that is thrown away
+    print_blob=True,  # a failure prints its @reproduce_failure(...) line
+    deadline=None,  # CI machines stall; speed is never what a test checks
+    suppress_health_check=[HealthCheck.too_slow],
+)
+if os.environ.get("CI") or env_flag(CI_ENV):
+    settings.load_profile("trioqueue-ci")
 
 # pid + random: unique across concurrent sessions (xdist workers, CI jobs sharing a server)
 # and across a crashed session's leftovers.
@@ -80,10 +101,16 @@ def fresh_database(server_url: str, template: str, prefix: str = "tq_x") -> Iter
         _drop_database(server_url, name)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     if _external_url() is not None:
-        return f"trioqueue tests use ${TEST_DATABASE_URL_ENV}"
-    return "trioqueue tests use a temporary embedded PostgreSQL server"
+        where = f"trioqueue tests use ${TEST_DATABASE_URL_ENV}"
+    else:
+        where = "trioqueue tests use a temporary embedded PostgreSQL server"
+    # (Read when the header is printed: after --hypothesis-profile, if given, was applied.)
+    current = getattr(settings, "get_current_profile_name", None)  # not in older releases
+    profile = current() if current is not None else "?"
+    derandomized = " (derandomized)" if settings.default and settings.default.derandomize else ""
+    return [where, f"hypothesis profile {profile!r}{derandomized}"]
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +172,17 @@ def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
     """URL of a fresh, migrated database for this test alone; dropped afterwards."""
     with fresh_database(pg_server_url, template_database, "tq_t") as url:
         yield url
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty store for this test, once per driver: ``memory://NAME`` (an in-process
+    store of its own, shared by every client the test opens with it) or a fresh migrated
+    PostgreSQL database (as ``database_url``)."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("database_url")
+        return url
+    return f"memory://tq_m_{_SESSION_TAG}_{next(_database_numbers)}"
 
 
 @pytest.fixture

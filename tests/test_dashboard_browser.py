@@ -6,8 +6,9 @@ the way an operator would: from the overview's discarded count to the list, the 
 
 Playwright is only the driver: it is always given the system's browser (``executable_path``),
 never one of its own downloads (``playwright install`` is not needed and cannot work on CI's
-network). ``.ci/run`` installs Debian's ``chromium`` package when it is missing; where no
-Chromium can be found, these tests skip and say so.
+network). ``.ci/run`` installs Debian's ``chromium`` package when it is missing (and fails when
+it cannot), then sets ``TRIOQUEUE_REQUIRE_BROWSER=1``. Where no Chromium can be found these
+tests skip and say so, unless ``$TRIOQUEUE_REQUIRE_BROWSER`` is ``1``: then they fail.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ import attrs
 import pytest
 import trio
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from support import env_flag
 
 import trioqueue as tq
 from trioqueue.testing import work_one
 
 CHROMIUM_ENV = "TRIOQUEUE_CHROMIUM"
+REQUIRE_ENV = "TRIOQUEUE_REQUIRE_BROWSER"
 _CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # As the machine's own browser check runs it: as root Chromium needs --no-sandbox, and on a
 # closed network its background services only add refused connections.
@@ -161,11 +164,14 @@ def run_dashboard(database_url: str, log_path: Path, *options: str) -> Iterator[
 def browser() -> Iterator[Browser]:
     executable = find_chromium()
     if executable is None:
-        pytest.skip(
+        missing = (
             "no Chromium found (looked for $TRIOQUEUE_CHROMIUM, /usr/bin/chromium and "
             f"{', '.join(_CHROMIUM_NAMES)} on $PATH); install Debian's chromium package, "
             "as .ci/run does"
         )
+        if env_flag(REQUIRE_ENV):
+            pytest.fail(f"{missing}; ${REQUIRE_ENV}=1 says this test must run")
+        pytest.skip(missing)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path=executable, args=list(CHROMIUM_ARGS), timeout=60_000

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, ClassVar
@@ -60,15 +59,6 @@ class MapVal(dict[Any, Any]):
 class NewlineKind:
     kind: ClassVar[str] = "newline\n"
     x: int = 0
-
-
-@pytest.fixture(params=["memory", "postgres"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    """A fresh store on each driver: a memory store of its own, or a migrated database."""
-    if request.param == "memory":
-        return f"memory://test_validation_{uuid.uuid4().hex}"
-    url: str = request.getfixturevalue("database_url")
-    return url
 
 
 @pytest.fixture
