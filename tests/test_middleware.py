@@ -1,6 +1,7 @@
 """Insert and worker middleware, hooks, per-job logging and the dropped-events counter.
 
-Mostly on the memory driver (fast); one test runs the whole path on PostgreSQL.
+Every test that opens a client runs on both drivers (the ``store_url`` fixture): a memory
+store of its own and a fresh PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 import pytest
 import trio
+from support import FAST
 
 import trioqueue as tq
 from trioqueue._runtime.executor import Executor
@@ -20,12 +22,6 @@ from trioqueue.middleware import WorkNext, build_work_chain
 
 R = TypeVar("R")
 
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.05,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-    "leader_interval": 0.2,
-}
 FINAL = {
     tq.EventKind.JOB_COMPLETED,
     tq.EventKind.JOB_FAILED,
@@ -112,11 +108,10 @@ def _workers(log: list[str], **add: Any) -> tq.Workers:
 
 
 @asynccontextmanager
-async def _client(workers: tq.Workers | None, **config: Any) -> AsyncIterator[tq.Client]:
+async def _client(url: str, workers: tq.Workers | None, **config: Any) -> AsyncIterator[tq.Client]:
+    """A client on ``url``: insert-only without ``workers``, else working ``default``."""
     queues = {"default": tq.QueueConfig(max_workers=10)} if workers is not None else None
-    async with tq.open_client(
-        driver=tq.MemoryDriver(), workers=workers, queues=queues, **FAST, **config
-    ) as client:
+    async with tq.open_client(url, workers=workers, queues=queues, **FAST, **config) as client:
         yield client
 
 
@@ -125,7 +120,7 @@ async def _run(client: tq.Client, *items: Any) -> list[tq.Event]:
     async with client.subscribe(*FINAL) as events:
         await client.insert_many(list(items))
         seen: list[tq.Event] = []
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             async for event in events:
                 seen.append(event)
                 if len(seen) == len(items):
@@ -133,9 +128,9 @@ async def _run(client: tq.Client, *items: Any) -> list[tq.Event]:
     raise AssertionError("events ended early")
 
 
-async def test_insert_middleware_changes_params_on_every_insert_variant() -> None:
+async def test_insert_middleware_changes_params_on_every_insert_variant(store_url: str) -> None:
     retag = Retag()
-    async with _client(None, middleware=[retag]) as client:
+    async with _client(store_url, None, middleware=[retag]) as client:
         await client.insert(Task("a"))
         await client.insert(Task("b"), tq.InsertOpts(tags=["own"], priority=1))
         await client.insert_many([Task("c"), (Other(), tq.InsertOpts(queue="q2"))])
@@ -153,7 +148,7 @@ async def test_insert_middleware_changes_params_on_every_insert_variant() -> Non
     assert next(j for j in jobs if j.kind == "other").queue == "q2"
 
 
-async def test_insert_params_carry_the_defaults() -> None:
+async def test_insert_params_carry_the_defaults(store_url: str) -> None:
     seen: list[tq.InsertParams] = []
 
     class Look:
@@ -165,7 +160,7 @@ async def test_insert_params_carry_the_defaults() -> None:
             seen.extend(params)
             return await call_next(params)
 
-    async with _client(None, middleware=[Look()], max_attempts=7) as client:
+    async with _client(store_url, None, middleware=[Look()], max_attempts=7) as client:
         res = await client.insert(Task("x"), tq.InsertOpts(metadata={"k": 1}))
     (p,) = seen
     assert (p.kind, p.queue, p.priority, p.max_attempts) == ("task", "default", 1, 7)
@@ -185,7 +180,7 @@ async def test_insert_params_carry_the_defaults() -> None:
     ],
 )
 async def test_what_insert_middleware_passes_on_is_validated(
-    change: Callable[[list[tq.InsertParams]], Any], field: str
+    store_url: str, change: Callable[[list[tq.InsertParams]], Any], field: str
 ) -> None:
     class Bad:
         async def insert_many(
@@ -195,7 +190,7 @@ async def test_what_insert_middleware_passes_on_is_validated(
         ) -> R:
             return await call_next(change(params))
 
-    async with _client(None, middleware=[Bad()]) as client:
+    async with _client(store_url, None, middleware=[Bad()]) as client:
         with pytest.raises(tq.ValidationError) as info:
             await client.insert(Task("x"))
         assert info.value.field == field
@@ -204,7 +199,7 @@ async def test_what_insert_middleware_passes_on_is_validated(
         assert (await client.job_list()).jobs == []
 
 
-async def test_order_of_client_and_kind_middleware_and_hooks() -> None:
+async def test_order_of_client_and_kind_middleware_and_hooks(store_url: str) -> None:
     log: list[str] = []
 
     class Hooks:
@@ -224,7 +219,7 @@ async def test_order_of_client_and_kind_middleware_and_hooks() -> None:
 
     workers = _workers(log, middleware=[Recorder("C", log), fn_middleware])
     a, b = Recorder("A", log), Recorder("B", log)
-    async with _client(workers, middleware=[a, b], hooks=[Hooks()]) as client:
+    async with _client(store_url, workers, middleware=[a, b], hooks=[Hooks()]) as client:
         events = await _run(client, Task("ok"))
     assert events[0].kind is tq.EventKind.JOB_COMPLETED
     assert log == [
@@ -247,7 +242,7 @@ async def test_order_of_client_and_kind_middleware_and_hooks() -> None:
     ]
 
 
-async def test_a_kinds_own_hooks_run_after_the_clients() -> None:
+async def test_a_kinds_own_hooks_run_after_the_clients(store_url: str) -> None:
     log: list[str] = []
 
     class Named:
@@ -265,7 +260,9 @@ async def test_a_kinds_own_hooks_run_after_the_clients() -> None:
             return tq.JobCancel("the kind said no")
 
     workers = _workers(log, middleware=[Recorder("C", log)], hooks=[Named("K"), Fail()])
-    async with _client(workers, middleware=[Recorder("A", log)], hooks=[Named("H")]) as client:
+    async with _client(
+        store_url, workers, middleware=[Recorder("A", log)], hooks=[Named("H")]
+    ) as client:
         [event] = await _run(client, Task("ok"))
     assert log[log.index("H.work_begin") :] == [
         "H.work_begin",
@@ -282,11 +279,13 @@ async def test_a_kinds_own_hooks_run_after_the_clients() -> None:
     assert event.kind is tq.EventKind.JOB_CANCELLED
 
 
-async def test_worker_middleware_sees_exceptions_and_outcomes_keep_their_meaning() -> None:
+async def test_worker_middleware_sees_exceptions_and_outcomes_keep_their_meaning(
+    store_url: str,
+) -> None:
     log: list[str] = []
     rec = Recorder("A", log)
     workers = _workers(log, timeout=0.2)
-    async with _client(workers, middleware=[rec], max_attempts=1) as client:
+    async with _client(store_url, workers, middleware=[rec], max_attempts=1) as client:
         events = await _run(
             client, Task("fail"), Task("snooze"), Task("cancel"), Task("hang"), Task("ok")
         )
@@ -300,7 +299,7 @@ async def test_worker_middleware_sees_exceptions_and_outcomes_keep_their_meaning
     assert kinds == ["Cancelled", "JobCancel", "JobSnooze", "NoneType", "RuntimeError"]
 
 
-async def test_work_end_hook_can_rewrite_the_outcome() -> None:
+async def test_work_end_hook_can_rewrite_the_outcome(store_url: str) -> None:
     seen: list[tuple[str, str]] = []
 
     class End:
@@ -317,7 +316,7 @@ async def test_work_end_hook_can_rewrite_the_outcome() -> None:
             if job.args.mode == "snooze":
                 raise ValueError("hook raised")
 
-    async with _client(_workers([]), hooks=[End(), Raising()], max_attempts=1) as client:
+    async with _client(store_url, _workers([]), hooks=[End(), Raising()], max_attempts=1) as client:
         events = await _run(client, Task("fail"), Task("ok"), Task("snooze"))
         by_mode = {e.job.args.mode: e for e in events if e.job is not None}
         ok = await client.job_get(by_mode["ok"].job.id)  # type: ignore[union-attr]
@@ -328,13 +327,13 @@ async def test_work_end_hook_can_rewrite_the_outcome() -> None:
     assert sorted(seen) == [("fail", "RuntimeError"), ("ok", "NoneType"), ("snooze", "JobSnooze")]
 
 
-async def test_insert_begin_hook_can_stop_an_insert() -> None:
+async def test_insert_begin_hook_can_stop_an_insert(store_url: str) -> None:
     class Refuse:
         async def insert_begin(self, params: list[tq.InsertParams]) -> None:
             if any(p.queue == "closed" for p in params):
                 raise tq.ValidationError("queue", "this queue is closed")
 
-    async with _client(None, hooks=[Refuse()]) as client:
+    async with _client(store_url, None, hooks=[Refuse()]) as client:
         with pytest.raises(tq.ValidationError, match="closed"):
             await client.insert_many([Task("a"), (Task("b"), tq.InsertOpts(queue="closed"))])
         await client.insert(Task("c"))
@@ -384,13 +383,15 @@ def test_without_middleware_a_run_awaits_the_worker_itself() -> None:
     assert executor._work_ends == ()
 
 
-async def test_job_end_logging_fields_and_levels(caplog: pytest.LogCaptureFixture) -> None:
+async def test_job_end_logging_fields_and_levels(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="trioqueue.executor")
-    async with _client(_workers([]), max_attempts=2) as client:
+    async with _client(store_url, _workers([]), max_attempts=2) as client:
         await _run(client, Task("ok"))
         async with client.subscribe(tq.EventKind.JOB_FAILED) as events:
             res = await client.insert(Task("fail"))
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 first = await events.receive()
                 assert first.job is not None and first.job.state is tq.JobState.RETRYABLE
                 await client.job_retry(res.job.id)
@@ -407,23 +408,23 @@ async def test_job_end_logging_fields_and_levels(caplog: pytest.LogCaptureFixtur
 
 
 async def test_no_per_job_line_above_debug_for_successful_jobs(
-    caplog: pytest.LogCaptureFixture,
+    store_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="trioqueue")
-    async with _client(_workers([])) as client:
+    async with _client(store_url, _workers([])) as client:
         await _run(client, Task("ok"), Task("ok"))
     assert [r for r in caplog.records if r.name == "trioqueue.executor"] == []
 
 
-async def test_dropped_events_are_counted_in_statistics() -> None:
-    async with _client(_workers([])) as client:
+async def test_dropped_events_are_counted_in_statistics(store_url: str) -> None:
+    async with _client(store_url, _workers([])) as client:
         async with client.subscribe(tq.EventKind.JOB_COMPLETED, buffer=1) as slow:
             await _run(client, Task("ok"), Task("ok"), Task("ok"))
             assert slow.dropped == 2
             assert client.statistics()["dispatcher"].dropped == 2
 
 
-async def test_middleware_and_hooks_on_postgres(database_url: str) -> None:
+async def test_middleware_and_hooks_end_to_end(store_url: str) -> None:
     log: list[str] = []
     retag = Retag()
     rec = Recorder("A", log)
@@ -435,7 +436,7 @@ async def test_middleware_and_hooks_on_postgres(database_url: str) -> None:
 
     workers = _workers(log, middleware=[Recorder("K", log)])
     async with tq.open_client(
-        database_url,
+        store_url,
         workers=workers,
         queues={"default": tq.QueueConfig(max_workers=10)},
         middleware=[retag, rec],
@@ -448,7 +449,7 @@ async def test_middleware_and_hooks_on_postgres(database_url: str) -> None:
                 await client.insert_tx(tx, Task("ok"))
                 await client.insert_many_fast_tx(tx, [Task("ok"), Task("ok")])
             await client.insert_many_fast([Task("ok")])
-            with trio.fail_after(10):
+            with trio.fail_after(30):
                 done = [await events.receive() for _ in range(5)]
         with pytest.raises(tq.ValidationError):
             await client.insert(Task("ok"), tq.InsertOpts(queue="bad queue!"))
