@@ -25,23 +25,28 @@ class Worker:
     def __init__(self, process: trio.Process) -> None:
         self.process = process
         self.stderr = ""
+        self.stderr_ended = False
+        """The process closed its stderr (it exits): ``stderr`` is all it wrote."""
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
         self._changed = trio.Event()
 
     async def collect(self) -> None:
         assert self.process.stderr is not None
         async for chunk in self.process.stderr:
             self.stderr += chunk.decode()
-            self._changed.set()
-            self._changed = trio.Event()
+            self._notify()
+        self.stderr_ended = True
+        self._notify()
 
     async def wait_for(self, text: str) -> None:
-        """Until ``text`` is in stderr; fails if the process ends without writing it."""
+        """Until ``text`` is in stderr; fails once the process has closed its stderr (as it
+        does on exit) without writing it."""
         while text not in self.stderr:
-            if self.process.returncode is not None:
-                await trio.sleep(0.1)  # the last of stderr may still be on its way
-                assert text in self.stderr, self.stderr
-            with trio.move_on_after(0.5):
-                await self._changed.wait()
+            assert not self.stderr_ended, self.stderr
+            await self._changed.wait()
 
     async def health_port(self) -> int:
         while (found := LISTENING.search(self.stderr)) is None:

@@ -3,8 +3,10 @@
 Every ``case`` is a plain ``async def name(driver) -> None`` that exercises the Driver
 protocol only, so ``test_driver_conformance.py`` runs each one against every driver. Times
 are fixed (``NOW`` plus offsets), never the wall clock. Where a test needs another task to
-be blocked before it checks that nothing happened yet, it gives it a short real-time window
-(``settle``): against PostgreSQL nothing else can tell that a statement waits on a lock.
+be blocked on a lock before it checks that nothing happened yet, it first waits until that
+task is seen waiting (``waiting_for_a_lock``): on PostgreSQL a session of the database
+waits on a lock (``pg_stat_activity``, read through the driver's own pool, outside the
+protocol); in memory every other task is blocked.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 import trioqueue as tq
 from trioqueue._codec import row_to_job, unique_states_bits
@@ -174,9 +177,24 @@ def ids(rows: list[Row]) -> list[int]:
     return [r[ID] for r in rows]
 
 
-async def settle() -> None:
-    """Give other tasks (and the database) time to act, real time."""
-    await trio.sleep(0.15)
+LOCK_WAITS = (
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+
+
+async def waiting_for_a_lock(driver: Driver) -> None:
+    """Return once another task's statement waits for a lock: the positive fact a check
+    that it has not gone through yet needs first."""
+    pool = getattr(driver, "pool", None)
+    if pool is None:  # the memory driver: the task is parked on its lock
+        await trio.testing.wait_all_tasks_blocked()
+        return
+    with trio.fail_after(10):
+        while True:
+            if await pool.fetchval(LOCK_WAITS):
+                return
+            await trio.sleep(0.01)
 
 
 async def collect_until(listener: Listener, channel: str, marker: str) -> list[Notification]:
@@ -1454,7 +1472,7 @@ async def writes_wait_for_a_transactions_row_lock(driver: Driver) -> None:
         async with driver.transaction() as tx:
             await driver.job_cancel(job[ID], at(1), ex=tx)
             nursery.start_soon(complete_it)
-            await settle()
+            await waiting_for_a_lock(driver)
             assert written == []  # waiting for the row lock
         # After the commit it sees the cancel request: the job ends cancelled.
     [[row]] = written
@@ -1472,7 +1490,7 @@ async def unique_insert_waits_for_another_transactions_key(driver: Driver) -> No
         async with driver.transaction() as tx:
             [(mine, _)] = await driver.job_insert_many([params(unique_key=b"w")], [], NOW, ex=tx)
             nursery.start_soon(insert_dup)
-            await settle()
+            await waiting_for_a_lock(driver)
             assert results == []
     [(row, skipped)] = results
     assert skipped and row[ID] == mine[ID]
@@ -1491,7 +1509,7 @@ async def unique_insert_waits_for_another_transactions_key(driver: Driver) -> No
                 )
                 assert not skipped
                 nursery.start_soon(insert_dup)
-                await settle()
+                await waiting_for_a_lock(driver)
                 assert results == []
                 raise KeyError("roll back")
     [(row, skipped)] = results
@@ -1505,7 +1523,7 @@ async def unique_insert_waits_for_another_transactions_key(driver: Driver) -> No
                     [params(unique_key=b"v")], [], NOW, ex=tx
                 )
                 nursery.start_soon(_insert_key, driver, b"v", results)
-                await settle()
+                await waiting_for_a_lock(driver)
                 assert results == []
                 raise KeyError("roll back")
     [(row, skipped)] = results

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, overload
 import attrs
 import pytest
 import trio
+from support import wait_fetches
 
 import trioqueue as tq
 
@@ -1069,7 +1070,7 @@ async def test_paused_queue_is_not_worked_until_resumed(database_url: str) -> No
                 ) as worker,
                 worker.subscribe(tq.EventKind.JOB_COMPLETED) as events,
             ):
-                await trio.sleep(1.5)
+                await wait_fetches(worker)  # fetches that saw the job, and left it
                 assert ran == []
                 assert (await admin.job_get(job.id)).state is tq.JobState.AVAILABLE
 
@@ -1093,7 +1094,7 @@ async def test_pause_while_worker_client_runs(database_url: str) -> None:
         ):
             await client.queue_pause("default")
             job = (await client.insert(SortArgs(["x"]))).job
-            await trio.sleep(1.5)
+            await wait_fetches(client)  # fetches that saw the job, and left it
             assert ran == []
             assert (await client.job_get(job.id)).state is tq.JobState.AVAILABLE
             await client.queue_resume("default")
@@ -1131,7 +1132,8 @@ async def test_pause_star_pauses_every_known_queue(database_url: str) -> None:
                 ) as worker,
                 worker.subscribe(tq.EventKind.JOB_COMPLETED) as events,
             ):
-                await trio.sleep(1.5)
+                for queue in ("alpha", "beta"):  # fetches that saw the jobs, and left them
+                    await wait_fetches(worker, queue)
                 assert ran == []
 
                 await admin.queue_resume("*")

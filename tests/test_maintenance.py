@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import trio
-from support import eventually
+from support import FAST, eventually, wait_fetches
 
 import trioqueue as tq
 from trioqueue._maintenance.cleaner import (
@@ -21,8 +21,10 @@ from trioqueue._maintenance.cleaner import (
 from trioqueue._maintenance.rescuer import Rescuer, RescuerConfig
 from trioqueue._maintenance.scheduler import Scheduler, SchedulerConfig
 from trioqueue._outcome import default_retry_delay
+from trioqueue.driver.faults import FaultyDriver
 from trioqueue.driver.postgres import open_pool
 from trioqueue.driver.postgres.driver import PostgresDriver
+from trioqueue.driver.protocol import Driver
 
 
 @attrs.frozen
@@ -59,12 +61,7 @@ def _workers() -> tq.Workers:
     return workers
 
 
-FAST = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-    "leader_interval": 0.2,
-}
+ONE_S = timedelta(seconds=1)
 
 
 def _now() -> datetime:
@@ -75,6 +72,18 @@ def _now() -> datetime:
 async def _driver(url: str) -> AsyncIterator[PostgresDriver]:
     async with open_pool(url, max_size=4) as pool:
         yield PostgresDriver(pool, url)
+
+
+@asynccontextmanager
+async def _counted(url: str) -> AsyncIterator[FaultyDriver]:
+    """A driver of its own for one client, counting its calls: a FaultyDriver without
+    faults (``calls["leader_attempt_elect"]``: elections tried and terms renewed)."""
+    async with _driver(url) as driver:
+        yield FaultyDriver(driver)
+
+
+def _elections(driver: FaultyDriver) -> int:
+    return driver.calls["leader_attempt_elect"]
 
 
 async def _sql(client: tq.Client, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -89,14 +98,25 @@ async def test_two_clients_elect_exactly_one_leader_and_fail_over(database_url: 
     workers = _workers()
     queues = {"default": tq.QueueConfig(max_workers=2)}
     async with (
-        tq.open_client(database_url, workers=workers, queues=queues, id="client-a", **FAST) as a,
-        tq.open_client(database_url, workers=workers, queues=queues, id="client-b", **FAST) as b,
+        _counted(database_url) as da,
+        _counted(database_url) as db,
+        tq.open_client(
+            driver=cast(Driver, da), workers=workers, queues=queues, id="client-a", **FAST
+        ) as a,
+        tq.open_client(
+            driver=cast(Driver, db), workers=workers, queues=queues, id="client-b", **FAST
+        ) as b,
     ):
         await eventually(lambda: a.is_leader or b.is_leader)
-        # Several terms pass; never two leaders at once.
-        for _ in range(20):
+        # Several terms pass (each client tries, or renews, four more times); never two
+        # leaders at once meanwhile.
+        targets = [(da, _elections(da) + 4), (db, _elections(db) + 4)]
+
+        def terms_passed() -> bool:
             assert not (a.is_leader and b.is_leader)
-            await trio.sleep(0.05)
+            return all(_elections(d) >= n for d, n in targets)
+
+        await eventually(terms_passed)
         leader, follower = (a, b) if a.is_leader else (b, a)
         rows = await _sql(follower, "SELECT leader_id FROM tq_leader")
         assert rows == [(leader.id,)]
@@ -114,8 +134,14 @@ async def test_poll_only_follower_takes_over_after_the_leader_stops(database_url
     config = {**FAST, "poll_only": True}
     async with tq.open_client(database_url, workers=workers, queues=queues, **config) as a:
         await eventually(lambda: a.is_leader)
-        async with tq.open_client(database_url, workers=workers, queues=queues, **config) as b:
-            await trio.sleep(0.5)
+        async with (
+            _counted(database_url) as driver,
+            tq.open_client(
+                driver=cast(Driver, driver), workers=workers, queues=queues, **config
+            ) as b,
+        ):
+            # b's first attempt has come back (the second one has begun): it lost.
+            await eventually(lambda: _elections(driver) >= 2)
             assert not b.is_leader
             await a.stop()
             await eventually(lambda: b.is_leader, seconds=3.0)
@@ -126,23 +152,42 @@ async def test_leadership_expires_when_the_leader_vanishes(database_url: str) ->
     workers = _workers()
     queues = {"default": tq.QueueConfig(max_workers=2)}
     async with tq.open_client(database_url) as inserter:
-        soon = _now() + timedelta(seconds=0.5)
         await _sql(
             inserter,
             "INSERT INTO tq_leader (leader_id, elected_at, expires_at) VALUES ($1, $2, $3)",
             "ghost",
             _now(),
-            soon,
+            _now() + timedelta(hours=1),
         )
-    async with tq.open_client(database_url, workers=workers, queues=queues, **FAST) as client:
-        await trio.sleep(0.2)
-        assert not client.is_leader
-        await eventually(lambda: client.is_leader, seconds=5.0)
+    async with (
+        _counted(database_url) as driver,
+        tq.open_client(driver=cast(Driver, driver), workers=workers, queues=queues, **FAST) as c,
+    ):
+        # The first attempt has come back (the second one has begun): the ghost still led.
+        await eventually(lambda: _elections(driver) >= 2)
+        assert not c.is_leader
+        # Its term runs out: moved into the past rather than waited for.
+        await _sql(
+            c, "UPDATE tq_leader SET expires_at = $1 WHERE leader_id = 'ghost'", _now() - ONE_S
+        )
+        await eventually(lambda: c.is_leader, seconds=5.0)
 
 
 async def test_insert_only_client_is_never_leader(database_url: str) -> None:
-    async with tq.open_client(database_url) as client:
-        await trio.sleep(0.1)
+    workers = _workers()
+    queues = {"default": tq.QueueConfig(max_workers=2)}
+    async with (
+        _counted(database_url) as driver,
+        tq.open_client(driver=cast(Driver, driver), **FAST) as client,
+        _counted(database_url) as worker_driver,
+        tq.open_client(
+            driver=cast(Driver, worker_driver), workers=workers, queues=queues, **FAST
+        ) as worker,
+    ):
+        # Elections go on here: the working client, opened after it, has been elected and
+        # has renewed its term twice (two intervals), while this one never tried.
+        await eventually(lambda: worker.is_leader and _elections(worker_driver) >= 3)
+        assert _elections(driver) == 0
         assert not client.is_leader
 
 
@@ -421,7 +466,7 @@ async def test_pause_survives_a_restart(database_url: str) -> None:
         await client.queue_pause("default")
     async with tq.open_client(database_url, workers=workers, queues=queues, **FAST) as client:
         job = (await client.insert(NoopArgs())).job
-        await trio.sleep(0.5)
+        await wait_fetches(client)  # fetches that saw the job, and left it
         assert (await client.job_get(job.id)).state == tq.JobState.AVAILABLE
         async with client.subscribe(tq.EventKind.JOB_COMPLETED) as events:
             await client.queue_resume("default")

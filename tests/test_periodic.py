@@ -13,6 +13,7 @@ from typing import Any, ClassVar, cast
 import attrs
 import pytest
 import trio
+from support import FAST
 
 import trioqueue as tq
 import trioqueue.periodic as periodic_module
@@ -45,11 +46,6 @@ def _workers() -> tq.Workers:
     return workers
 
 
-FAST = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "leader_interval": 0.2,
-}
 QUEUES = {"default": tq.QueueConfig(max_workers=5)}
 
 
@@ -62,12 +58,37 @@ def _at(text: str) -> datetime:
 
 
 @asynccontextmanager
-async def _client(url: str, *jobs: tq.PeriodicJob, **extra: Any) -> AsyncIterator[tq.Client]:
+async def _client(
+    store: str | FaultyDriver, *jobs: tq.PeriodicJob, **extra: Any
+) -> AsyncIterator[tq.Client]:
+    """A client working ``QUEUES`` with ``jobs``, on a database URL or a driver."""
     config = {**FAST, **extra}
+    if isinstance(store, str):
+        config["database_url"] = store
+    else:
+        config["driver"] = cast(Driver, store)
     async with tq.open_client(
-        url, workers=_workers(), queues=QUEUES, periodic_jobs=jobs, **config
+        workers=_workers(), queues=QUEUES, periodic_jobs=jobs, **config
     ) as client:
         yield client
+
+
+@asynccontextmanager
+async def _counted(url: str) -> AsyncIterator[FaultyDriver]:
+    """A driver of its own for one client, counting its calls (a FaultyDriver without
+    faults): each pass of the enqueuer over a list that is not empty reads the stored
+    states once (``periodic_job_get_many``)."""
+    async with open_pool(url, max_size=4) as pool:
+        yield FaultyDriver(PostgresDriver(pool, url))
+
+
+async def _passes(driver: FaultyDriver, count: int = 2) -> None:
+    """Return once ``count`` more passes of the enqueuer have begun. Passes run one after
+    another, and a pass takes the list of jobs just before it reads the states: so from
+    the first such pass on, every pass has the list as it is at this call, and every pass
+    before it has finished."""
+    target = driver.calls["periodic_job_get_many"] + count
+    await _wait_for(lambda: driver.calls["periodic_job_get_many"] >= target)
 
 
 async def _sql(client: tq.Client, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -618,13 +639,13 @@ async def test_missed_runs_give_one_catch_up_job(database_url: str) -> None:
             "INSERT INTO tq_periodic_job (id, next_run_at) VALUES ('hourly', $1)",
             seeded,
         )
-    async with _client(database_url, job) as client:
+    async with _counted(database_url) as driver, _client(driver, job) as client:
 
         async def inserted() -> bool:
             return bool(await _runs(client, "hourly"))
 
         await _wait_for(inserted)
-        await trio.sleep(0.5)  # a few more passes: still one job
+        await _passes(driver, 3)  # a few more passes: still one job
         [caught_up] = (await client.job_list(tq.JobListParams(kinds=["tick"]))).jobs
     run_at = datetime.fromisoformat(caught_up.metadata["periodic_run_at"])
     assert caught_up.metadata["missed_runs"] == (run_at - seeded) // timedelta(hours=1)
@@ -632,9 +653,8 @@ async def test_missed_runs_give_one_catch_up_job(database_url: str) -> None:
     assert caught_up.metadata["missed_since"] == seeded.isoformat()
     assert caught_up.metadata["periodic"] is True
     # A restart finds the schedule up to date: no second catch-up.
-    async with _client(database_url, job) as client:
-        await _wait_for(lambda: client.is_leader)
-        await trio.sleep(0.5)
+    async with _counted(database_url) as driver, _client(driver, job) as client:
+        await _passes(driver, 3)
         assert len((await client.job_list(tq.JobListParams(kinds=["tick"]))).jobs) == 1
         [(schedule, next_run_at)] = await _sql(
             client, "SELECT schedule, next_run_at FROM tq_periodic_job"
@@ -663,30 +683,36 @@ async def test_no_run_twice_across_clients_and_a_leader_change(database_url: str
 
 
 async def test_add_and_remove_at_runtime(database_url: str) -> None:
-    async with _client(database_url) as client:
+    # A job due in an hour stays in the list, so that every pass reads the stored states
+    # and can be counted (a pass over an empty list reads nothing).
+    idle = tq.PeriodicJob(every=3600, args=_tick, id="idle")
+    live = tq.PeriodicJob(every=0.2, args=_tick, id="live")
+    async with _counted(database_url) as driver, _client(driver) as client:
         assert len(client.periodic_jobs) == 0
-        await _wait_for(lambda: client.is_leader)
-        handle = client.periodic_jobs.add(tq.PeriodicJob(every=0.2, args=_tick, id="live"))
-        assert [j.effective_id for j in client.periodic_jobs] == ["live"]
+        client.periodic_jobs.add(idle)
+        handle = client.periodic_jobs.add(live)
+        assert [j.effective_id for j in client.periodic_jobs] == ["idle", "live"]
 
         async def runs_at_least(n: int) -> bool:
             return sum((await _runs(client, "live")).values()) >= n
 
         await _wait_for(lambda: runs_at_least(2))
         assert client.periodic_jobs.remove(handle)
-        assert len(client.periodic_jobs) == 0
-        await trio.sleep(0.3)  # a pass that had already started may finish
+        assert [j.effective_id for j in client.periodic_jobs] == ["idle"]
+        await _passes(driver, 1)  # a pass that had already started has finished
         settled = await _runs(client, "live")
-        await trio.sleep(0.8)
+        await _passes(driver, 3)  # passes without it (live was due at each): no run
         assert await _runs(client, "live") == settled
 
         # Adding back (same id) resumes from the stored state; clear() stops everything.
-        client.periodic_jobs.add(tq.PeriodicJob(every=0.2, args=_tick, id="live"))
+        client.periodic_jobs.add(live)
         await _wait_for(lambda: runs_at_least(sum(settled.values()) + 1))
         client.periodic_jobs.clear()
-        await trio.sleep(0.3)
+        assert len(client.periodic_jobs) == 0
+        client.periodic_jobs.add(idle)  # back, only to count the passes that follow
+        await _passes(driver, 1)
         settled = await _runs(client, "live")
-        await trio.sleep(0.6)
+        await _passes(driver, 3)
         assert await _runs(client, "live") == settled
         assert all(n == 1 for n in settled.values())
 

@@ -93,13 +93,18 @@ async def test_connect_keyword_string() -> None:
             await c.aclose()
 
 
-async def test_connect_unix_socket(pg_server: EmbeddedServer | None) -> None:
+@pytest.fixture
+def socket_dir(pg_server: EmbeddedServer | None) -> str:
+    """The test server's unix socket folder. A sync fixture skips with its reason shown: a
+    ``pytest.skip`` inside an async test loses it (pytest-trio)."""
     if pg_server is not None and pg_server.socket_dir is not None:
-        socket_dir = str(pg_server.socket_dir)
-    elif os.path.exists(os.path.join(SOCKET_DIR, ".s.PGSQL.5432")):  # noqa: ASYNC240
-        socket_dir = SOCKET_DIR
-    else:
-        pytest.skip(f"the test server has no unix socket we know of (tried {SOCKET_DIR})")
+        return str(pg_server.socket_dir)
+    if os.path.exists(os.path.join(SOCKET_DIR, ".s.PGSQL.5432")):
+        return SOCKET_DIR
+    pytest.skip(f"the test server has no unix socket we know of (tried {SOCKET_DIR})")
+
+
+async def test_connect_unix_socket(socket_dir: str) -> None:
     params = conninfo_to_dict(_url())
     params["host"] = socket_dir
     params.pop("hostaddr", None)
@@ -303,18 +308,29 @@ async def test_terminated_backend_marks_broken(conn: PgConnection, observer: PgC
         await conn.execute("SELECT 1")
 
 
-async def test_aclose_from_other_task_fails_query(conn: PgConnection) -> None:
+async def test_aclose_from_other_task_fails_query(
+    conn: PgConnection, observer: PgConnection
+) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
 
             async def close_soon() -> None:
-                await trio.sleep(0.2)
+                await _until_sleeping(observer, conn.backend_pid)
                 await conn.aclose()
 
             nursery.start_soon(close_soon)
             with pytest.raises(psycopg.OperationalError):
                 await conn.execute("SELECT pg_sleep(5)")
     assert conn.broken
+
+
+async def _until_sleeping(observer: PgConnection, pid: int) -> None:
+    """Wait until backend ``pid`` is inside ``pg_sleep``: its query is running."""
+    query = "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = $1::int"
+    while True:
+        if await observer.fetchval(query, [pid]):
+            return
+        await trio.sleep(0.01)
 
 
 # ---- concurrency ----------------------------------------------------------------------------
@@ -537,7 +553,7 @@ async def test_listen_notify(conn: PgConnection, observer: PgConnection) -> None
         async with trio.open_nursery() as nursery:
 
             async def send() -> None:
-                await trio.sleep(0.1)
+                await trio.testing.wait_all_tasks_blocked()  # conn waits for notifications
                 await observer.notify(channel, "hello")
 
             nursery.start_soon(send)
@@ -554,7 +570,7 @@ async def test_notification_during_other_query_is_buffered(
         async with trio.open_nursery() as nursery:
 
             async def send() -> None:
-                await trio.sleep(0.1)
+                await _until_sleeping(observer, conn.backend_pid)
                 await observer.notify(channel, "during")
 
             nursery.start_soon(send)
@@ -578,13 +594,12 @@ async def test_query_interrupts_wait_notifies(conn: PgConnection, observer: PgCo
                 got.extend(await conn.wait_notifies())
 
             nursery.start_soon(waiter)
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()  # the waiter blocks on the socket
             # another task uses the connection while the waiter blocks on the socket
             with trio.fail_after(2):
                 assert await conn.fetchval("SELECT 42") == 42
                 await conn.notify(channel, "self")  # delivered to ourselves
             await observer.notify(channel, "other")
-            await trio.sleep(0.2)
         if len(got) < 2:
             got.extend(await conn.wait_notifies())
     assert [n.payload for n in got] == ["self", "other"]
@@ -608,8 +623,12 @@ async def test_unlisten(conn: PgConnection, observer: PgConnection) -> None:
         assert [n.payload for n in await conn.wait_notifies()] == ["one"]
     await conn.unlisten(channel)
     assert channel not in conn.listening
+    # The observer listens too: once its own notification reaches it, one sent to conn's
+    # session would have been sent as well, at the latest before its next query's reply.
+    await observer.listen(channel)
     await observer.notify(channel, "two")
-    await trio.sleep(0.1)
+    with trio.fail_after(5):
+        assert [n.payload for n in await observer.wait_notifies()] == ["two"]
     await conn.fetchval("SELECT 1")
     assert conn.pending_notifies() == []
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 import trio
+import trio.testing
 
 from trioqueue.driver.postgres import PgConnection, PgPool, open_pool
 from trioqueue.driver.postgres.pool import PoolStatistics
@@ -25,6 +26,10 @@ def _test_database(database_url: str) -> None:
 def _url() -> str:
     assert _URL is not None, "the _test_database fixture sets this"
     return _URL
+
+
+TERMINATE_AND_WAIT = "SELECT pg_terminate_backend($1::int, 10000)"
+"""Terminates a backend and waits (up to 10 s) until its process has exited."""
 
 
 @pytest.fixture
@@ -64,24 +69,41 @@ async def test_bounded_and_fifo() -> None:
     max_holding = 0
     order: list[int] = []
     waiting_seen = 0
+    release = [trio.Event() for _ in range(6)]
+    got_send, got = trio.open_memory_channel[int](6)
 
     async with open_pool(_url(), max_size=2) as pool:
+        # Both connections made up front: taking an idle one needs no I/O, so the order of
+        # getting a connection is the order of getting a slot.
+        async with pool.acquire(), pool.acquire():
+            pass
 
         async def worker(i: int) -> None:
             nonlocal holding, max_holding, waiting_seen
             async with pool.acquire() as conn:
                 order.append(i)
+                got_send.send_nowait(i)
                 holding += 1
                 max_holding = max(max_holding, holding)
                 waiting_seen = max(waiting_seen, pool.statistics().waiting)
-                await conn.execute("SELECT pg_sleep(0.1)")
+                await conn.execute("SELECT 1")
+                await release[i].wait()
                 holding -= 1
 
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 for i in range(6):
                     nursery.start_soon(worker, i)
-                    await trio.sleep(0.01)  # fix the arrival order
+                    # Worker i holds a slot or waits for one: its place in line is fixed.
+                    await trio.testing.wait_all_tasks_blocked()
+                assert [got.receive_nowait() for _ in range(2)] == [0, 1]
+                assert pool.statistics().waiting == 4
+                # One slot given back at a time (the next only once a waiter has taken
+                # it): each goes to the longest waiter.
+                for i, event in enumerate(release):
+                    event.set()
+                    if i + 2 < len(release):
+                        await got.receive()
         stats = pool.statistics()
 
     assert max_holding == 2
@@ -106,8 +128,9 @@ async def test_idle_connection_killed_is_replaced(observer: PgConnection) -> Non
     with trio.fail_after(10):
         async with open_pool(_url(), max_size=1) as pool:
             pid = await pool.fetchval("SELECT pg_backend_pid()")
-            await observer.execute("SELECT pg_terminate_backend($1::int)", [pid])
-            await trio.sleep(0.2)  # let the termination notice reach the idle socket
+            # With a timeout, pg_terminate_backend returns once the backend has exited:
+            # its socket is closed, so the idle connection can tell it was terminated.
+            assert await observer.fetchval(TERMINATE_AND_WAIT, [pid]) is True
             new_pid = await pool.fetchval("SELECT pg_backend_pid()")
             assert new_pid != pid
             assert pool.statistics().size == 1
@@ -156,8 +179,12 @@ async def test_release_resets_listen(observer: PgConnection) -> None:
             async with pool.acquire() as conn2:
                 assert conn2 is conn
                 assert conn2.listening == frozenset()
+                # The observer listens too: once its own notification reaches it, one
+                # sent to conn2's session would have been sent as well, at the latest
+                # before its next query's reply.
+                await observer.listen(channel)
                 await observer.notify(channel, "x")
-                await trio.sleep(0.1)
+                assert [n.payload for n in await observer.wait_notifies()] == ["x"]
                 await conn2.fetchval("SELECT 1")
                 assert conn2.pending_notifies() == []
 

@@ -10,6 +10,7 @@ from typing import ClassVar
 import attrs
 import trio
 import trio.testing
+from support import eventually, fetches
 
 import trioqueue as tq
 
@@ -40,8 +41,8 @@ async def test_job_whose_notification_was_rate_limited_still_runs_soon(database_
     ) as client:
         async with client.subscribe(tq.EventKind.JOB_COMPLETED) as events:
             with trio.fail_after(10):
-                # Let the first (empty) poll fetch pass, so the insert wakes an idle producer.
-                await trio.sleep(0.2)
+                # After the first (empty) fetch, so the insert wakes an idle producer.
+                await eventually(lambda: fetches(client) >= 1)
                 await client.insert(PingArgs(1))
                 await events.receive()
                 await client.insert(PingArgs(2))  # within the cooldown: no notification
