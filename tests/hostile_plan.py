@@ -546,7 +546,7 @@ class Harness:
             if stored is None:
                 continue
             now = admin.driver.clock()
-            params = admin._params(self._item(index), now)._replace(args_json=stored)
+            params = admin._inserts.params(self._item(index), now)._replace(args_json=stored)
             [(row, _)] = await admin.driver.job_insert_many([params], ["default"], now)
             self.spec_of[row[0]] = index
 

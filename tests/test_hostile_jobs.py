@@ -284,7 +284,7 @@ async def test_stored_args_that_are_not_an_object_fail_the_attempt(url: str) -> 
     # worker must not get the raw value; the attempt fails with the reason recorded.
     async with tq.open_client(url) as admin:
         [(row, _)] = await admin.driver.job_insert_many(
-            [admin._params(Act("ok"), admin.driver.clock())._replace(args_json="[1, 2]")],
+            [admin._inserts.params(Act("ok"), admin.driver.clock())._replace(args_json="[1, 2]")],
             [],
             admin.driver.clock(),
         )
@@ -354,7 +354,7 @@ async def test_a_row_with_malformed_errors_and_metadata_is_still_read_and_run(ur
     async with tq.open_client(url) as admin:
         store = admin.driver
         now = store.clock()
-        params = admin._params(Act("ok"), now)
+        params = admin._inserts.params(Act("ok"), now)
         [(odd, _)] = await store.job_insert_many(
             [params._replace(metadata_json="[1, 2]", queue="odd")], [], now
         )

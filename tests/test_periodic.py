@@ -394,7 +394,7 @@ async def _enqueuer(
     clock = [datetime.now(UTC)]
     async with open_pool(url, max_size=4) as pool, tq.open_client(url) as client:
         driver = PostgresDriver(pool, url)
-        enqueuer = PeriodicEnqueuer(driver, lambda: clock[0], PeriodicJobs(jobs), client._params)
+        enqueuer = PeriodicEnqueuer(driver, lambda: clock[0], PeriodicJobs(jobs), client._inserts)
         yield client, enqueuer, clock
 
 
@@ -448,7 +448,7 @@ async def test_a_run_is_never_inserted_twice_even_once_finished(database_url: st
             await client.job_cancel(run.job.id)
             # Lose the durable state: a new leader sees the job for the first time.
             await _sql(client, "DELETE FROM tq_periodic_job")
-            fresh = PeriodicEnqueuer(enqueuer.driver, enqueuer.now, enqueuer.jobs, client._params)
+            fresh = PeriodicEnqueuer(enqueuer.driver, enqueuer.now, enqueuer.jobs, client._inserts)
             [again] = (await fresh.run_once()).runs
             assert again.duplicate and again.job is not None and again.job.id == run.job.id
             assert await _runs(client, "once") == {"2024-05-01T10:00:00+00:00": 1}
@@ -519,7 +519,7 @@ async def test_a_database_error_on_one_job_leaves_the_others_their_runs() -> Non
     async with tq.open_client(driver=tq.MemoryDriver()) as client:
         faulty = FaultyDriver(client.driver, [Fault("job_insert_many", call=1)])
         enqueuer = PeriodicEnqueuer(
-            cast(Driver, faulty), lambda: clock[0], PeriodicJobs(jobs), client._params
+            cast(Driver, faulty), lambda: clock[0], PeriodicJobs(jobs), client._inserts
         )
         await enqueuer.run_once()  # first sight: plans the 10:01 runs
         clock[0] = _at("2024-05-01T10:01:00")

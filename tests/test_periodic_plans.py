@@ -148,7 +148,7 @@ class Run:
             self.client.driver,
             lambda: self.clock[0],
             PeriodicJobs([self.jobs[index]]),
-            self.client._params,
+            self.client._inserts,
         )
 
     async def _stored(self) -> PeriodicJobState | None:

@@ -457,7 +457,7 @@ async def test_bad_periodic_args_leave_that_run_and_others_still_fire(
     clock = [datetime(2024, 5, 1, 10, 0, 30, tzinfo=UTC)]
     async with tq.open_client(driver=tq.MemoryDriver()) as client:
         enqueuer = PeriodicEnqueuer(
-            client.driver, lambda: clock[0], PeriodicJobs(jobs), client._params
+            client.driver, lambda: clock[0], PeriodicJobs(jobs), client._inserts
         )
         await enqueuer.run_once()  # first sight: plans the 10:01 runs
         before = await client.driver.periodic_job_get_many(list(bad))
@@ -497,7 +497,7 @@ async def test_periodic_metadata_keys_are_not_reserved() -> None:
     clock = [datetime(2024, 5, 1, 10, 0, 30, tzinfo=UTC)]
     async with tq.open_client(driver=tq.MemoryDriver()) as client:
         enqueuer = PeriodicEnqueuer(
-            client.driver, lambda: clock[0], PeriodicJobs([job]), client._params
+            client.driver, lambda: clock[0], PeriodicJobs([job]), client._inserts
         )
         await enqueuer.run_once()
         clock[0] = datetime(2024, 5, 1, 10, 5, 0, tzinfo=UTC)  # 10:01-10:04 missed
@@ -543,7 +543,7 @@ async def test_a_run_the_database_refuses_does_not_hold_back_the_others(
     clock = [datetime(2024, 5, 1, 10, 0, 30, tzinfo=UTC)]
     async with tq.open_client(driver=tq.MemoryDriver()) as client:
         driver: Any = RefusingDriver(client.driver)  # type: ignore[arg-type]
-        enqueuer = PeriodicEnqueuer(driver, lambda: clock[0], PeriodicJobs(jobs), client._params)
+        enqueuer = PeriodicEnqueuer(driver, lambda: clock[0], PeriodicJobs(jobs), client._inserts)
         await enqueuer.run_once()
         clock[0] = datetime(2024, 5, 1, 10, 1, 0, tzinfo=UTC)
         with caplog.at_level(logging.ERROR, logger="trioqueue.periodic"):
