@@ -1,4 +1,4 @@
-"""Stopping a client (DESIGN.md §1, "Stopping"), against a real PostgreSQL.
+"""Stopping a client (docs/architecture.md, "Stopping"), against a real PostgreSQL.
 
 Soft stop (leaving the block, ``stop()``): no more fetching, running jobs finish.
 Hard stop (``stop(cancel=True)``, ``soft_stop_timeout``, cancellation from outside): running
@@ -12,41 +12,16 @@ import collections
 import contextlib
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 import pytest
 import trio
+from support import FAST, Sleep, Tracker, working
 
 import trioqueue as tq
 from trioqueue.driver.faults import Fault, FaultyDriver
 from trioqueue.driver.postgres.driver import open_postgres_driver
-
-FAST: dict[str, Any] = {
-    "fetch_poll_interval": 0.1,
-    "fetch_cooldown": 0.01,
-    "scheduler_interval": 0.2,
-}
-
-
-@attrs.frozen
-class Sleep:
-    kind: ClassVar[str] = "sleep"
-    seconds: float = 0.0
-
-
-@asynccontextmanager
-async def working(
-    url: str, workers: tq.Workers, *, max_workers: int = 10, **config: Any
-) -> AsyncIterator[tq.Client]:
-    async with tq.open_client(
-        url,
-        workers=workers,
-        queues={"default": tq.QueueConfig(max_workers=max_workers)},
-        **{**FAST, **config},
-    ) as client:
-        yield client
 
 
 async def all_jobs(url: str) -> list[tq.Job[Any]]:
@@ -54,47 +29,6 @@ async def all_jobs(url: str) -> list[tq.Job[Any]]:
     async with tq.open_client(url) as client:
         page = await client.job_list(tq.JobListParams(limit=10_000))
     return page.jobs
-
-
-class Tracker:
-    """Counts worker starts, finishes and cancellations; ``wait_started(n)`` blocks until
-    n jobs have started."""
-
-    def __init__(self) -> None:
-        self.started = 0
-        self.finished = 0
-        self.cancelled = 0
-        self.running: set[int] = set()
-        self._changed = trio.Event()
-
-    async def wait_started(self, n: int) -> None:
-        while self.started < n:
-            await self._changed.wait()
-
-    def workers(self, *, shield: float = 0.0) -> tq.Workers:
-        workers = tq.Workers()
-
-        @workers.worker(Sleep)
-        async def work(job: tq.Job[Sleep]) -> None:
-            assert job.id not in self.running, f"job {job.id} runs twice at once"
-            self.running.add(job.id)
-            self.started += 1
-            self._changed.set()
-            self._changed = trio.Event()
-            try:
-                if shield:
-                    with trio.CancelScope(shield=True):
-                        await trio.sleep(shield)
-                if job.args.seconds >= 0:  # negative: return without a checkpoint
-                    await trio.sleep(job.args.seconds)
-                self.finished += 1
-            except trio.Cancelled:
-                self.cancelled += 1
-                raise
-            finally:
-                self.running.discard(job.id)
-
-        return workers
 
 
 async def test_leaving_the_block_is_a_soft_stop(database_url: str) -> None:
@@ -113,6 +47,7 @@ async def test_leaving_the_block_is_a_soft_stop(database_url: str) -> None:
     for job in jobs:
         if job.state is tq.JobState.AVAILABLE:
             assert job.attempt == 0
+    assert tracker.overlaps == []
 
 
 async def test_stop_is_a_soft_stop_and_the_client_can_still_insert(database_url: str) -> None:
@@ -141,6 +76,7 @@ async def test_stop_is_a_soft_stop_and_the_client_can_still_insert(database_url:
             assert ran.attempted_by == ["after-the-stop"]
 
     assert sorted(e.job.id for e in events if e.job) == sorted(j.id for j in first)
+    assert tracker.overlaps == []
 
 
 async def test_cancelled_stop_call_still_stops(database_url: str) -> None:
@@ -156,6 +92,7 @@ async def test_cancelled_stop_call_still_stops(database_url: str) -> None:
 
     assert tracker.finished == 1
     assert [(j.id, j.state) for j in jobs] == [(job.id, tq.JobState.COMPLETED)]
+    assert tracker.overlaps == []
 
 
 async def test_hard_stop_hands_running_jobs_back(database_url: str) -> None:
@@ -180,6 +117,7 @@ async def test_hard_stop_hands_running_jobs_back(database_url: str) -> None:
         assert job.attempt == 0
         assert job.errors == []
         assert job.finalized_at is None
+    assert tracker.overlaps == []
 
 
 @pytest.mark.parametrize("how", ["stop", "leave_block"])
@@ -198,6 +136,7 @@ async def test_soft_stop_timeout_escalates(database_url: str, how: str) -> None:
     assert after.state is tq.JobState.AVAILABLE
     assert after.attempt == 0
     assert after.errors == []
+    assert tracker.overlaps == []
 
 
 async def test_outside_cancellation_during_soft_stop_escalates(database_url: str) -> None:
@@ -217,6 +156,7 @@ async def test_outside_cancellation_during_soft_stop_escalates(database_url: str
     assert tracker.cancelled == 1
     assert job.state is tq.JobState.AVAILABLE
     assert job.attempt == 0
+    assert tracker.overlaps == []
 
 
 async def _cancel_later(scope: trio.CancelScope, seconds: float) -> None:
@@ -252,6 +192,7 @@ async def test_worker_ignoring_cancellation_still_ends(
         assert tracker.cancelled == 1
         assert job.state is tq.JobState.AVAILABLE
         assert job.attempt == 0
+    assert tracker.overlaps == []
 
 
 async def test_cancelled_from_outside_at_random_moments(database_url: str) -> None:
@@ -290,6 +231,7 @@ async def test_cancelled_from_outside_at_random_moments(database_url: str) -> No
     # The random stops did hit running jobs, and work did get done in between.
     assert tracker.cancelled > 0
     assert tracker.finished > 0
+    assert tracker.overlaps == []
 
 
 class _Stop:
