@@ -1,4 +1,4 @@
-"""Test database fixtures (DESIGN.md §5).
+"""Test database fixtures (docs/testing.md).
 
 Tests talk to a real PostgreSQL server: ``$TRIOQUEUE_TEST_DATABASE_URL`` when set, otherwise a
 temporary embedded server started once for the session.  On that server the session creates one

@@ -1,4 +1,4 @@
-"""The driver conformance suite (DESIGN §3, STYLE item 11).
+"""The driver conformance suite (the protocol in trioqueue/driver/protocol.py).
 
 Every ``case`` is a plain ``async def name(driver) -> None`` that exercises the Driver
 protocol only, so ``test_driver_conformance.py`` runs each one against every driver. Times

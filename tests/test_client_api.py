@@ -1,4 +1,4 @@
-"""The client's public API (API.md) against a real PostgreSQL: inserting, validation,
+"""The client's public API (the README and docs/) against a real PostgreSQL: inserting, validation,
 transactions, unique jobs, managing jobs, pausing queues and the schema check."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The public facade: exactly the names of API.md, each importable from `trioqueue`."""
+"""The public facade: exactly the public names, each importable from `trioqueue`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fault tolerance against a real PostgreSQL (DESIGN.md §5, "Fault tests").
+"""Fault tolerance against a real PostgreSQL (docs/failure-modes.md).
 
 - several worker OS processes on one database: every job runs exactly once, never on two
   processes at once, and the work is shared;

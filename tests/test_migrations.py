@@ -1,4 +1,4 @@
-"""Schema migrations (API.md: ``tq.migrate`` is idempotent and safe to run concurrently)."""
+"""Schema migrations (``tq.migrate`` is idempotent and safe to run concurrently)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What happens to a job when a client works it, against a real PostgreSQL.
 
-Each worker outcome of API.md ("Worker outcomes") is driven end to end: insert, let a client
+Each worker outcome (the README's outcome table) is driven end to end: insert, let a client
 fetch and run the job, then read the row back and check the event the client published.
 Tests wait on subscription events rather than sleeping wherever they can.
 """
