@@ -361,6 +361,6 @@ class Client:
             return {}
         return {
             "producers": {q: p.statistics() for q, p in rt.producers.items()},
-            "completer": rt.completer.statistics() if rt.completer else None,
+            "completer": rt.completer.statistics(),
             "dispatcher": rt.dispatcher.statistics(),
         }
