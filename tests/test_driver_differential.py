@@ -22,14 +22,14 @@ What is compared, and how it is normalised:
 
 The differences the drivers are allowed (each normalised where it is made, with a comment):
 empty ``errors``/``metadata`` come back as None or empty from a claim; rows of outcome and
-rescue batches, ``queue_pause("*")`` and the live counts come in no particular order from
-PostgreSQL; PostgreSQL's finalized counts use the planner's estimate (and may skip the
-exact count); it deletes finalized jobs whose ``finalized_at`` ties in no particular order
-(the limit is lowered to the tie); it applies an arbitrary one of several outcomes for one
-job in a batch (a batch names each job once); ``within_newest`` counts raw ids, so it is
-left out once the ids diverged. Not generated, as a known difference reported and not yet
-settled: a single-job insert naming several queues to notify (PostgreSQL notifies the
-first only).
+rescue batches, ``queue_pause("*")`` (and its notifications) and the live counts come in
+no particular order from PostgreSQL; its finalized counts use the planner's estimate (and
+may skip the exact count); it deletes finalized jobs whose ``finalized_at`` ties in no
+particular order (the limit is lowered to the tie); it applies an arbitrary one of several
+outcomes for one job in a batch (a batch names each job once); ``within_newest`` counts
+raw ids, so it is left out once the ids diverged. Not generated, as a known difference
+reported and not yet settled: a single-job insert naming several queues to notify
+(PostgreSQL notifies the first only).
 
 Profiles (``$TRIOQUEUE_SOAK``, as in ``test_simulation.py``): 200 plans by default (under
 a minute), 3,000 in the soak.
@@ -383,8 +383,10 @@ class Harness:
             a = ("ok", [(s, None if s in skipped else c) for s, c in a[1]])
         self.compare(op, "result", a, b)
         marker = f"step-{self.step}"
-        a_notes = await self.memory.notifications(marker)
-        b_notes = await self.postgres.notifications(marker)
+        # As multisets: one statement's notifications follow the order it changed rows
+        # in, which PostgreSQL does not define (queue_pause("*") and resume).
+        a_notes = sorted(await self.memory.notifications(marker), key=_note_key)
+        b_notes = sorted(await self.postgres.notifications(marker), key=_note_key)
         self.compare(op, "notifications", a_notes, b_notes)
         if self.memory.ids != self.postgres.ids:
             self.features.add("raw ids diverged")
@@ -658,6 +660,10 @@ class Harness:
         except DatabaseError:
             results.append(("error", "DatabaseError"))
         return results
+
+
+def _note_key(note: tuple[str, Any]) -> str:
+    return json.dumps(note, sort_keys=True)
 
 
 def _features(op: Any, result: Any) -> list[str]:
