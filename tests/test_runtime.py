@@ -617,20 +617,25 @@ async def test_job_cancel_of_running_job(database_url: str, via: str) -> None:
 async def test_max_workers_respected(database_url: str) -> None:
     workers = tq.Workers()
     running = 0
+    started = 0
     peak = 0
-    full = trio.Event()
+    wave = trio.Event()
 
     @workers.worker(Task)
     async def work(job: tq.Job[Task]) -> None:
-        # The first jobs wait until three run at once, so the peak is reached whatever
-        # the timing; a fourth at once would be max_workers broken.
-        nonlocal running, peak
+        # Jobs run in waves: each job holds its slot until three run at once (or the last
+        # job has started), so every wave reaches the peak whatever the timing; a fourth
+        # at once, in any wave, would be max_workers broken.
+        nonlocal running, started, peak, wave
         running += 1
+        started += 1
         peak = max(peak, running)
-        if running == 3:
-            full.set()
+        mine = wave
+        if running == 3 or started == 10:
+            mine.set()
+            wave = trio.Event()
         try:
-            await full.wait()
+            await mine.wait()
         finally:
             running -= 1
 

@@ -234,6 +234,68 @@ async def test_cancelled_from_outside_at_random_moments(database_url: str) -> No
     assert tracker.overlaps == []
 
 
+@attrs.define
+class _SlowRegistration:
+    """A driver whose queue registrations each take ``seconds``; ``began`` is set when a
+    start-up's first one begins."""
+
+    inner: Any
+    seconds: float
+    began: trio.Event = attrs.field(factory=trio.Event)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def queue_upsert(self, *args: Any, **kwargs: Any) -> Any:
+        self.began.set()
+        await trio.sleep(self.seconds)
+        return await self.inner.queue_upsert(*args, **kwargs)
+
+
+async def test_cancelled_from_outside_at_random_moments_of_start_up(
+    database_url: str, pg_driver: Any
+) -> None:
+    """Cancel clients from outside at random moments of their start-up (registering three
+    queues, each a slow statement, then starting the producers) and just after: each
+    exits, and no job is left ``running``."""
+    rng = random.Random(20261203)
+    tracker = Tracker()
+    queues = {name: tq.QueueConfig(max_workers=5) for name in ("a", "b", "c")}
+    async with tq.open_client(database_url) as inserter:
+        for name in queues:
+            await inserter.insert_many([(Sleep(0.05), tq.InsertOpts(queue=name))] * 20)
+
+    async def cancel_during_start_up(
+        slow: _SlowRegistration, scope: trio.CancelScope, delay: float
+    ) -> None:
+        await slow.began.wait()  # measured from the first registration: start-up is on
+        await trio.sleep(delay)
+        scope.cancel()
+
+    for i in range(12):
+        slow = _SlowRegistration(pg_driver, 0.1)
+        with trio.fail_after(20), trio.CancelScope() as outside:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_during_start_up, slow, outside, rng.uniform(0, 0.35))
+                async with tq.open_client(
+                    driver=slow,
+                    workers=tracker.workers(),
+                    queues=queues,
+                    id=f"start-{i}",
+                    **FAST,
+                ):
+                    await trio.sleep_forever()
+        assert outside.cancelled_caught
+        assert not tracker.running
+        jobs = await all_jobs(database_url)
+        assert {j.state for j in jobs} <= {tq.JobState.AVAILABLE, tq.JobState.COMPLETED}
+        for job in jobs:
+            assert job.attempt == (1 if job.state is tq.JobState.COMPLETED else 0), job
+            assert job.errors == [], job
+    assert tracker.overlaps == []
+    assert tracker.started > 0  # some cancels came after the producers had started
+
+
 class _Stop:
     """How a stop begins, for the tests that run each one."""
 
@@ -292,7 +354,7 @@ async def test_never_reading_subscriber_cannot_block_shutdown(
                     client.subscribe(*tq.EventKind, buffer=10)
                 )
                 await half.wait()
-                assert client.statistics()["completer"].pending > 0 or how != _Stop.SOFT
+                assert client.statistics()["completer"].pending > 0
                 with trio.fail_after(30):  # the stop itself is bounded
                     if how == _Stop.OUTSIDE:
                         outer.cancel()
@@ -355,7 +417,7 @@ async def test_a_final_write_near_shutdown_timeout_still_reaches_subscribers(
 ) -> None:
     """The race between completer and dispatcher under cancellation from outside: the
     completer sees the cancel late (its write in flight is slow to cancel), then its
-    final write takes just under ``shutdown_timeout``. Its events arrive after
+    final write takes most of ``shutdown_timeout``. Its events arrive after
     ``shutdown_timeout`` has passed since the cancel, and must still reach a subscriber
     that lives outside the cancelled scope: the dispatcher drains until the completer is
     done, with no deadline of its own."""
@@ -378,9 +440,10 @@ async def test_a_final_write_near_shutdown_timeout_still_reaches_subscribers(
             await release.wait()
 
     # The final flush starts half a shutdown_timeout after the cancel, and its write takes
-    # just under a whole one: its events come well after shutdown_timeout has passed
-    # since the cancel, and still within the completer's own deadline.
-    slow = _SlowFinalWrite(pg_driver, first=timeout * 0.5, later=timeout * 0.9)
+    # three quarters of one: its events come after shutdown_timeout has passed since the
+    # cancel, and still within the completer's own deadline (a quarter of a
+    # shutdown_timeout of margin either side).
+    slow = _SlowFinalWrite(pg_driver, first=timeout * 0.5, later=timeout * 0.75)
     async with tq.open_client(database_url) as inserter:
         await inserter.insert_many([Sleep(0.0)] + [Sleep(600.0)] * sleepers)
     events: list[tq.Event] = []

@@ -1,8 +1,8 @@
 """What the peer runners share: the command protocol, timing and process statistics.
 
-A runner is started as ``PYTHON runner.py '<json spec>'`` by ``benchmarks/run.py``, runs one
-command on an asyncio event loop (uvloop unless the spec says ``"loop": "asyncio"``) and
-prints one JSON object as the last line of stdout. Nothing here imports trioqueue: the
+A runner is started as ``PYTHON runner.py '<json spec>'`` by the harness
+(``benchmarks/variants.py``), runs one command on an asyncio event loop (uvloop unless the
+spec says ``"loop": "asyncio"``) and prints one JSON object as the last line of stdout. Nothing here imports trioqueue: the
 peers run in their own virtual environment.
 """
 

@@ -2,7 +2,7 @@
 
 How to find your way:
 
-- ``tree.py``: the whole tree in one ``run()``, every part built in ``Runtime.__init__``;
+- ``tree.py``: the whole tree in one ``run()``, every part built when the ``Runtime`` is;
   the queue keeper and stop watcher live here too. Start reading here.
 - ``producer.py``: one per queue; the fetch loop (cooldown, polling, backpressure).
 - ``claimed.py``: a producer's claimed jobs and the worker tasks that run them

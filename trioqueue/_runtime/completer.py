@@ -21,7 +21,7 @@ A write can fail in two ways, and neither loses an outcome or stops the others:
   why); it is never retried as it was.
 
 At most ``max_pending`` outcomes wait to be written (the runtime makes that the client's
-worker slots, and at least one flush); past it ``complete`` blocks, and a blocked worker
+worker slots, and at least one flush); past it ``OutcomeSender.send`` blocks, and a blocked worker
 keeps its slot, so nothing new is fetched either. A crash therefore re-runs at most those
 outcomes and the jobs that were running: about one batch.
 """
@@ -179,7 +179,7 @@ class Completer:
     max_batch: int = 5000
     """At most this many rows per statement."""
     max_pending: int = 10_000
-    """``complete`` blocks while this many wait, until fewer than half remain (the runtime
+    """``OutcomeSender.send`` blocks while this many wait, until fewer than half remain (the runtime
     sets it from the client's worker slots)."""
     _pending: list[FinishedRun] = attrs.field(factory=list, init=False)
     _work: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -439,6 +439,10 @@ class Completer:
                 self.events.send_nowait(events)
             except trio.WouldBlock:
                 log.warning("event dispatcher not keeping up: %d events dropped", len(events))
+            except trio.BrokenResourceError:
+                # Only if the dispatcher died of an error (it otherwise reads until this
+                # channel closes): the outcomes are written all the same.
+                log.error("event dispatcher gone: %d events dropped", len(events))
 
     async def _written_by_lost_reply(
         self, batch: list[FinishedRun], seen: set[int]

@@ -175,11 +175,11 @@ class Dispatcher:
         every subscription.
 
         Shielded throughout, with no deadline of its own: it returns when the channel
-        ends, and only then. The senders close it (the completer as it returns, within
-        its own ``shutdown_timeout`` when cancelled; the runtime once the completion
-        nursery is done), so under cancellation from outside every event written before
-        they close still reaches subscribers, and the drain is bounded by the completer's
-        deadline alone.
+        ends, and only then. The senders close it as the nesting unwinds (the completer as
+        it returns, within its own ``shutdown_timeout`` when cancelled; the runtime once
+        the completion nursery is done), so under cancellation from outside every event
+        written before then still reaches subscribers, and the streams end as the client's
+        work does.
         """
         task_status.started()
         try:

@@ -1,7 +1,7 @@
 """Runs claimed jobs in lanes (cancel scopes shared by the jobs run back to back, see
 `lane`), and turns whatever each run did into exactly one outcome for the completer —
-whatever the job raised or returned (see `failure` for hostile errors, `outcome` for the
-row changes)."""
+whatever the job raised or returned (see `trioqueue._failure` for hostile errors,
+`trioqueue._outcome` for the row changes)."""
 
 from __future__ import annotations
 

@@ -191,8 +191,8 @@ class Runtime:
                 services.start_soon(self._queue_keeper)
                 services.start_soon(self._stop_watcher)
                 async with trio.open_nursery() as dispatch:
-                    dispatch.start_soon(self.dispatcher.run, self._events_in)
                     with self._events_out:
+                        dispatch.start_soon(self.dispatcher.run, self._events_in)
                         async with trio.open_nursery() as completion:
                             completion.start_soon(self.completer.run)
                             with self.completer.sender() as outcomes:
@@ -237,7 +237,7 @@ class Runtime:
             self._events_out.send_nowait([Event(kind, queue=queue)])
         except trio.WouldBlock:
             log.warning("event dispatcher not keeping up: %s event dropped", kind)
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the client has stopped: no subscription can see it any more
         if action == "resume":
             self.producers[queue].wake()
