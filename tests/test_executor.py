@@ -301,3 +301,29 @@ async def test_a_hard_stop_wins_over_a_timeout_that_passed_during_shielded_clean
     with trio.move_on_after(0.8):
         await executor.run(_claimed([_job(0)], [JobHandle()]), outcomes)  # type: ignore[arg-type]
     assert _kinds(outcomes.outcomes) == [EventKind.JOB_INTERRUPTED]
+
+
+def test_the_positional_completed_builder_matches_the_keyword_built_record() -> None:
+    """``_outcome.completed`` builds by position for speed; it must say what the
+    keyword-built record says."""
+    from trioqueue import _outcome
+    from trioqueue.driver.protocol import JobOutcome
+
+    job = _job(7)
+    assert _outcome.completed(job, NOW, 0.25) == FinishedRun(
+        outcome=JobOutcome(
+            id=7,
+            state=tq.JobState.COMPLETED,
+            finalized_at=NOW,
+            scheduled_at=None,
+            give_back_attempt=False,
+            error_json=None,
+            metadata_json=None,
+            attempted_at=job.attempted_at,
+        ),
+        event_kind=EventKind.JOB_COMPLETED,
+        duration=0.25,
+        attempted_at=job.attempted_at,
+        args=job.args,
+        attempt=job.attempt,
+    )

@@ -170,8 +170,20 @@ def _finished(
 
 
 def completed(job: Job[Any], now: datetime, duration: float) -> FinishedRun:
-    """The job returned: ``completed``."""
-    return _finished(job, JobState.COMPLETED, EventKind.JOB_COMPLETED, duration, finalized_at=now)
+    """The job returned: ``completed``.
+
+    The one builder that goes by position: every job that succeeds makes one, and
+    keyword arguments to a NamedTuple cost about 1-2 µs more per job here (a few percent
+    of a no-op job's whole cost). A test holds it equal to the keyword-built record."""
+    attempted_at = job.attempted_at
+    return FinishedRun(
+        JobOutcome(job.id, JobState.COMPLETED, now, None, False, None, None, attempted_at),
+        EventKind.JOB_COMPLETED,
+        duration,
+        attempted_at,
+        job.args,
+        job.attempt,
+    )
 
 
 def interrupted(job: Job[Any], duration: float) -> FinishedRun:
