@@ -1,5 +1,5 @@
 """Deterministic simulation of trioqueue: plans, the harness that runs them, and the
-invariants checked after every run (DESIGN.md §5). ``test_simulation.py`` drives it with
+invariants checked after every run (docs/testing.md). ``test_simulation.py`` drives it with
 hypothesis; this module knows nothing about hypothesis except the strategies at the end.
 
 A :class:`Plan` is data: job specs (what each worker attempt does), client specs (queues,

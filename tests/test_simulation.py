@@ -1,4 +1,4 @@
-"""Deterministic simulation and property-based concurrency tests (DESIGN.md §5).
+"""Deterministic simulation and property-based concurrency tests (docs/testing.md).
 
 Hypothesis generates plans (``simulation_plan.plans``): jobs whose every attempt returns,
 raises, cancels itself, snoozes, sleeps, blocks until cancelled or ignores cancellation for
@@ -250,6 +250,28 @@ def test_outside_cancel_events_on_memory() -> None:
 def test_outside_cancel_events_on_postgres(database_url: str) -> None:
     sim = run_on_postgres(OUTSIDE_CANCEL_EVENTS, database_url, scale=PG_SCALE)
     assert_holds(sim)
+
+
+# A write commits but its reply is lost; while the completer backs off before retrying,
+# the client is cancelled from outside. The final flush finds the job no longer running:
+# it must check whether the lost write was its own (it was) and still send the event.
+LOST_REPLY_THEN_OUTSIDE_CANCEL = Plan(
+    jobs=(JobSpec(),),
+    clients=(
+        ClientSpec(
+            faults=(FaultSpec("job_set_state_if_running_many", "error_after", 1),),
+        ),
+    ),
+    steps=(Step(0.0, "insert", -1, (0,)), Step(0.3, "outside_cancel", 0)),
+    shutdown_timeout=3.0,
+)
+
+
+def test_lost_reply_then_outside_cancel_still_sends_the_event() -> None:
+    sim = run_on_memory(LOST_REPLY_THEN_OUTSIDE_CANCEL, memory_driver)
+    assert_holds(sim)
+    [life] = [life for life in sim.lives.values() if life.outside]
+    assert len(life.events) == 1
 
 
 async def _stale_outcome_is_not_written(d: Any) -> None:

@@ -357,7 +357,14 @@ class Completer:
                     delay,
                     exc,
                 )
-            await trio.sleep(delay)
+            try:
+                await trio.sleep(delay)
+            except trio.Cancelled:
+                # Cancelled while backing off after a failed attempt, which may have
+                # committed (only its reply lost): the final flush must check, as after
+                # a write cancelled mid-statement.
+                self._write_interrupted = True
+                raise
             delay = min(delay * 2, 10.0)
 
     async def _write_isolating(
