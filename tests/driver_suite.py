@@ -413,11 +413,15 @@ async def insert_notifies_the_given_queues(driver: Driver) -> None:
         await driver.job_insert_many([params(queue="a"), params(queue="b")], ["a", "b"], NOW)
         await driver.job_insert_many([params(queue="c")], [], NOW)
         await driver.job_insert_fast([params(queue="d")], ["d"], NOW)
+        # One job, two queues named: both are notified (the single-row path too).
+        await driver.job_insert_many([params(queue="e")], ["e", "f"], NOW)
         got = await notes_of(driver, listener, "marker")
     assert got == [
         (INSERT_CHANNEL, {"queue": "a"}),
         (INSERT_CHANNEL, {"queue": "b"}),
         (INSERT_CHANNEL, {"queue": "d"}),
+        (INSERT_CHANNEL, {"queue": "e"}),
+        (INSERT_CHANNEL, {"queue": "f"}),
     ]
 
 

@@ -196,7 +196,7 @@ class PostgresDriver:
         now: datetime,
         ex: Any,
     ) -> list[tuple[JobRow, bool]]:
-        if len(params) == 1:
+        if len(params) == 1 and len(notify_queues) <= 1:
             p = params[0]
             one: list[Any] = [
                 p.args_json,
