@@ -836,6 +836,24 @@ _tx_ops = st.one_of(
     st.builds(Periodic, st.sampled_from(["get", "save"]), st.sampled_from(["p1", "p2"])),
 )
 
+_rescue_ops = st.builds(
+    Rescue,
+    st.sampled_from([0.0, 1.0, 60.0]),
+    st.sampled_from([1, 10]),
+    st.one_of(st.none(), _ref),
+    st.lists(
+        st.builds(
+            Decision,
+            st.sampled_from(["retryable", "available", "discarded", "scheduled"]),
+            st.one_of(st.none(), _offset),
+            st.sampled_from([False, False, True]),
+        ),
+        max_size=3,
+    ).map(tuple),
+)
+_outcome_ops = st.builds(Outcomes, st.lists(outs, min_size=1, max_size=3).map(tuple), st.booleans())
+
+# A strategy listed twice is drawn about twice as often.
 operations = st.one_of(
     st.builds(Tick, _seconds),
     st.builds(Tick, _seconds),
@@ -845,9 +863,9 @@ operations = st.one_of(
     st.builds(Fetch, st.sampled_from(QUEUES), st.integers(1, 3)),
     st.builds(Fetch, st.sampled_from(QUEUES), st.integers(1, 3)),
     st.builds(Claim, _ref, st.sampled_from(["c1", "c2"])),
-    st.builds(Outcomes, st.lists(outs, min_size=1, max_size=3).map(tuple), st.booleans()),
-    st.builds(Outcomes, st.lists(outs, min_size=1, max_size=3).map(tuple), st.booleans()),
-    st.builds(Outcomes, st.lists(outs, min_size=1, max_size=3).map(tuple), st.booleans()),
+    _outcome_ops,
+    _outcome_ops,
+    _outcome_ops,
     st.builds(Manage, st.sampled_from(["cancel", "cancel", "retry", "delete", "get"]), _ref),
     st.builds(CancelRequested, st.lists(_ref, max_size=4).map(tuple)),
     st.builds(Schedule, _offset, st.sampled_from([1, 2, 100])),
@@ -859,36 +877,8 @@ operations = st.one_of(
     ),
     list_ops,
     st.builds(Count, st.sampled_from(["live", "finalized", "since"]), st.sampled_from([1, 2, 100])),
-    st.builds(
-        Rescue,
-        st.sampled_from([0.0, 1.0, 60.0]),
-        st.sampled_from([1, 10]),
-        st.one_of(st.none(), _ref),
-        st.lists(
-            st.builds(
-                Decision,
-                st.sampled_from(["retryable", "available", "discarded", "scheduled"]),
-                st.one_of(st.none(), _offset),
-                st.sampled_from([False, False, True]),
-            ),
-            max_size=3,
-        ).map(tuple),
-    ),
-    st.builds(
-        Rescue,
-        st.sampled_from([0.0, 1.0, 60.0]),
-        st.sampled_from([1, 10]),
-        st.one_of(st.none(), _ref),
-        st.lists(
-            st.builds(
-                Decision,
-                st.sampled_from(["retryable", "available", "discarded", "scheduled"]),
-                st.one_of(st.none(), _offset),
-                st.sampled_from([False, False, True]),
-            ),
-            max_size=3,
-        ).map(tuple),
-    ),
+    _rescue_ops,
+    _rescue_ops,
     st.builds(
         DeleteFinalized,
         st.sampled_from(["completed", "cancelled", "discarded"]),
