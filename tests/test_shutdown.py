@@ -263,12 +263,14 @@ async def test_cancelled_from_outside_at_random_moments_of_start_up(
     queues = {name: tq.QueueConfig(max_workers=5) for name in ("a", "b", "c")}
     async with tq.open_client(database_url) as inserter:
         for name in queues:
-            await inserter.insert_many([(Sleep(0.05), tq.InsertOpts(queue=name))] * 20)
+            await inserter.insert_many([(Sleep(0.2), tq.InsertOpts(queue=name))] * 200)
 
     async def cancel_during_start_up(
-        slow: _SlowRegistration, scope: trio.CancelScope, delay: float
+        slow: _SlowRegistration, scope: trio.CancelScope, delay: float, after_a_job: bool
     ) -> None:
         await slow.began.wait()  # measured from the first registration: start-up is on
+        if after_a_job:  # or from a job's start: the producers run
+            await tracker.wait_started(tracker.started + 1)
         await trio.sleep(delay)
         scope.cancel()
 
@@ -276,7 +278,9 @@ async def test_cancelled_from_outside_at_random_moments_of_start_up(
         slow = _SlowRegistration(pg_driver, 0.1)
         with trio.fail_after(20), trio.CancelScope() as outside:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_during_start_up, slow, outside, rng.uniform(0, 0.35))
+                nursery.start_soon(
+                    cancel_during_start_up, slow, outside, rng.uniform(0, 0.35), i % 4 == 3
+                )
                 async with tq.open_client(
                     driver=slow,
                     workers=tracker.workers(),

@@ -313,7 +313,13 @@ class Completer:
                         await self._work.wait()
                         self._work = trio.Event()
             batch = self._pending[: self.max_batch]
-            await self._write(batch)
+            try:
+                await self._write(batch)
+            except trio.Cancelled:
+                # Cancelled anywhere in the write (the statement, a backoff, the lost-reply
+                # check): it may have committed, so the final flush must check.
+                self._write_interrupted = True
+                raise
             del self._pending[: len(batch)]
             if len(self._pending) < self.max_pending // 2:
                 self._space.set()
