@@ -9,7 +9,8 @@ How to find your way:
 - ``connection.py``: `PgConnection`, one connection driven with trio; it leans on
   ``waiting.py`` (trio's side of psycopg's wait requests, the cancel request),
   ``transaction.py`` (transaction blocks), ``notifications.py`` (LISTEN),
-  ``copy.py`` (COPY FROM STDIN) and ``adapters.py`` (the type loaders and dumpers).
+  ``copy.py`` (COPY FROM STDIN), ``prepared.py`` (the session's prepared statements)
+  and ``adapters.py`` (the type loaders and dumpers).
 - ``pool.py``: a bounded pool that replaces broken connections; ``pooler.py`` notices a
   transaction pooler (PgBouncer) in the way; ``arrays.py`` encodes array parameters.
 """

@@ -12,7 +12,8 @@ These psycopg modules are semi-internal: the project pins psycopg to 3.3.x.
 
 How values are sent and loaded (types, formats, encoding) is in ``adapters.py``; COPY FROM
 STDIN in ``copy.py``; the ``async with conn.transaction()`` block and its rollback in
-``transaction.py``; waiting for notifications in ``notifications.py``.
+``transaction.py``; waiting for notifications in ``notifications.py``; the session's
+prepared statements in ``prepared.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from psycopg.rows import RowMaker
 from .adapters import ADAPTERS
 from .copy import abort_copy_in, copy_from_stdin
 from .notifications import Notify, notify_from_pq, quote_ident, wait_notifies
+from .prepared import PreparedStatements
 from .transaction import TransactionBlock
 from .waiting import StatementLock, send_cancel, wait_conn, wait_gen
 
@@ -64,8 +66,6 @@ _CONN_BAD: Final = pq.ConnStatus.BAD
 _ENCODING: Final = "utf-8"
 
 DEFAULT_CANCEL_TIMEOUT: Final = 5.0
-# Prepared statements kept per session; past this, statements run unprepared.
-_MAX_PREPARED: Final = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +120,6 @@ class PgConnection:
         "_notify_scope",
         "_pgconn",
         "_poller",
-        "_prepare_seq",
         "_prepared",
         "_tx",
         "_tx_depth",
@@ -139,8 +138,7 @@ class PgConnection:
         self._notify_scope: trio.CancelScope | None = None
         self._listening: set[str] = set()
         self._poller: select.poll | None = None
-        self._prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
-        self._prepare_seq = 0
+        self._prepared = PreparedStatements()
         pgconn.notify_handler = self._notifies_append
 
     def _notifies_append(self, n: PGnotify) -> None:
@@ -311,29 +309,6 @@ class PgConnection:
         if scope is not None:
             scope.cancel()
 
-    async def _prepared_name(self, query: str, types: Sequence[int]) -> bytes | None:
-        """The name of ``query`` prepared for these parameter types on this session,
-        preparing it first if need be (one extra round trip, once); None once the cache
-        is full. The caller holds ``self._lock``."""
-        key = (query, tuple(types))
-        name = self._prepared.get(key)
-        if name is not None or len(self._prepared) >= _MAX_PREPARED:
-            return name
-        # A fresh name per attempt: a prepare cancelled midway may or may not exist.
-        self._prepare_seq += 1
-        name = b"tq_%d" % self._prepare_seq
-        pgconn = self._usable()
-        try:
-            pgconn.send_prepare(name, query.encode(_ENCODING), param_types=types)
-        except psycopg.OperationalError:
-            raise self._broke("sending the query failed") from None
-        results: list[PGresult] = await self._run(generators.execute(pgconn))
-        for res in results:
-            if res.status == _FATAL_ERROR:
-                raise errors.error_from_result(res, encoding=_ENCODING)
-        self._prepared[key] = name
-        return name
-
     async def _exec(
         self, query: str, params: Sequence[Any] | None, prepare: bool = False
     ) -> PGresult:
@@ -351,7 +326,7 @@ class PgConnection:
             formats: Sequence[pq.Format] | None = tx.formats
         else:
             bufs, types, formats = None, (), None
-        name = await self._prepared_name(query, types) if prepare else None
+        name = await self._prepared.name(self, query, types) if prepare else None
         try:
             if name is not None:
                 pgconn.send_query_prepared(name, bufs, param_formats=formats, result_format=_BINARY)
