@@ -2,8 +2,8 @@
 
 A runner is started as ``PYTHON runner.py '<json spec>'`` by the harness
 (``benchmarks/variants.py``), runs one command on an asyncio event loop (uvloop unless the
-spec says ``"loop": "asyncio"``) and prints one JSON object as the last line of stdout. Nothing here imports trioqueue: the
-peers run in their own virtual environment.
+spec says ``"loop": "asyncio"``) and prints one JSON object as the last line of stdout.
+Nothing here imports trioqueue: the peers run in their own virtual environment.
 """
 
 from __future__ import annotations
