@@ -1124,8 +1124,8 @@ async def queue_list_counts_available_and_running_jobs(driver: Driver) -> None:
     await insert(driver, params(queue="nowhere"))  # a queue without a row is not listed
     await driver.job_get_available("b", at(2), 1, "client-1")
     assert await driver.queue_list() == [
-        ("a", at(1), at(1), at(1), 1, 0),
-        ("b", None, NOW, NOW, 2, 1),
+        ("a", at(1), at(1), at(1), 1, 0, None, 0, ()),
+        ("b", None, NOW, NOW, 2, 1, None, 0, ()),
     ]
     await driver.queue_resume("a", at(4))
     [a, _] = await driver.queue_list()

@@ -37,6 +37,9 @@ from .job import JobListParams as JobListParams
 from .job import JobListResult as JobListResult
 from .job import JobState as JobState
 from .job import UniqueOpts as UniqueOpts
+from .limits import GlobalLimit as GlobalLimit
+from .limits import PartitionInfo as PartitionInfo
+from .limits import RateLimit as RateLimit
 from .middleware import InsertMiddleware as InsertMiddleware
 from .middleware import InsertParams as InsertParams
 from .middleware import WorkerMiddleware as WorkerMiddleware
@@ -55,6 +58,7 @@ __all__ = [
     "ErrorHandlerResult",
     "Event",
     "EventKind",
+    "GlobalLimit",
     "InsertMiddleware",
     "InsertOpts",
     "InsertParams",
@@ -70,10 +74,12 @@ __all__ = [
     "JobState",
     "LeaderInfo",
     "MemoryDriver",
+    "PartitionInfo",
     "PeriodicJob",
     "PoolerError",
     "QueueConfig",
     "QueueInfo",
+    "RateLimit",
     "Subscription",
     "Transaction",
     "TrioqueueError",

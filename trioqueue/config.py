@@ -14,6 +14,7 @@ import attrs
 from ._validate import check_text
 from .errors import ErrorHandlerResult, ValidationError
 from .job import Job, validate_queue_name
+from .limits import GlobalLimit, QueueLimits, RateLimit
 from .middleware import check_hooks, check_middleware
 from .periodic import PeriodicJob, check_periodic_jobs
 from .workers import args_kind
@@ -52,11 +53,30 @@ def _positive(field: str, value: object, *, allow_none: bool = False, minimum: f
 @final
 @attrs.frozen
 class QueueConfig:
-    """How one queue is worked by this client: at most ``max_workers`` jobs at once."""
+    """How one queue is worked by this client: at most ``max_workers`` jobs at once.
+
+    ``global_limit`` and ``rate_limit`` hold across every client working the queue
+    (docs/flow-control.md); configure those clients alike.
+    """
 
     max_workers: int = 100
+    global_limit: GlobalLimit | None = None
+    rate_limit: RateLimit | None = None
+
+    @property
+    def limits(self) -> QueueLimits | None:
+        """Both limits together, or None when the queue has neither."""
+        if self.global_limit is None and self.rate_limit is None:
+            return None
+        return QueueLimits(self.global_limit, self.rate_limit)
 
     def __attrs_post_init__(self) -> None:
+        if self.global_limit is not None and not isinstance(self.global_limit, GlobalLimit):
+            raise ValidationError(
+                "QueueConfig.global_limit", "must be a trioqueue.GlobalLimit or None"
+            )
+        if self.rate_limit is not None and not isinstance(self.rate_limit, RateLimit):
+            raise ValidationError("QueueConfig.rate_limit", "must be a trioqueue.RateLimit or None")
         if (
             isinstance(self.max_workers, bool)
             or not isinstance(self.max_workers, int)

@@ -198,6 +198,8 @@ class Completer:
     """Set while writes go through; cleared from a failed write to the next success."""
     _write_interrupted: bool = attrs.field(default=False, init=False)
     """A write was cancelled mid-statement: it may have committed (see ``_write``)."""
+    _after_write: list[Callable[[], None]] = attrs.field(factory=list, init=False)
+    """Called once the next write has gone through (`call_after_write`)."""
 
     def __attrs_post_init__(self) -> None:
         self._writable.set()
@@ -230,6 +232,14 @@ class Completer:
             log.info("writing job outcomes works again")
         elif not writable and self._writable.is_set():
             self._writable = trio.Event()
+
+    def call_after_write(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (not a checkpoint) once the next batch of outcomes is written,
+        and write what waits now without lingering. For a producer whose jobs a limit
+        holds back: the database counts a job as running until its outcome is written,
+        so that write is what can free a slot. Not a checkpoint."""
+        self._after_write.append(callback)
+        self._work.set()
 
     def sender(self) -> OutcomeSender:
         """A new handle on the input (the runtime makes the original; producers get
@@ -309,7 +319,11 @@ class Completer:
                 continue
             if linger > 0 and len(self._pending) < self.flush_size and not self._closed:
                 with trio.move_on_after(linger):
-                    while len(self._pending) < self.flush_size and not self._closed:
+                    while (
+                        len(self._pending) < self.flush_size
+                        and not self._closed
+                        and not self._after_write
+                    ):
                         await self._work.wait()
                         self._work = trio.Event()
             batch = self._pending[: self.max_batch]
@@ -321,6 +335,9 @@ class Completer:
                 self._write_interrupted = True
                 raise
             del self._pending[: len(batch)]
+            waiting, self._after_write = self._after_write, []
+            for callback in waiting:
+                callback()
             if len(self._pending) < self.max_pending // 2:
                 self._space.set()
                 self._space = trio.Event()

@@ -26,6 +26,7 @@ import trio
 from .._codec import row_to_job
 from ..driver.protocol import Driver, JobRow
 from ..errors import DatabaseError
+from ..limits import QueueLimits
 from .claimed import ClaimedJobs, Wakeup
 from .completer import Completer, OutcomeSender
 from .executor import Executor
@@ -54,6 +55,8 @@ class ProducerStatistics:
 class Producer:
     queue: str
     max_workers: int
+    limits: QueueLimits | None
+    """The queue's global and rate limits, enforced by the fetch; None for none."""
     driver: Driver
     client_id: str
     executor: Executor
@@ -72,6 +75,10 @@ class Producer:
     """Cancelled by a hard stop: every running job is interrupted."""
     _fetches: int = attrs.field(default=0, init=False)
     _fetched: int = attrs.field(default=0, init=False)
+    _held_back: bool = attrs.field(default=False, init=False)
+    """The last fetch left due jobs behind because a limit was reached."""
+    _next_open: datetime | None = attrs.field(default=None, init=False)
+    """When a rate window next opens for the jobs held back (None: not known)."""
 
     def __attrs_post_init__(self) -> None:
         self.claimed = ClaimedJobs(self.queue, self._wake)
@@ -175,6 +182,10 @@ class Producer:
                 self._fetches += 1
                 self._fetched += len(rows)
                 full = self.claimed.wake_when_free = len(rows) == limit
+                if self._held_back and self.claimed:
+                    # The database counts our jobs as running until their outcomes are
+                    # written: the write after one of them ends may free a slot.
+                    self.completer.call_after_write(self._wake.set)
                 last_found_work = bool(rows)
                 # No checkpoint between the fetch and queuing the jobs: every claimed job
                 # is run or, after a hard stop, handed back (see run), so it always
@@ -194,6 +205,8 @@ class Producer:
                 poll = self.fetch_cooldown
             else:
                 poll = self.fetch_poll_interval * random.uniform(1.0, 1.1)
+            if self._held_back:
+                poll = min(poll, self._held_back_poll())
             if len(self.claimed) >= self.max_workers:
                 # Every slot is busy, so a wake-up (an insert notification, a resume) can
                 # do nothing now; and the fetch that filled the last slot was full, so the
@@ -205,12 +218,31 @@ class Producer:
             if waited.cancelled_caught and self.check_cancels and self.claimed:
                 await self._poll_cancels()
 
+    def _held_back_poll(self) -> float:
+        """How long to wait before looking again for jobs a limit holds back: until the
+        rate window opens, when known; else one cooldown, since another client's job may
+        end at any moment (this client's own wake it at once)."""
+        if self._next_open is None:
+            return self.fetch_cooldown
+        opens_in = (self._next_open - self.now()).total_seconds()
+        return min(max(opens_in, 0.001), self.fetch_poll_interval)
+
     async def _fetch(self, limit: int) -> list[JobRow]:
+        """Claim up to ``limit`` jobs, within the queue's limits; notes whether they held
+        jobs back. On cancellation (shielded, up to `FETCH_DEADLINE`): the fetch finishes
+        first, so every claimed job is returned."""
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + FETCH_DEADLINE
-            return await self.driver.job_get_available(
-                self.queue, self.now(), limit, self.client_id
+            if self.limits is None:
+                return await self.driver.job_get_available(
+                    self.queue, self.now(), limit, self.client_id
+                )
+            found = await self.driver.job_get_available_limited(
+                self.queue, self.now(), limit, self.client_id, self.limits
             )
+            self._held_back = found.held_back
+            self._next_open = found.next_open
+            return found.rows
         raise DatabaseError(
             f"fetching from queue {self.queue!r}",
             TimeoutError(f"no answer within {FETCH_DEADLINE} s"),

@@ -135,6 +135,7 @@ class Runtime:
             self.producers[name] = Producer(
                 queue=name,
                 max_workers=queue_config.max_workers,
+                limits=queue_config.limits,
                 driver=self.driver,
                 client_id=cfg.id,
                 executor=executor,
@@ -308,7 +309,7 @@ class Runtime:
 
     async def _register_queue(self, name: str) -> bool:
         """Announce queue ``name``; whether it is paused."""
-        return await self.driver.queue_upsert(name, self.now())
+        return await self.driver.queue_upsert(name, self.now(), self.queues[name].limits)
 
     async def _queue_keeper(self) -> None:
         """Re-announce our queues now and then; in poll_only mode also poll their pause
@@ -321,7 +322,7 @@ class Runtime:
                 if trio.current_time() >= announce_at:
                     announce_at = trio.current_time() + QUEUE_ANNOUNCE_INTERVAL
                     for name in self.producers:
-                        await self.driver.queue_upsert(name, self.now())
+                        await self.driver.queue_upsert(name, self.now(), self.queues[name].limits)
                 if self.config.poll_only:
                     paused = await self.driver.queue_paused(list(self.producers))
                     for name in self.producers:

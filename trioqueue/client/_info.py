@@ -13,6 +13,7 @@ import attrs
 
 from ..driver.protocol import LeaderRow, QueueRow
 from ..job import JobState
+from ..limits import GlobalLimit, PartitionInfo, RateLimit
 
 __all__ = [
     "COUNT_EXACT_UP_TO",
@@ -44,6 +45,15 @@ class QueueInfo:
     """Jobs of this queue waiting to run now."""
     running: int
     """Jobs of this queue that some client is running."""
+    global_limit: GlobalLimit | None = None
+    """The global limit the clients working the queue enforce (docs/flow-control.md)."""
+    rate_limit: RateLimit | None = None
+    """The rate limit the clients working the queue enforce."""
+    held_back: int = 0
+    """Due jobs that the limits hold back now (included in ``available``)."""
+    partitions: tuple[PartitionInfo, ...] = ()
+    """The busiest partitions of a limited queue (up to ten), by running jobs, then
+    held-back ones; one partition, ``{}``, for limits that are not partitioned."""
 
 
 @final
@@ -95,6 +105,10 @@ def queue_info(row: QueueRow) -> QueueInfo:
         updated_at=row.updated_at,
         available=row.available,
         running=row.running,
+        global_limit=row.limits.global_limit if row.limits else None,
+        rate_limit=row.limits.rate_limit if row.limits else None,
+        held_back=row.held_back,
+        partitions=row.partitions,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol
 import attrs
 
 from ..job import JobListParams, JobState
+from ..limits import LimitedFetch, PartitionInfo, QueueLimits
 
 __all__ = [
     "Driver",
@@ -26,6 +27,7 @@ __all__ = [
     "PeriodicJobState",
     "JobRow",
     "LeaderRow",
+    "PARTITIONS_SHOWN",
     "QueueRow",
     "WrittenRow",
 ]
@@ -69,6 +71,16 @@ class QueueRow(NamedTuple):
     updated_at: datetime
     available: int
     running: int
+    limits: QueueLimits | None = None
+    """The limits the clients working the queue store (None: no limits)."""
+    held_back: int = 0
+    """Due jobs the limits hold back now."""
+    partitions: tuple[PartitionInfo, ...] = ()
+    """The busiest partitions of a limited queue (at most `PARTITIONS_SHOWN`)."""
+
+
+PARTITIONS_SHOWN = 10
+"""How many partitions of a limited queue `Driver.queue_list` reports."""
 
 
 class LeaderRow(NamedTuple):
@@ -210,6 +222,19 @@ class Driver(Protocol):
         errors and metadata may be None where empty (`row_to_job` reads both)."""
         ...
 
+    async def job_get_available_limited(
+        self, queue: str, now: datetime, limit: int, client_id: str, limits: QueueLimits
+    ) -> LimitedFetch:
+        """`job_get_available` for a queue with limits, shared by every client: no more
+        than ``limits.global_limit`` jobs of a partition are running once it returns, and
+        no more than ``limits.rate_limit`` started in any window. A full partition holds
+        back its own jobs only; within a priority, jobs are taken round robin across
+        partitions. Says whether due jobs were held back, and when a rate window next
+        opens for them.
+
+        On cancellation: nothing was claimed."""
+        ...
+
     async def job_claim(self, job_id: int, now: datetime, client_id: str) -> JobRow | None:
         """Claim one job by id for a run outside any producer (``trioqueue.testing``): if
         it is available, pending, retryable or scheduled, whatever its queue, schedule or
@@ -263,7 +288,12 @@ class Driver(Protocol):
         self, horizon: datetime, now: datetime, limit: int
     ) -> dict[str, int]: ...
 
-    async def queue_upsert(self, name: str, now: datetime) -> bool: ...
+    async def queue_upsert(
+        self, name: str, now: datetime, limits: QueueLimits | None = None
+    ) -> bool:
+        """Create the queue's row or touch its updated_at, storing the ``limits`` this
+        client works it with; return whether it is paused."""
+        ...
 
     async def queue_pause(self, name: str, now: datetime, *, ex: Any = None) -> list[str]: ...
 
@@ -273,7 +303,10 @@ class Driver(Protocol):
 
     async def queue_list(self) -> list[QueueRow]:
         """Every queue row, ordered by name, as ``(name, paused_at, created_at, updated_at,
-        available, running)``: the last two count the queue's jobs in those states."""
+        available, running, limits, held_back, partitions)``: available and running count
+        the queue's jobs in those states; a limited queue also has the due jobs its limits
+        hold back and its busiest partitions (`PARTITIONS_SHOWN`), by running jobs, then
+        held-back ones."""
         ...
 
     async def notify_many(self, channel: str, payloads: Sequence[str]) -> None: ...

@@ -14,8 +14,10 @@ import attrs
 import trio
 
 from ...job import FINALIZED_STATES, JobState
+from ...limits import QueueLimits
 from ..protocol import CONTROL_CHANNEL, LEADERSHIP_CHANNEL, LeaderRow, PeriodicJobState, QueueRow
 from .errors import MemoryDataError
+from .limits import with_partitions
 from .listener import MemoryListener
 from .rows import _Leader, _Periodic, _Queue
 from .statement import _Stmt
@@ -74,15 +76,22 @@ class _Admin(_Store):
 
     # ---- queues
 
-    async def queue_upsert(self, name: str, now: datetime) -> bool:
-        """Create the queue's row or touch its updated_at; return whether it is paused."""
+    async def queue_upsert(
+        self, name: str, now: datetime, limits: QueueLimits | None = None
+    ) -> bool:
+        """Create the queue's row or touch its updated_at, storing ``limits``; return
+        whether it is paused."""
         at = _ts(now)
 
         def op(st: _Stmt) -> bool:
             _check_length("tq_queue", "tq_queue_name_length", name)
             st.lock(("queue", name))
             old = st.queue(name)
-            new = _Queue(name, at, None, at) if old is None else attrs.evolve(old, updated_at=at)
+            new = (
+                _Queue(name, at, None, at, limits)
+                if old is None
+                else attrs.evolve(old, updated_at=at, limits=limits)
+            )
             st.queues[name] = new
             return new.paused_at is not None
 
@@ -150,7 +159,7 @@ class _Admin(_Store):
     async def queue_list(self) -> list[QueueRow]:
         """Every queue row (committed state), ordered by name, with its available and
         running job counts, as `QueueRow` ``(name, paused_at, created_at, updated_at,
-        available, running)``."""
+        available, running)``, and for a limited queue its limits and partitions."""
 
         def op(st: _Stmt) -> list[QueueRow]:
             counts: dict[tuple[str, JobState], int] = {}
@@ -158,7 +167,7 @@ class _Admin(_Store):
                 if job.state in (JobState.AVAILABLE, JobState.RUNNING):
                     key = (job.queue, job.state)
                     counts[key] = counts.get(key, 0) + 1
-            return [
+            rows = [
                 QueueRow(
                     q.name,
                     q.paused_at,
@@ -168,6 +177,19 @@ class _Admin(_Store):
                     counts.get((q.name, JobState.RUNNING), 0),
                 )
                 for q in sorted(st.visible_queues(), key=lambda q: q.name)
+            ]
+            limited = {q.name: q.limits for q in st.visible_queues() if q.limits is not None}
+            if not limited:
+                return rows
+            jobs = list(st.visible_jobs())
+            now = self.clock()
+            return [
+                with_partitions(
+                    row, limited[row.name], jobs, self._rate_starts.get(row.name, []), now
+                )
+                if row.name in limited
+                else row
+                for row in rows
             ]
 
         return await self._run("listing queues", None, op)

@@ -1,6 +1,6 @@
 """`MemoryDriver`: the store (``store.py``) with every operation of the protocol, put
 together from the parts that hold them (``jobs.py``, ``manage.py``, ``maintenance.py``,
-``admin.py``)."""
+``admin.py``, ``limits.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import trio
 from ..._schema import SCHEMA_VERSION
 from .admin import _Admin
 from .jobs import _JobFlow
+from .limits import _Limits
 from .maintenance import _Maintenance
 from .manage import _JobManagement
 
@@ -18,7 +19,7 @@ __all__ = ["MemoryDriver"]
 
 
 @final
-class MemoryDriver(_JobFlow, _JobManagement, _Maintenance, _Admin):
+class MemoryDriver(_JobFlow, _Limits, _JobManagement, _Maintenance, _Admin):
     """The Driver protocol in memory, with the PostgreSQL driver's semantics.
 
     Several clients may share one instance, as a fleet shares a database: notifications

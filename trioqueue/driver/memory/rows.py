@@ -14,6 +14,7 @@ from typing import Any, final
 import attrs
 
 from ...job import FINALIZED_STATES, JobState
+from ...limits import QueueLimits
 from ..protocol import JobRow, PeriodicJobState
 from .errors import MemoryDataError
 from .values import _check_length, _copy, _smallint, _violation
@@ -103,6 +104,7 @@ class _Queue:
     created_at: datetime
     paused_at: datetime | None
     updated_at: datetime
+    limits: QueueLimits | None = None
 
 
 @final

@@ -47,6 +47,8 @@ class _Store:
         self._holders: dict[bytes, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._periodic: dict[str, _Periodic] = {}
+        self._rate_starts: dict[str, list[tuple[str, datetime]]] = {}
+        """Recent starts of rate-limited queues (tq_rate_start): (partition, time)."""
         self._leader: _Leader | None = None
         self._locks: dict[_LockKey, MemoryTransaction] = {}
         self._open_txs: dict[MemoryTransaction, None] = {}

@@ -15,8 +15,10 @@ from psycopg.rows import RowMaker
 
 from ...errors import DatabaseError
 from ...job import FINALIZED_STATES, JobListParams, JobState
+from ...limits import LimitedFetch, QueueLimits
 from ..protocol import (
     CONTROL_CHANNEL,
+    PARTITIONS_SHOWN,
     JobInsertParams,
     JobOutcome,
     JobRescue,
@@ -31,6 +33,7 @@ from .arrays import bool_array, int8_array, text_array, timestamptz_array
 from .connection import PgConnection
 from .failures import FAILURES, database_error, wrapped
 from .inserts import COPY_QUERY, copy_text_chunks, insert_arrays
+from .limits import limited_fetch, with_partitions
 from .pool import PgPool, open_pool
 from .pooler import check_pooler
 from .queries import QUERIES
@@ -266,6 +269,17 @@ class PostgresDriver:
             _job_row,
         )
 
+    async def job_get_available_limited(
+        self, queue: str, now: datetime, limit: int, client_id: str, limits: QueueLimits
+    ) -> LimitedFetch:
+        rows = await self._fetch(
+            f"fetching jobs of queue {queue!r}",
+            "job_get_available_limited",
+            [queue, now, limit, client_id, limits.to_json()],
+            None,
+        )
+        return limited_fetch(rows)
+
     async def job_claim(self, job_id: int, now: datetime, client_id: str) -> JobRow | None:
         return await self._fetchrow(
             f"claiming job {job_id}", "job_claim", [job_id, now, client_id], None, _job_row
@@ -389,8 +403,13 @@ class PostgresDriver:
         rows = await self._fetch("scheduling due jobs", "job_schedule", [horizon, limit, now], None)
         return {str(queue): int(count) for queue, count in rows}
 
-    async def queue_upsert(self, name: str, now: datetime) -> bool:
-        row = await self._fetchrow(f"registering queue {name!r}", "queue_upsert", [name, now], None)
+    async def queue_upsert(
+        self, name: str, now: datetime, limits: QueueLimits | None = None
+    ) -> bool:
+        stored = None if limits is None else limits.to_json()
+        row = await self._fetchrow(
+            f"registering queue {name!r}", "queue_upsert", [name, now, stored], None
+        )
         return bool(row and row[0])
 
     async def _queue_change(self, action: str, name: str, now: datetime, ex: Any) -> list[str]:
@@ -421,10 +440,20 @@ class PostgresDriver:
 
     async def queue_list(self) -> list[QueueRow]:
         rows = await self._fetch("listing queues", "queue_list", [], None)
-        return [
-            QueueRow(name, paused_at, created_at, updated_at, int(available), int(running))
-            for name, paused_at, created_at, updated_at, available, running in rows
-        ]
+        out = []
+        now = self.clock()
+        for name, paused_at, created_at, updated_at, available, running, stored in rows:
+            row = QueueRow(name, paused_at, created_at, updated_at, int(available), int(running))
+            if (limits := QueueLimits.from_json(stored)) is not None:
+                found = await self._fetch(
+                    f"reading the partitions of queue {name!r}",
+                    "queue_limit_partitions",
+                    [name, limits.to_json(), now, PARTITIONS_SHOWN],
+                    None,
+                )
+                row = with_partitions(row, limits, found)
+            out.append(row)
+        return out
 
     async def notify_many(self, channel: str, payloads: Sequence[str]) -> None:
         if payloads:

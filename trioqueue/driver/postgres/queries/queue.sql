@@ -1,10 +1,11 @@
 -- Queue queries. A queue row exists once a producer has run it or somebody paused it.
 
 -- name: queue_upsert
--- A producer announces its queue; returns whether the queue is paused.
-INSERT INTO tq_queue (name, created_at, updated_at)
-VALUES ($1, $2, $2)
-ON CONFLICT (name) DO UPDATE SET updated_at = EXCLUDED.updated_at
+-- A producer announces its queue and the limits it works it with ($3, QueueLimits.to_json(),
+-- or NULL for none); returns whether the queue is paused.
+INSERT INTO tq_queue (name, created_at, updated_at, limits)
+VALUES ($1, $2, $2, $3::text::jsonb)
+ON CONFLICT (name) DO UPDATE SET updated_at = EXCLUDED.updated_at, limits = EXCLUDED.limits
 RETURNING paused_at IS NOT NULL;
 
 -- name: queue_pause
@@ -40,11 +41,11 @@ SELECT name FROM tq_queue WHERE name = ANY($1::text[]) AND paused_at IS NOT NULL
 SELECT count(pg_notify($1, p)) FROM unnest($2::text[]) AS p;
 
 -- name: queue_list
--- Every queue row with its available and running job counts. The counts come from one
+-- Every queue row with its available and running job counts and its limits. The counts come from one
 -- grouped pass over tq_job_fetch_idx, restricted to its leading `state` column: an
 -- index-only scan of those two states' entries, never a scan of the whole table.
 SELECT q.name, q.paused_at, q.created_at, q.updated_at,
-       coalesce(c.available, 0), coalesce(c.running, 0)
+       coalesce(c.available, 0), coalesce(c.running, 0), q.limits::text
 FROM tq_queue q
 LEFT JOIN (
     SELECT queue,

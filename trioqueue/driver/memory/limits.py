@@ -1,0 +1,169 @@
+"""Flow control in memory: the limited fetch and the partitions of `queue_list`, with the
+semantics of the PostgreSQL statements (migration 004) — `_Limits`, one of the parts of
+`MemoryDriver`.
+
+A statement runs whole, with nothing interleaved, so the running counts it reads are
+exact without the advisory lock PostgreSQL needs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from ...job import JobState
+from ...limits import LimitedFetch, PartitionInfo, QueueLimits, partition_of
+from ..protocol import PARTITIONS_SHOWN, JobRow, QueueRow
+from .errors import MemoryDataError
+from .jobs import _claimed
+from .rows import _Job
+from .statement import _Stmt
+from .store import _Store
+from .values import _ts
+
+__all__ = ["_Limits", "with_partitions"]
+
+
+def _global_key(limits: QueueLimits, job: _Job) -> str:
+    g = limits.global_limit
+    return partition_of(g.by_kind, g.by_args, job.kind, job.args) if g else "{}"
+
+
+def _rate_key(limits: QueueLimits, job: _Job) -> str:
+    r = limits.rate_limit
+    return partition_of(r.by_kind, r.by_args, job.kind, job.args) if r else "{}"
+
+
+class _Limits(_Store):
+    def _rate_window(self, queue: str, limits: QueueLimits, at: datetime) -> Counter[str]:
+        """Starts per rate partition in the window ending at ``at``; older ones are
+        forgotten."""
+        r = limits.rate_limit
+        if r is None:
+            return Counter()
+        since = at - timedelta(seconds=r.per)
+        kept = [(p, t) for p, t in self._rate_starts.get(queue, ()) if t > since]
+        self._rate_starts[queue] = kept
+        return Counter(p for p, _ in kept)
+
+    def _running_by_partition(self, jobs: Iterable[_Job], limits: QueueLimits) -> Counter[str]:
+        return Counter(_global_key(limits, j) for j in jobs)
+
+    async def job_get_available_limited(
+        self, queue: str, now: datetime, limit: int, client_id: str, limits: QueueLimits
+    ) -> LimitedFetch:
+        """`job_get_available` within ``limits``, as the PostgreSQL driver does it: full
+        partitions are skipped, the rest taken in priority order and, within a priority,
+        round robin across partitions (the first of each, then the second, ...).
+
+        On cancellation: nothing was claimed.
+        """
+        at = _ts(now)
+        g = limits.global_limit
+        r = limits.rate_limit
+
+        def op(st: _Stmt) -> LimitedFetch:
+            if limit < 0:
+                raise MemoryDataError("LIMIT must not be negative")
+            paused = self._queues.get(queue)
+            if paused is not None and paused.paused_at is not None:
+                return LimitedFetch([], False, None)
+            running = self._running_by_partition(
+                (j for j in self._jobs_in(JobState.RUNNING) if j.queue == queue), limits
+            )
+            started = self._rate_window(queue, limits, at)
+            due = sorted(
+                (
+                    self._jobs[i]
+                    for i in self._available.get(queue, ())
+                    if self._jobs[i].scheduled_at <= at
+                ),
+                key=lambda j: (j.priority, j.scheduled_at, j.id),
+            )
+            # As the statement does: skip full partitions while walking the due jobs, keep
+            # a window of candidates, rank each within its partitions, and take those that
+            # fit, round robin within each priority.
+            open_jobs = [(job, _global_key(limits, job), _rate_key(limits, job)) for job in due]
+            window = [
+                c
+                for c in open_jobs
+                if not (g is not None and running[c[1]] >= g.limit)
+                and not (r is not None and started[c[2]] >= r.limit)
+            ][: 2 * limit + 16]
+            rank_g: Counter[str] = Counter()
+            rank_r: Counter[str] = Counter()
+            fits: list[tuple[int, int, _Job]] = []
+            for job, gp, rp in window:
+                rank_g[gp] += 1
+                rank_r[rp] += 1
+                if (g is None or rank_g[gp] <= g.limit - running[gp]) and (
+                    r is None or rank_r[rp] <= r.limit - started[rp]
+                ):
+                    fits.append((job.priority, rank_g[gp] if g is not None else rank_r[rp], job))
+            fits.sort(key=lambda c: (c[0], c[1], c[2].scheduled_at, c[2].id))
+            claimed = sorted(
+                (c[2] for c in fits[:limit] if not st.skip_locked(("job", c[2].id))),
+                key=lambda j: (j.priority, j.scheduled_at, j.id),
+            )
+            out: list[JobRow] = []
+            for job in claimed:
+                running_job = _claimed(job, at, client_id)
+                st.put_job(running_job, job)
+                out.append(running_job.row())
+            if r is not None:
+                starts = self._rate_starts.setdefault(queue, [])
+                starts.extend((_rate_key(limits, job), at) for job in claimed)
+            held = len(out) < limit and len(due) > len(out)
+            next_open = None
+            if held and r is not None:
+                next_open = self._next_open(queue, r.limit, r.per, at)
+            return LimitedFetch(out, held, next_open)
+
+        return await self._run(f"fetching jobs of queue {queue!r}", None, op)
+
+    def _next_open(self, queue: str, limit: int, per: float, at: datetime) -> datetime | None:
+        """When the oldest start of a full rate partition leaves its window."""
+        oldest: dict[str, datetime] = {}
+        count: Counter[str] = Counter()
+        for p, t in self._rate_starts.get(queue, ()):
+            count[p] += 1
+            oldest[p] = min(oldest.get(p, t), t)
+        opens = [oldest[p] for p, n in count.items() if n >= limit]
+        return min(opens) + timedelta(seconds=per) if opens else None
+
+
+def with_partitions(
+    row: QueueRow,
+    limits: QueueLimits,
+    jobs: list[_Job],
+    starts: list[tuple[str, datetime]],
+    at: datetime,
+) -> QueueRow:
+    """``row`` with the partitions of its limited queue at ``at``, as `queue_list`
+    reports them (``starts``: the queue's recent starts)."""
+    g = limits.global_limit
+    r = limits.rate_limit
+    mine = [j for j in jobs if j.queue == row.name]
+    running_jobs = [j for j in mine if j.state is JobState.RUNNING]
+    running = Counter(_global_key(limits, j) for j in running_jobs)
+    started: Counter[str] = Counter()
+    if r is not None:
+        since = at - timedelta(seconds=r.per)
+        started = Counter(p for p, t in starts if t > since)
+    shown = _global_key if g is not None else _rate_key
+    run_by: Counter[str] = Counter(shown(limits, j) for j in running_jobs)
+    held_by: Counter[str] = Counter()
+    for j in mine:
+        if j.state is not JobState.AVAILABLE or j.scheduled_at > at:
+            continue
+        if (g is not None and running[_global_key(limits, j)] >= g.limit) or (
+            r is not None and started[_rate_key(limits, j)] >= r.limit
+        ):
+            held_by[shown(limits, j)] += 1
+    keys = sorted(set(run_by) | set(held_by), key=lambda k: (-run_by[k], -held_by[k], k))[
+        :PARTITIONS_SHOWN
+    ]
+    partitions = tuple(PartitionInfo(json.loads(k), run_by[k], held_by[k]) for k in keys)
+    return row._replace(limits=limits, held_back=sum(held_by.values()), partitions=partitions)

@@ -1,0 +1,66 @@
+-- Flow control queries (migration 004; docs/decisions/0003-flow-control-in-the-fetch.md).
+
+-- name: job_get_available_limited
+-- job_get_available for a queue with limits ($5, QueueLimits.to_json()): the claimed jobs
+-- in run order, then a status row (NULL id) saying whether due jobs were held back and
+-- when a rate window next opens.
+SELECT * FROM tq_job_get_available_limited($1::text, $2::timestamptz, $3::integer, $4::text,
+                                           $5::text::jsonb);
+
+-- name: queue_limit_partitions
+-- The partitions of limited queue $1 (limits $2) at $3: per partition (the global limit's
+-- partitioning, else the rate limit's), the jobs running and the due jobs held back by a
+-- full global partition or an exhausted rate window; the busiest $4 partitions, each row
+-- also carrying the total held back over all partitions.
+WITH cfg AS (
+    SELECT (l -> 'global' ->> 'limit')::integer AS g_limit,
+           coalesce((l -> 'global' ->> 'by_kind')::boolean, false) AS g_kind,
+           ARRAY(SELECT jsonb_array_elements_text(coalesce(l -> 'global' -> 'by_args', '[]')))
+               AS g_args,
+           (l -> 'rate' ->> 'limit')::integer AS r_limit,
+           make_interval(secs => coalesce((l -> 'rate' ->> 'per')::float8, 0)) AS r_per,
+           coalesce((l -> 'rate' ->> 'by_kind')::boolean, false) AS r_kind,
+           ARRAY(SELECT jsonb_array_elements_text(coalesce(l -> 'rate' -> 'by_args', '[]')))
+               AS r_args
+    FROM (SELECT $2::text::jsonb AS l) AS given
+),
+jobs AS (
+    SELECT j.state,
+           tq_limit_partition(cfg.g_kind, cfg.g_args, j.kind, j.args) AS gp,
+           tq_limit_partition(cfg.r_kind, cfg.r_args, j.kind, j.args) AS rp
+    FROM tq_job j, cfg
+    WHERE j.queue = $1::text
+      AND (j.state = 'running' OR (j.state = 'available' AND j.scheduled_at <= $3::timestamptz))
+),
+running AS (
+    SELECT gp, rp, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY gp, rp
+),
+running_g AS (SELECT gp AS p, sum(n) AS n FROM running GROUP BY gp),
+started AS (
+    SELECT s.partition AS p, count(*) AS n
+    FROM tq_rate_start s, cfg
+    WHERE s.queue = $1::text AND s.started_at > $3::timestamptz - cfg.r_per
+    GROUP BY s.partition
+),
+per_job AS (
+    SELECT CASE WHEN cfg.g_limit IS NOT NULL THEN d.gp ELSE d.rp END AS p,
+           d.state = 'running' AS running,
+           d.state = 'available'
+               AND ((cfg.g_limit IS NOT NULL AND coalesce(rg.n, 0) >= cfg.g_limit)
+                    OR (cfg.r_limit IS NOT NULL AND coalesce(st.n, 0) >= cfg.r_limit))
+               AS held
+    FROM jobs d
+    CROSS JOIN cfg
+    LEFT JOIN running_g rg ON rg.p = d.gp
+    LEFT JOIN started st ON st.p = d.rp
+),
+per_partition AS (
+    SELECT p, count(*) FILTER (WHERE running) AS running, count(*) FILTER (WHERE held) AS held
+    FROM per_job
+    GROUP BY p
+)
+SELECT p::text, running, held, sum(held) OVER () AS held_total
+FROM per_partition
+WHERE running > 0 OR held > 0
+ORDER BY running DESC, held DESC, p::text
+LIMIT $4::integer;
