@@ -147,8 +147,17 @@ class QueueLimits:
     global_limit: GlobalLimit | None = None
     rate_limit: RateLimit | None = None
 
+    @property
+    def key_by(self) -> tuple[bool, tuple[str, ...]]:
+        """What a job's partition key (``limit_key``) is made of: the kind if either limit
+        partitions by it, and every args field either partitions by (in order)."""
+        limits = [x for x in (self.global_limit, self.rate_limit) if x is not None]
+        fields = dict.fromkeys(name for x in limits for name in x.by_args)
+        return any(x.by_kind for x in limits), tuple(fields)
+
     def to_json(self) -> str:
-        out: dict[str, Any] = {}
+        by_kind, by_args = self.key_by
+        out: dict[str, Any] = {"key": {"by_kind": by_kind, "by_args": list(by_args)}}
         if (g := self.global_limit) is not None:
             out["global"] = {"limit": g.limit, "by_kind": g.by_kind, "by_args": list(g.by_args)}
         if (r := self.rate_limit) is not None:

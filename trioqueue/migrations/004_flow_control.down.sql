@@ -1,5 +1,8 @@
--- Undo version 4: no limits stored, no recent starts, no limited fetch.
+-- Undo version 4: no limits stored, no partition keys, no recent starts, no limited fetch.
 DROP FUNCTION tq_job_get_available_limited(text, timestamptz, integer, text, jsonb);
-DROP FUNCTION tq_limit_partition(boolean, text[], text, jsonb);
+DROP FUNCTION tq_limit_project(jsonb, boolean, text[]);
+DROP FUNCTION tq_limit_key(jsonb, text, jsonb);
 DROP TABLE tq_rate_start;
+DROP INDEX tq_job_limit_idx;
+ALTER TABLE tq_job DROP COLUMN limit_key;
 ALTER TABLE tq_queue DROP COLUMN limits;

@@ -1,11 +1,23 @@
 -- trioqueue schema, version 4: flow control (global and rate limits), enforced in the fetch.
 --
--- Limits are configured on the clients that work a queue (QueueConfig); each stores them
--- in its queue row, so that every client, the CLI and the dashboard can read them. The
--- fetch of a limited queue is tq_job_get_available_limited below: the design and its
--- measurements are in docs/decisions/0003-flow-control-in-the-fetch.md.
+-- Limits are configured on the clients that work a queue (QueueConfig). Each stores them
+-- in its queue row, so that inserts, every client, the CLI and the dashboard can read
+-- them. The fetch of a limited queue is tq_job_get_available_limited below; the design and
+-- its measurements are in docs/decisions/0003-flow-control-in-the-fetch.md.
 
 ALTER TABLE tq_queue ADD COLUMN limits jsonb;
+
+-- The partition of a job of a limited queue, set as it is inserted (from its queue's
+-- stored limits) and again whenever those limits change: the values of the fields its
+-- queue's limits partition by, as an object ({"kind": ..., "args.<field>": ...}). NULL
+-- for a queue without limits.
+ALTER TABLE tq_job ADD COLUMN limit_key jsonb;
+
+-- A limited queue's available jobs per partition, in fetch order: the fetch reaches the
+-- jobs of each partition that has room without walking past those of a full one. Jobs of
+-- queues without limits are not in it (limit_key is NULL), so they pay nothing for it.
+CREATE INDEX tq_job_limit_idx ON tq_job (queue, limit_key, priority, scheduled_at, id)
+    WHERE state = 'available' AND limit_key IS NOT NULL;
 
 -- Recent job starts of rate-limited queues: one row per start, kept for one window (the
 -- fetch deletes what has left it). At most `limit` rows per partition per window.
@@ -16,39 +28,55 @@ CREATE TABLE tq_rate_start (
 );
 CREATE INDEX tq_rate_start_queue_idx ON tq_rate_start (queue, started_at);
 
--- The partition a job is in under a limit partitioned by kind and/or top-level args
--- fields: an object of those values ({"kind": ..., "args.<field>": ...}), null for a
--- field the args lack. trioqueue.limits.partition_of computes the same for the memory
--- driver.
-CREATE FUNCTION tq_limit_partition(by_kind boolean, by_args text[], kind text, args jsonb)
+-- The limit_key of a job of kind `kind` with `args` in a queue with `limits` (a queue
+-- row's limits: QueueLimits.to_json() in trioqueue/limits.py, whose "key" names what
+-- either limit partitions by). NULL when limits is NULL.
+CREATE FUNCTION tq_limit_key(limits jsonb, kind text, args jsonb)
 RETURNS jsonb
 LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT CASE WHEN by_kind THEN jsonb_build_object('kind', kind) ELSE '{}'::jsonb END
-        || CASE WHEN cardinality(by_args) = 0 THEN '{}'::jsonb
-                ELSE (SELECT jsonb_object_agg('args.' || f,
-                                              coalesce(args -> f, 'null'::jsonb))
-                      FROM unnest(by_args) AS f)
-           END;
+    SELECT CASE WHEN limits IS NULL THEN NULL ELSE
+        CASE WHEN (limits -> 'key' ->> 'by_kind')::boolean
+             THEN jsonb_build_object('kind', kind) ELSE '{}'::jsonb END
+        || coalesce((SELECT jsonb_object_agg('args.' || f, coalesce(args -> f, 'null'::jsonb))
+                     FROM jsonb_array_elements_text(limits -> 'key' -> 'by_args') AS f),
+                    '{}'::jsonb)
+    END;
+$$;
+
+-- The partition of one limit (partitioned by `by_kind` and `by_args`) that a job whose
+-- limit_key is `key` is in: the part of `key` that limit partitions by.
+CREATE FUNCTION tq_limit_project(key jsonb, by_kind boolean, by_args text[])
+RETURNS jsonb
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}'::jsonb)
+    FROM jsonb_each(key) AS e
+    WHERE (e.key = 'kind' AND by_kind)
+       OR (left(e.key, 5) = 'args.' AND substr(e.key, 6) = ANY (by_args));
 $$;
 
 -- Claim up to p_max due available jobs of p_queue for p_client_id, as job_get_available
--- does, without going over the limits in p_limits (QueueLimits.to_json()):
---   {"global": {"limit", "by_kind", "by_args"}, "rate": {"limit", "per", ...}}
+-- does, without going over the limits in p_limits (QueueLimits.to_json()).
 --
 -- * Fetches of one limited queue take turns: a transaction-level advisory lock, held
 --   until this statement commits. Each query below runs with a fresh snapshot (a
---   volatile function under READ COMMITTED), so it sees every claim committed before
---   the lock was granted: the running counts are exact, and the limit is never passed,
---   not even for a moment. Completions, rescues and cancels only lower the counts, so
---   they need no lock.
--- * A partition that is full is filtered out while walking the fetch index, so it never
---   holds back the jobs of other partitions; within one priority, jobs are taken round
---   robin across partitions (the first of each, then the second of each, ...).
+--   volatile function under READ COMMITTED), so it sees every claim committed before the
+--   lock was granted: the counts are exact, and a limit is never passed, not even for a
+--   moment. Completions, rescues and cancels only lower the counts: they take no lock.
+-- * Candidates: the first due jobs in fetch order (priority, scheduled_at, id), walking
+--   at most 4 * p_max + 64 of them and skipping those of full partitions. Should that walk
+--   end without p_max candidates, every partition with room adds its first jobs, found
+--   through tq_job_limit_idx (a loose scan of the partitions): a full partition never holds
+--   back the jobs of the others, however many of its own come first.
+-- * Each candidate is ranked within its partition; those that fit are taken by priority,
+--   then round robin across partitions (the first of each, then the second, ...).
 -- * The rows come back in the order to run them, then one status row whose o_id is NULL:
 --   o_held_back says due jobs were left unclaimed, o_next_open when a rate window next
 --   opens for them.
+-- trioqueue/driver/memory/limits.py does the same in memory.
 CREATE FUNCTION tq_job_get_available_limited(
     p_queue text, p_now timestamptz, p_max integer, p_client_id text, p_limits jsonb
 )
@@ -72,116 +100,216 @@ DECLARE
     r_kind boolean := coalesce((p_limits -> 'rate' ->> 'by_kind')::boolean, false);
     r_args text[] := ARRAY(SELECT jsonb_array_elements_text(
         coalesce(p_limits -> 'rate' -> 'by_args', '[]'::jsonb)));
+    -- How a limit's partition follows from a job's limit_key: 0, it is not partitioned;
+    -- 1, it partitions by all of the key; 2, by part of it (tq_limit_project).
+    g_mode integer;
+    r_mode integer;
+    g_running jsonb;  -- {partition text: running jobs} of the global limit
+    r_started jsonb;  -- {partition text: starts in the window} of the rate limit
+    v_walk integer := 2 * p_max + 16;
+    v_paused boolean;
+    v_stored boolean;
     v_claimed integer;
     v_held boolean := false;
     v_next timestamptz;
 BEGIN
+    g_mode := CASE WHEN NOT g_kind AND cardinality(g_args) = 0 THEN 0
+                   WHEN g_kind = coalesce((p_limits -> 'key' ->> 'by_kind')::boolean, false)
+                        AND cardinality(g_args) = jsonb_array_length(p_limits -> 'key' -> 'by_args')
+                   THEN 1 ELSE 2 END;
+    r_mode := CASE WHEN NOT r_kind AND cardinality(r_args) = 0 THEN 0
+                   WHEN r_kind = coalesce((p_limits -> 'key' ->> 'by_kind')::boolean, false)
+                        AND cardinality(r_args) = jsonb_array_length(p_limits -> 'key' -> 'by_args')
+                   THEN 1 ELSE 2 END;
     PERFORM pg_advisory_xact_lock(74051717, hashtext(current_schema() || '.' || p_queue));
-    IF EXISTS (SELECT 1 FROM tq_queue WHERE name = p_queue AND paused_at IS NOT NULL) THEN
-        RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::jsonb, NULL::text, NULL::text,
-            NULL::smallint, NULL::smallint, NULL::smallint, NULL::timestamptz, NULL::text[],
-            NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::jsonb,
-            NULL::jsonb, NULL::varchar(255)[], false, NULL::timestamptz;
-        RETURN;
-    END IF;
-    IF r_limit IS NOT NULL THEN
-        DELETE FROM tq_rate_start WHERE queue = p_queue AND started_at <= p_now - r_per;
-    END IF;
-
-    RETURN QUERY
-    WITH running AS (
-        SELECT tq_limit_partition(g_kind, g_args, j.kind, j.args) AS p, count(*) AS n
-        FROM tq_job j
-        WHERE g_limit IS NOT NULL AND j.state = 'running' AND j.queue = p_queue
-        GROUP BY 1
-    ),
-    started AS (
-        SELECT s.partition AS p, count(*) AS n
-        FROM tq_rate_start s
-        WHERE r_limit IS NOT NULL AND s.queue = p_queue
-        GROUP BY 1
-    ),
-    candidates AS (
-        SELECT c.id, c.priority, c.scheduled_at, c.gp, c.rp
-        FROM (
-            SELECT j.id, j.priority, j.scheduled_at,
-                   tq_limit_partition(g_kind, g_args, j.kind, j.args) AS gp,
-                   tq_limit_partition(r_kind, r_args, j.kind, j.args) AS rp
-            FROM tq_job j
-            WHERE j.state = 'available' AND j.queue = p_queue AND j.scheduled_at <= p_now
-            ORDER BY j.priority, j.scheduled_at, j.id
-        ) c
-        WHERE (g_limit IS NULL
-               OR c.gp NOT IN (SELECT ru.p FROM running ru WHERE ru.n >= g_limit))
-          AND (r_limit IS NULL
-               OR c.rp NOT IN (SELECT st.p FROM started st WHERE st.n >= r_limit))
-        LIMIT 2 * p_max + 16
-    ),
-    ranked AS (
-        SELECT c.id, c.priority, c.scheduled_at, c.gp, c.rp,
-               row_number() OVER (PARTITION BY c.gp ORDER BY c.priority, c.scheduled_at, c.id)
-                   AS rn_g,
-               row_number() OVER (PARTITION BY c.rp ORDER BY c.priority, c.scheduled_at, c.id)
-                   AS rn_r
-        FROM candidates c
-    ),
-    chosen AS (
-        SELECT k.id
-        FROM ranked k
-        LEFT JOIN running ru ON ru.p = k.gp
-        LEFT JOIN started st ON st.p = k.rp
-        WHERE (g_limit IS NULL OR k.rn_g <= g_limit - coalesce(ru.n, 0))
-          AND (r_limit IS NULL OR k.rn_r <= r_limit - coalesce(st.n, 0))
-        ORDER BY k.priority,
-                 CASE WHEN g_limit IS NOT NULL THEN k.rn_g ELSE k.rn_r END,
-                 k.scheduled_at, k.id
-        LIMIT p_max
-    ),
-    locked AS (
-        SELECT j.id
-        FROM tq_job j
-        WHERE j.id IN (SELECT ch.id FROM chosen ch) AND j.state = 'available'
-        FOR UPDATE OF j SKIP LOCKED
-    ),
-    claimed AS (
+    SELECT q.paused_at IS NOT NULL, q.limits IS NOT NULL INTO v_paused, v_stored
+    FROM tq_queue q WHERE q.name = p_queue;
+    IF NOT coalesce(v_stored, false) THEN
+        -- No client stored limits for this queue (each does as it starts): its jobs may
+        -- have no partition key yet. Give them the keys of these limits.
         UPDATE tq_job j
-        SET state = 'running',
-            attempt = j.attempt + 1,
-            attempted_at = p_now,
-            attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98, 1):]
-                           || p_client_id
-        FROM locked
-        WHERE j.id = locked.id
-        RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt,
-                  j.max_attempts, j.attempted_at, j.attempted_by, j.created_at,
-                  j.finalized_at, j.scheduled_at, nullif(j.errors, '[]'),
-                  nullif(j.metadata, '{}'), j.tags
-    ),
-    recorded AS (
-        INSERT INTO tq_rate_start (queue, partition, started_at)
-        SELECT p_queue, tq_limit_partition(r_kind, r_args, cl.kind, cl.args), p_now
-        FROM claimed cl
-        WHERE r_limit IS NOT NULL
-    )
-    SELECT cl.*, false, NULL::timestamptz
-    FROM claimed cl
-    ORDER BY cl.priority, cl.scheduled_at, cl.id;
-    GET DIAGNOSTICS v_claimed = ROW_COUNT;
-
-    IF v_claimed < p_max THEN
-        v_held := EXISTS (
-            SELECT 1 FROM tq_job j
-            WHERE j.state = 'available' AND j.queue = p_queue AND j.scheduled_at <= p_now
-        );
-        IF v_held AND r_limit IS NOT NULL THEN
-            SELECT min(x.oldest) + r_per INTO v_next
+        SET limit_key = tq_limit_key(p_limits, j.kind, j.args)
+        WHERE j.queue = p_queue
+          AND j.state IN ('available', 'pending', 'retryable', 'running', 'scheduled')
+          AND j.limit_key IS DISTINCT FROM tq_limit_key(p_limits, j.kind, j.args);
+    END IF;
+    IF p_max > 0 AND NOT coalesce(v_paused, false) THEN
+        IF g_limit IS NOT NULL THEN
+            SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb) INTO g_running
             FROM (
-                SELECT min(s.started_at) AS oldest
+                SELECT CASE g_mode WHEN 1 THEN k.key WHEN 0 THEN '{}'::jsonb ELSE tq_limit_project(k.key, g_kind, g_args) END::text AS p, count(*) AS n
+                FROM tq_job j
+                CROSS JOIN LATERAL (
+                    SELECT coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args)) AS key
+                ) k
+                WHERE j.state = 'running' AND j.queue = p_queue
+                GROUP BY 1
+            ) x;
+        END IF;
+        IF r_limit IS NOT NULL THEN
+            DELETE FROM tq_rate_start WHERE queue = p_queue AND started_at <= p_now - r_per;
+            SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb) INTO r_started
+            FROM (
+                SELECT s.partition::text AS p, count(*) AS n
                 FROM tq_rate_start s
                 WHERE s.queue = p_queue
-                GROUP BY s.partition
-                HAVING count(*) >= r_limit
+                GROUP BY 1
             ) x;
+        END IF;
+
+        -- One statement: the walk, the partitions' first jobs if the walk is not enough,
+        -- the choice, the claim and the record of the starts.
+        RETURN QUERY
+        WITH RECURSIVE walk AS MATERIALIZED (
+            SELECT j.id, j.priority, j.scheduled_at, k.key
+            FROM tq_job j
+            CROSS JOIN LATERAL (
+                SELECT coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args)) AS key
+            ) k
+            WHERE j.state = 'available' AND j.queue = p_queue AND j.scheduled_at <= p_now
+            ORDER BY j.priority, j.scheduled_at, j.id
+            LIMIT v_walk
+        ),
+        walked AS MATERIALIZED (
+            SELECT w.id, w.priority, w.scheduled_at, pk.gp, pk.rp
+            FROM walk w
+            CROSS JOIN LATERAL (
+                SELECT CASE g_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'::jsonb
+                        ELSE tq_limit_project(w.key, g_kind, g_args) END AS gp,
+                       CASE r_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'::jsonb
+                        ELSE tq_limit_project(w.key, r_kind, r_args) END AS rp
+            ) pk
+        ),
+        roomy_walked AS MATERIALIZED (
+            SELECT w.*
+            FROM walked w
+            WHERE (g_limit IS NULL OR coalesce((g_running ->> w.gp::text)::integer, 0) < g_limit)
+              AND (r_limit IS NULL OR coalesce((r_started ->> w.rp::text)::integer, 0) < r_limit)
+        ),
+        -- Not enough from the walk, and more jobs lie beyond it: every partition with room
+        -- adds its first jobs (a loose scan of tq_job_limit_idx finds the partitions).
+        keys(k) AS (
+            (SELECT j.limit_key FROM tq_job j
+             WHERE j.state = 'available' AND j.queue = p_queue AND j.limit_key IS NOT NULL
+               AND (SELECT count(*) FROM roomy_walked) < p_max
+               AND (SELECT count(*) FROM walk) = v_walk
+             ORDER BY j.limit_key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.limit_key FROM tq_job j
+                    WHERE j.state = 'available' AND j.queue = p_queue
+                      AND j.limit_key IS NOT NULL AND j.limit_key > keys.k
+                    ORDER BY j.limit_key LIMIT 1)
+            FROM keys
+            WHERE keys.k IS NOT NULL
+        ),
+        key_room AS (
+            SELECT keys.k, pk.gp, pk.rp,
+                   least(
+                       p_max,
+                       CASE WHEN g_limit IS NULL THEN p_max
+                            ELSE g_limit - coalesce((g_running ->> pk.gp::text)::integer, 0) END,
+                       CASE WHEN r_limit IS NULL THEN p_max
+                            ELSE r_limit - coalesce((r_started ->> pk.rp::text)::integer, 0) END
+                   ) AS room
+            FROM keys
+            CROSS JOIN LATERAL (
+                SELECT CASE g_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'::jsonb
+                        ELSE tq_limit_project(keys.k, g_kind, g_args) END AS gp,
+                       CASE r_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'::jsonb
+                        ELSE tq_limit_project(keys.k, r_kind, r_args) END AS rp
+            ) pk
+            WHERE keys.k IS NOT NULL
+        ),
+        extra AS (
+            SELECT f.id, f.priority, f.scheduled_at, kr.gp, kr.rp
+            FROM key_room kr
+            CROSS JOIN LATERAL (
+                SELECT j.id, j.priority, j.scheduled_at FROM tq_job j
+                WHERE j.state = 'available' AND j.queue = p_queue AND j.limit_key = kr.k
+                  AND j.scheduled_at <= p_now
+                  AND j.id NOT IN (SELECT rw.id FROM roomy_walked rw)
+                ORDER BY j.priority, j.scheduled_at, j.id
+                LIMIT kr.room
+            ) f
+            WHERE kr.room > 0
+        ),
+        candidates AS (
+            SELECT * FROM roomy_walked
+            UNION ALL
+            SELECT * FROM extra
+        ),
+        ranked AS (
+            SELECT c.id, c.priority, c.scheduled_at,
+                   row_number() OVER (PARTITION BY c.gp
+                                      ORDER BY c.priority, c.scheduled_at, c.id) AS rn_g,
+                   row_number() OVER (PARTITION BY c.rp
+                                      ORDER BY c.priority, c.scheduled_at, c.id) AS rn_r,
+                   c.gp, c.rp
+            FROM candidates c
+        ),
+        chosen AS (
+            SELECT k.id, k.rp
+            FROM ranked k
+            WHERE (g_limit IS NULL OR k.rn_g <= g_limit
+                       - coalesce((g_running ->> k.gp::text)::integer, 0))
+              AND (r_limit IS NULL OR k.rn_r <= r_limit
+                       - coalesce((r_started ->> k.rp::text)::integer, 0))
+            ORDER BY k.priority,
+                     CASE WHEN g_limit IS NOT NULL THEN k.rn_g ELSE k.rn_r END,
+                     k.scheduled_at, k.id
+            LIMIT p_max
+        ),
+        locked AS (
+            SELECT j.id, ch.rp
+            FROM tq_job j
+            JOIN chosen ch ON ch.id = j.id
+            WHERE j.state = 'available'
+            FOR UPDATE OF j SKIP LOCKED
+        ),
+        claimed AS (
+            UPDATE tq_job j
+            SET state = 'running',
+                attempt = j.attempt + 1,
+                attempted_at = p_now,
+                attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98, 1):]
+                               || p_client_id,
+                limit_key = coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args))
+            FROM locked
+            WHERE j.id = locked.id
+            RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt,
+                      j.max_attempts, j.attempted_at, j.attempted_by, j.created_at,
+                      j.finalized_at, j.scheduled_at, nullif(j.errors, '[]') AS errors,
+                      nullif(j.metadata, '{}') AS metadata, j.tags, locked.rp
+        ),
+        recorded AS (
+            INSERT INTO tq_rate_start (queue, partition, started_at)
+            SELECT p_queue, cl.rp, p_now
+            FROM claimed cl
+            WHERE r_limit IS NOT NULL
+        )
+        SELECT cl.id, cl.kind, cl.args, cl.queue, cl.state, cl.priority, cl.attempt,
+               cl.max_attempts, cl.attempted_at, cl.attempted_by, cl.created_at,
+               cl.finalized_at, cl.scheduled_at, cl.errors, cl.metadata, cl.tags, false,
+               NULL::timestamptz
+        FROM claimed cl
+        ORDER BY cl.priority, cl.scheduled_at, cl.id;
+        GET DIAGNOSTICS v_claimed = ROW_COUNT;
+
+        IF v_claimed < p_max THEN
+            v_held := EXISTS (
+                SELECT 1 FROM tq_job j
+                WHERE j.state = 'available' AND j.queue = p_queue AND j.scheduled_at <= p_now
+            );
+            IF v_held AND r_limit IS NOT NULL THEN
+                SELECT min(x.oldest) + r_per INTO v_next
+                FROM (
+                    SELECT min(s.started_at) AS oldest
+                    FROM tq_rate_start s
+                    WHERE s.queue = p_queue
+                    GROUP BY s.partition
+                    HAVING count(*) >= r_limit
+                ) x;
+            END IF;
         END IF;
     END IF;
     RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::jsonb, NULL::text, NULL::text,

@@ -82,20 +82,38 @@ class _Limits(_Store):
                 ),
                 key=lambda j: (j.priority, j.scheduled_at, j.id),
             )
-            # As the statement does: skip full partitions while walking the due jobs, keep
-            # a window of candidates, rank each within its partitions, and take those that
-            # fit, round robin within each priority.
-            open_jobs = [(job, _global_key(limits, job), _rate_key(limits, job)) for job in due]
-            window = [
-                c
-                for c in open_jobs
-                if not (g is not None and running[c[1]] >= g.limit)
-                and not (r is not None and started[c[2]] >= r.limit)
-            ][: 2 * limit + 16]
+
+            # As the statement does: walk the first due jobs in fetch order; if too few of
+            # them have room and more lie beyond, add each roomy partition's first jobs;
+            # rank each candidate within its partitions, and take those that fit, round
+            # robin within each priority.
+            def room(job: _Job) -> int:
+                return min(
+                    limit,
+                    limit if g is None else g.limit - running[_global_key(limits, job)],
+                    limit if r is None else r.limit - started[_rate_key(limits, job)],
+                )
+
+            walk_size = 2 * limit + 16
+            walked = due[:walk_size]
+            candidates = [job for job in walked if room(job) > 0]
+            if len(candidates) < limit and len(walked) == walk_size:
+                taken = {job.id for job in candidates}
+                by_key: dict[str, list[_Job]] = {}
+                by_kind, by_args = limits.key_by
+                for job in due:
+                    key = partition_of(by_kind, by_args, job.kind, job.args)
+                    by_key.setdefault(key, []).append(job)
+                for jobs in by_key.values():
+                    first = [job for job in jobs if job.id not in taken]
+                    candidates.extend(first[: max(room(jobs[0]), 0)])
+            candidates.sort(key=lambda j: (j.priority, j.scheduled_at, j.id))
             rank_g: Counter[str] = Counter()
             rank_r: Counter[str] = Counter()
             fits: list[tuple[int, int, _Job]] = []
-            for job, gp, rp in window:
+            for job in candidates:
+                gp = _global_key(limits, job)
+                rp = _rate_key(limits, job)
                 rank_g[gp] += 1
                 rank_r[rp] += 1
                 if (g is None or rank_g[gp] <= g.limit - running[gp]) and (

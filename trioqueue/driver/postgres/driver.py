@@ -247,10 +247,19 @@ class PostgresDriver:
         # The rows are formatted chunk by chunk as the COPY sends them, so the server
         # ingests a chunk while the next is prepared; an exception from ``params`` aborts
         # the COPY (copy_in) and with it the transaction.
-        chunks = copy_text_chunks(params, now)
+        copied: set[str] = set()
+
+        def seen(params: Iterable[JobInsertParams]) -> Iterable[JobInsertParams]:
+            for p in params:
+                copied.add(p.queue)
+                yield p
+
+        chunks = copy_text_chunks(seen(params), now)
 
         async def run(conn: PgConnection) -> int:
             count = await conn.copy_in_data(COPY_QUERY, chunks)
+            # COPY computes nothing: jobs of limited queues get their partition key now.
+            await conn.execute(QUERIES["job_limit_key_fill"], [sorted(copied)])
             queues = notify_queues() if callable(notify_queues) else notify_queues
             if queues:
                 await conn.execute(QUERIES["job_notify_insert"], [list(queues)])

@@ -4,7 +4,8 @@
 -- `now` is always a parameter (the client's clock), never the database's now().
 
 -- name: job_insert_many
--- One statement for a whole batch: parallel arrays unnested into rows. A row whose unique
+-- One statement for a whole batch: parallel arrays unnested into rows. A job of a queue
+-- with limits gets its partition key (limit_key, migration 004) from the queue's row. A row whose unique
 -- key collides with a live job returns that job, flagged as skipped. Insert notifications
 -- for the queues in $13 go out when the surrounding transaction commits.
 WITH notified AS (
@@ -13,12 +14,14 @@ WITH notified AS (
 ),
 inserted AS (
     INSERT INTO tq_job (args, kind, max_attempts, metadata, priority, queue, scheduled_at,
-                        state, tags, unique_key, unique_states, created_at)
+                        state, tags, unique_key, unique_states, created_at, limit_key)
     SELECT i.args::jsonb, i.kind, i.max_attempts, i.metadata::jsonb, i.priority, i.queue,
            i.scheduled_at, i.state::tq_job_state,
            CASE WHEN i.tags = '' THEN '{}'::varchar(255)[]
                 ELSE string_to_array(i.tags, ',')::varchar(255)[] END,
-           i.unique_key, i.unique_states::bit(8), $12
+           i.unique_key, i.unique_states::bit(8), $12,
+           (SELECT tq_limit_key(q.limits, i.kind, i.args::jsonb) FROM tq_queue q
+            WHERE q.name = i.queue AND q.limits IS NOT NULL)
     FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::smallint[],
                 $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[],
                 $11::text[])
@@ -44,10 +47,12 @@ WITH notified AS (
 ),
 inserted AS (
     INSERT INTO tq_job (args, kind, max_attempts, metadata, priority, queue, scheduled_at,
-                        state, tags, unique_key, unique_states, created_at)
+                        state, tags, unique_key, unique_states, created_at, limit_key)
     VALUES ($1::text::jsonb, $2::text, $3::smallint, $4::text::jsonb, $5::smallint, $6::text,
             $7::timestamptz, $8::text::tq_job_state, $9::text[]::varchar(255)[], $10::bytea,
-            $11::text::bit(8), $12::timestamptz)
+            $11::text::bit(8), $12::timestamptz,
+            (SELECT tq_limit_key(q.limits, $2::text, $1::text::jsonb) FROM tq_queue q
+             WHERE q.name = $6::text AND q.limits IS NOT NULL))
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL
           AND unique_states IS NOT NULL
@@ -63,9 +68,11 @@ SELECT inserted.*, (SELECT n FROM notified) AS notified FROM inserted;
 -- job_insert_one for the common case, a job with no unique key and no notification to
 -- send: a bare INSERT, about a tenth cheaper for the server than the statement above.
 INSERT INTO tq_job (args, kind, max_attempts, metadata, priority, queue, scheduled_at,
-                    state, tags, created_at)
+                    state, tags, created_at, limit_key)
 VALUES ($1::text::jsonb, $2::text, $3::smallint, $4::text::jsonb, $5::smallint, $6::text,
-        $7::timestamptz, $8::text::tq_job_state, $9::text[]::varchar(255)[], $10::timestamptz)
+        $7::timestamptz, $8::text::tq_job_state, $9::text[]::varchar(255)[], $10::timestamptz,
+        (SELECT tq_limit_key(q.limits, $2::text, $1::text::jsonb) FROM tq_queue q
+         WHERE q.name = $6::text AND q.limits IS NOT NULL))
 RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts,
           attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
           metadata, tags, false AS skipped;

@@ -24,13 +24,17 @@ WITH cfg AS (
                AS r_args
     FROM (SELECT $2::text::jsonb AS l) AS given
 ),
-jobs AS (
-    SELECT j.state,
-           tq_limit_partition(cfg.g_kind, cfg.g_args, j.kind, j.args) AS gp,
-           tq_limit_partition(cfg.r_kind, cfg.r_args, j.kind, j.args) AS rp
-    FROM tq_job j, cfg
+keyed AS (
+    SELECT j.state, coalesce(j.limit_key, tq_limit_key($2::text::jsonb, j.kind, j.args)) AS k
+    FROM tq_job j
     WHERE j.queue = $1::text
       AND (j.state = 'running' OR (j.state = 'available' AND j.scheduled_at <= $3::timestamptz))
+),
+jobs AS (
+    SELECT d.state,
+           tq_limit_project(d.k, cfg.g_kind, cfg.g_args) AS gp,
+           tq_limit_project(d.k, cfg.r_kind, cfg.r_args) AS rp
+    FROM keyed d, cfg
 ),
 running AS (
     SELECT gp, rp, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY gp, rp
@@ -64,3 +68,14 @@ FROM per_partition
 WHERE running > 0 OR held > 0
 ORDER BY running DESC, held DESC, p::text
 LIMIT $4::integer;
+
+-- name: job_limit_key_fill
+-- After a COPY (which computes nothing): give the live jobs of the limited queues among
+-- $1 that have no partition key theirs.
+UPDATE tq_job j
+SET limit_key = tq_limit_key(q.limits, j.kind, j.args)
+FROM tq_queue q
+WHERE q.name = ANY ($1::text[]) AND q.limits IS NOT NULL
+  AND j.queue = q.name
+  AND j.state IN ('available', 'pending', 'retryable', 'running', 'scheduled')
+  AND j.limit_key IS NULL;

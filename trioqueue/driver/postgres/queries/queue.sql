@@ -2,11 +2,25 @@
 
 -- name: queue_upsert
 -- A producer announces its queue and the limits it works it with ($3, QueueLimits.to_json(),
--- or NULL for none); returns whether the queue is paused.
-INSERT INTO tq_queue (name, created_at, updated_at, limits)
-VALUES ($1, $2, $2, $3::text::jsonb)
-ON CONFLICT (name) DO UPDATE SET updated_at = EXCLUDED.updated_at, limits = EXCLUDED.limits
-RETURNING paused_at IS NOT NULL;
+-- or NULL for none); returns whether the queue is paused. The live jobs of a queue that
+-- has or had limits get the partition key of these limits (migration 004): this catches
+-- jobs inserted before the limits were stored, or while they changed.
+WITH announced AS (
+    INSERT INTO tq_queue (name, created_at, updated_at, limits)
+    VALUES ($1, $2, $2, $3::text::jsonb)
+    ON CONFLICT (name) DO UPDATE SET updated_at = EXCLUDED.updated_at, limits = EXCLUDED.limits
+    RETURNING paused_at IS NOT NULL AS paused
+),
+rekeyed AS (
+    UPDATE tq_job j
+    SET limit_key = tq_limit_key($3::text::jsonb, j.kind, j.args)
+    WHERE j.queue = $1
+      AND j.state IN ('available', 'pending', 'retryable', 'running', 'scheduled')
+      AND ($3::text IS NOT NULL
+           OR EXISTS (SELECT 1 FROM tq_queue q WHERE q.name = $1 AND q.limits IS NOT NULL))
+      AND j.limit_key IS DISTINCT FROM tq_limit_key($3::text::jsonb, j.kind, j.args)
+)
+SELECT paused FROM announced;
 
 -- name: queue_pause
 -- Pause one queue, creating its row if need be (a pause keeps its first paused_at);
