@@ -126,7 +126,8 @@ def partition_of(by_kind: bool, by_args: tuple[str, ...], kind: str, args: objec
 
     An object of the partitioning values: ``{"kind": ...}`` with ``by_kind``, then each
     ``by_args`` field as ``{"args.<field>": value}`` (None when the args lack it). The
-    text is canonical: keys sorted, no spaces, so equal partitions have equal text.
+    text is canonical: keys sorted, no spaces, numbers without a fractional zero, so equal
+    partitions have equal text.
     """
     key: dict[str, Any] = {}
     if by_kind:
@@ -134,7 +135,10 @@ def partition_of(by_kind: bool, by_args: tuple[str, ...], kind: str, args: objec
     if by_args:
         fields = args if isinstance(args, Mapping) else {}
         for name in by_args:
-            key["args." + name] = fields.get(name)
+            value = fields.get(name)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # 1 and 1.0 are equal as JSON: one partition
+            key["args." + name] = value
     return json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -30,7 +30,9 @@ CREATE INDEX tq_rate_start_queue_idx ON tq_rate_start (queue, started_at);
 
 -- The limit_key of a job of kind `kind` with `args` in a queue with `limits` (a queue
 -- row's limits: QueueLimits.to_json() in trioqueue/limits.py, whose "key" names what
--- either limit partitions by). NULL when limits is NULL.
+-- either limit partitions by). NULL when limits is NULL. A number is written without
+-- trailing zeros, so that 1 and 1.0, equal as JSON, make one partition (and one text,
+-- which the fetch looks partitions up by).
 CREATE FUNCTION tq_limit_key(limits jsonb, kind text, args jsonb)
 RETURNS jsonb
 LANGUAGE sql
@@ -39,7 +41,11 @@ AS $$
     SELECT CASE WHEN limits IS NULL THEN NULL ELSE
         CASE WHEN (limits -> 'key' ->> 'by_kind')::boolean
              THEN jsonb_build_object('kind', kind) ELSE '{}'::jsonb END
-        || coalesce((SELECT jsonb_object_agg('args.' || f, coalesce(args -> f, 'null'::jsonb))
+        || coalesce((SELECT jsonb_object_agg(
+                                'args.' || f,
+                                CASE WHEN jsonb_typeof(args -> f) = 'number'
+                                     THEN to_jsonb(trim_scale((args ->> f)::numeric))
+                                     ELSE coalesce(args -> f, 'null'::jsonb) END)
                      FROM jsonb_array_elements_text(limits -> 'key' -> 'by_args') AS f),
                     '{}'::jsonb)
     END;
@@ -98,6 +104,7 @@ DECLARE
     r_limit integer := (p_limits -> 'rate' ->> 'limit')::integer;
     r_per interval := make_interval(secs => coalesce((p_limits -> 'rate' ->> 'per')::float8, 0));
     r_kind boolean := coalesce((p_limits -> 'rate' ->> 'by_kind')::boolean, false);
+    v_keep interval := greatest(r_per, interval '10 seconds');
     r_args text[] := ARRAY(SELECT jsonb_array_elements_text(
         coalesce(p_limits -> 'rate' -> 'by_args', '[]'::jsonb)));
     -- How a limit's partition follows from a job's limit_key: 0, it is not partitioned;
@@ -147,12 +154,17 @@ BEGIN
             ) x;
         END IF;
         IF r_limit IS NOT NULL THEN
-            DELETE FROM tq_rate_start WHERE queue = p_queue AND started_at <= p_now - r_per;
+            -- Starts are kept a while after they leave this fetch's window: another
+            -- client's clock may run behind ours (or its `now` was taken before ours and
+            -- its statement runs after), and its window still holds them. Every start
+            -- from the window's beginning on counts, later ones included.
+            DELETE FROM tq_rate_start
+            WHERE queue = p_queue AND started_at <= p_now - r_per - v_keep;
             SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb) INTO r_started
             FROM (
                 SELECT s.partition::text AS p, count(*) AS n
                 FROM tq_rate_start s
-                WHERE s.queue = p_queue
+                WHERE s.queue = p_queue AND s.started_at > p_now - r_per
                 GROUP BY 1
             ) x;
         END IF;
@@ -305,7 +317,7 @@ BEGIN
                 FROM (
                     SELECT min(s.started_at) AS oldest
                     FROM tq_rate_start s
-                    WHERE s.queue = p_queue
+                    WHERE s.queue = p_queue AND s.started_at > p_now - r_per
                     GROUP BY s.partition
                     HAVING count(*) >= r_limit
                 ) x;

@@ -23,7 +23,10 @@ from .statement import _Stmt
 from .store import _Store
 from .values import _ts
 
-__all__ = ["_Limits", "with_partitions"]
+__all__ = ["RATE_KEEP", "_Limits", "with_partitions"]
+
+RATE_KEEP = 10.0
+"""Seconds a start is kept at least after it left the window (as in PostgreSQL's fetch)."""
 
 
 def _global_key(limits: QueueLimits, job: _Job) -> str:
@@ -38,15 +41,17 @@ def _rate_key(limits: QueueLimits, job: _Job) -> str:
 
 class _Limits(_Store):
     def _rate_window(self, queue: str, limits: QueueLimits, at: datetime) -> Counter[str]:
-        """Starts per rate partition in the window ending at ``at``; older ones are
-        forgotten."""
+        """Starts per rate partition from the beginning of the window that ends at ``at``
+        on (later ones too); starts older than the window by more than its length, or
+        `RATE_KEEP`, are forgotten (another client's window may still hold the others)."""
         r = limits.rate_limit
         if r is None:
             return Counter()
         since = at - timedelta(seconds=r.per)
-        kept = [(p, t) for p, t in self._rate_starts.get(queue, ()) if t > since]
+        keep = since - timedelta(seconds=max(r.per, RATE_KEEP))
+        kept = [(p, t) for p, t in self._rate_starts.get(queue, ()) if t > keep]
         self._rate_starts[queue] = kept
-        return Counter(p for p, _ in kept)
+        return Counter(p for p, t in kept if t > since)
 
     def _running_by_partition(self, jobs: Iterable[_Job], limits: QueueLimits) -> Counter[str]:
         return Counter(_global_key(limits, j) for j in jobs)
@@ -145,7 +150,10 @@ class _Limits(_Store):
         """When the oldest start of a full rate partition leaves its window."""
         oldest: dict[str, datetime] = {}
         count: Counter[str] = Counter()
+        since = at - timedelta(seconds=per)
         for p, t in self._rate_starts.get(queue, ()):
+            if t <= since:
+                continue
             count[p] += 1
             oldest[p] = min(oldest.get(p, t), t)
         opens = [oldest[p] for p, n in count.items() if n >= limit]
