@@ -128,6 +128,13 @@ BEGIN
                    WHEN r_kind = coalesce((p_limits -> 'key' ->> 'by_kind')::boolean, false)
                         AND cardinality(r_args) = jsonb_array_length(p_limits -> 'key' -> 'by_args')
                    THEN 1 ELSE 2 END;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- One snapshot for the whole statement would not see the claims committed while
+        -- this fetch waited for its turn: the counts could be stale.
+        RAISE EXCEPTION 'trioqueue fetches limited queues under READ COMMITTED only, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
     PERFORM pg_advisory_xact_lock(74051717, hashtext(current_schema() || '.' || p_queue));
     SELECT q.paused_at IS NOT NULL, q.limits IS NOT NULL INTO v_paused, v_stored
     FROM tq_queue q WHERE q.name = p_queue;
