@@ -73,8 +73,8 @@ $$;
 --   lock was granted: the counts are exact, and a limit is never passed, not even for a
 --   moment. Completions, rescues and cancels only lower the counts: they take no lock.
 -- * Candidates: the first due jobs in fetch order (priority, scheduled_at, id), walking
---   at most 4 * p_max + 64 of them and skipping those of full partitions. Should that walk
---   end without p_max candidates, every partition with room adds its first jobs, found
+--   at most 2 * p_max + 16 of them and keeping those that fit in their partitions' room.
+--   Should fewer than p_max fit, every partition with room adds its first jobs, found
 --   through tq_job_limit_idx (a loose scan of the partitions): a full partition never holds
 --   back the jobs of the others, however many of its own come first.
 -- * Each candidate is ranked within its partition; those that fit are taken by priority,
@@ -199,18 +199,28 @@ BEGIN
                         ELSE tq_limit_project(w.key, r_kind, r_args) END AS rp
             ) pk
         ),
-        roomy_walked AS MATERIALIZED (
-            SELECT w.*
-            FROM walked w
-            WHERE (g_limit IS NULL OR coalesce((g_running ->> w.gp::text)::integer, 0) < g_limit)
-              AND (r_limit IS NULL OR coalesce((r_started ->> w.rp::text)::integer, 0) < r_limit)
+        -- The walked jobs that fit in their partitions' room, ranked in fetch order.
+        fitting AS MATERIALIZED (
+            SELECT r.id, r.priority, r.scheduled_at, r.gp, r.rp
+            FROM (
+                SELECT w.*,
+                       row_number() OVER (PARTITION BY w.gp
+                                          ORDER BY w.priority, w.scheduled_at, w.id) AS rn_g,
+                       row_number() OVER (PARTITION BY w.rp
+                                          ORDER BY w.priority, w.scheduled_at, w.id) AS rn_r
+                FROM walked w
+            ) r
+            WHERE (g_limit IS NULL
+                   OR r.rn_g <= g_limit - coalesce((g_running ->> r.gp::text)::integer, 0))
+              AND (r_limit IS NULL
+                   OR r.rn_r <= r_limit - coalesce((r_started ->> r.rp::text)::integer, 0))
         ),
-        -- Not enough from the walk, and more jobs lie beyond it: every partition with room
-        -- adds its first jobs (a loose scan of tq_job_limit_idx finds the partitions).
+        -- Too few fit, and more jobs lie beyond the walk: every partition with room adds
+        -- its first jobs (a loose scan of tq_job_limit_idx finds the partitions).
         keys(k) AS (
             (SELECT j.limit_key FROM tq_job j
              WHERE j.state = 'available' AND j.queue = p_queue AND j.limit_key IS NOT NULL
-               AND (SELECT count(*) FROM roomy_walked) < p_max
+               AND (SELECT count(*) FROM fitting) < p_max
                AND (SELECT count(*) FROM walk) = v_walk
              ORDER BY j.limit_key LIMIT 1)
             UNION ALL
@@ -246,14 +256,14 @@ BEGIN
                 SELECT j.id, j.priority, j.scheduled_at FROM tq_job j
                 WHERE j.state = 'available' AND j.queue = p_queue AND j.limit_key = kr.k
                   AND j.scheduled_at <= p_now
-                  AND j.id NOT IN (SELECT rw.id FROM roomy_walked rw)
+                  AND j.id NOT IN (SELECT ft.id FROM fitting ft)
                 ORDER BY j.priority, j.scheduled_at, j.id
                 LIMIT kr.room
             ) f
             WHERE kr.room > 0
         ),
         candidates AS (
-            SELECT * FROM roomy_walked
+            SELECT * FROM fitting
             UNION ALL
             SELECT * FROM extra
         ),

@@ -89,7 +89,7 @@ class _Limits(_Store):
             )
 
             # As the statement does: walk the first due jobs in fetch order; if too few of
-            # them have room and more lie beyond, add each roomy partition's first jobs;
+            # them fit and more lie beyond, add each roomy partition's first jobs;
             # rank each candidate within its partitions, and take those that fit, round
             # robin within each priority.
             def room(job: _Job) -> int:
@@ -101,7 +101,18 @@ class _Limits(_Store):
 
             walk_size = 2 * limit + 16
             walked = due[:walk_size]
-            candidates = [job for job in walked if room(job) > 0]
+            seen_g: Counter[str] = Counter()
+            seen_r: Counter[str] = Counter()
+            candidates = []
+            for job in walked:  # those that fit in their partitions' room
+                gp = _global_key(limits, job)
+                rp = _rate_key(limits, job)
+                seen_g[gp] += 1
+                seen_r[rp] += 1
+                if (g is None or seen_g[gp] <= g.limit - running[gp]) and (
+                    r is None or seen_r[rp] <= r.limit - started[rp]
+                ):
+                    candidates.append(job)
             if len(candidates) < limit and len(walked) == walk_size:
                 taken = {job.id for job in candidates}
                 by_key: dict[str, list[_Job]] = {}

@@ -11,7 +11,8 @@ SELECT * FROM tq_job_get_available_limited($1::text, $2::timestamptz, $3::intege
 -- The partitions of limited queue $1 (limits $2) at $3: per partition (the global limit's
 -- partitioning, else the rate limit's), the jobs running and the due jobs held back by a
 -- full global partition or an exhausted rate window; the busiest $4 partitions, each row
--- also carrying the total held back over all partitions.
+-- also carrying the total held back over all partitions. Due jobs that have no partition
+-- key yet (inserted while the limits were being stored) are not counted until they get one.
 WITH cfg AS (
     SELECT (l -> 'global' ->> 'limit')::integer AS g_limit,
            coalesce((l -> 'global' ->> 'by_kind')::boolean, false) AS g_kind,
@@ -24,44 +25,51 @@ WITH cfg AS (
                AS r_args
     FROM (SELECT $2::text::jsonb AS l) AS given
 ),
-keyed AS (
-    SELECT j.state, coalesce(j.limit_key, tq_limit_key($2::text::jsonb, j.kind, j.args)) AS k
-    FROM tq_job j
-    WHERE j.queue = $1::text
-      AND (j.state = 'running' OR (j.state = 'available' AND j.scheduled_at <= $3::timestamptz))
+-- Jobs are counted per partition key first (the due ones through tq_job_limit_idx,
+-- reading no job's args), and only each key is then mapped to the limits' partitions.
+per_key AS (
+    SELECT k, sum(running) AS running, sum(due) AS due
+    FROM (
+        SELECT coalesce(j.limit_key, tq_limit_key($2::text::jsonb, j.kind, j.args)) AS k,
+               count(*) AS running, 0 AS due
+        FROM tq_job j
+        WHERE j.state = 'running' AND j.queue = $1::text
+        GROUP BY 1
+        UNION ALL
+        SELECT j.limit_key, 0, count(*)
+        FROM tq_job j
+        WHERE j.state = 'available' AND j.queue = $1::text AND j.limit_key IS NOT NULL
+          AND j.scheduled_at <= $3::timestamptz
+        GROUP BY 1
+    ) counted
+    GROUP BY k
 ),
-jobs AS (
-    SELECT d.state,
-           tq_limit_project(d.k, cfg.g_kind, cfg.g_args) AS gp,
-           tq_limit_project(d.k, cfg.r_kind, cfg.r_args) AS rp
-    FROM keyed d, cfg
+keys AS (
+    SELECT tq_limit_project(d.k, cfg.g_kind, cfg.g_args) AS gp,
+           tq_limit_project(d.k, cfg.r_kind, cfg.r_args) AS rp,
+           d.running, d.due
+    FROM per_key d, cfg
 ),
-running AS (
-    SELECT gp, rp, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY gp, rp
-),
-running_g AS (SELECT gp AS p, sum(n) AS n FROM running GROUP BY gp),
+running_g AS (SELECT gp AS p, sum(running) AS n FROM keys GROUP BY gp),
 started AS (
     SELECT s.partition AS p, count(*) AS n
     FROM tq_rate_start s, cfg
     WHERE s.queue = $1::text AND s.started_at > $3::timestamptz - cfg.r_per
     GROUP BY s.partition
 ),
-per_job AS (
+per_key_held AS (
     SELECT CASE WHEN cfg.g_limit IS NOT NULL THEN d.gp ELSE d.rp END AS p,
-           d.state = 'running' AS running,
-           d.state = 'available'
-               AND ((cfg.g_limit IS NOT NULL AND coalesce(rg.n, 0) >= cfg.g_limit)
-                    OR (cfg.r_limit IS NOT NULL AND coalesce(st.n, 0) >= cfg.r_limit))
-               AS held
-    FROM jobs d
+           d.running,
+           CASE WHEN (cfg.g_limit IS NOT NULL AND coalesce(rg.n, 0) >= cfg.g_limit)
+                  OR (cfg.r_limit IS NOT NULL AND coalesce(st.n, 0) >= cfg.r_limit)
+                THEN d.due ELSE 0 END AS held
+    FROM keys d
     CROSS JOIN cfg
     LEFT JOIN running_g rg ON rg.p = d.gp
     LEFT JOIN started st ON st.p = d.rp
 ),
 per_partition AS (
-    SELECT p, count(*) FILTER (WHERE running) AS running, count(*) FILTER (WHERE held) AS held
-    FROM per_job
-    GROUP BY p
+    SELECT p, sum(running) AS running, sum(held) AS held FROM per_key_held GROUP BY p
 )
 SELECT p::text, running, held, sum(held) OVER () AS held_total
 FROM per_partition
