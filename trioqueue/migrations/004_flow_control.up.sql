@@ -199,21 +199,38 @@ BEGIN
                         ELSE tq_limit_project(w.key, r_kind, r_args) END AS rp
             ) pk
         ),
-        -- The walked jobs that fit in their partitions' room, ranked in fetch order.
-        fitting AS MATERIALIZED (
-            SELECT r.id, r.priority, r.scheduled_at, r.gp, r.rp
+        -- The walked jobs that fit: those whose partitions have room at all, then the
+        -- first of each global partition up to its room (in fetch order), then of those
+        -- the first of each rate partition up to its room, in the fair order (priority,
+        -- then round robin across the global partitions).
+        fit_global AS MATERIALIZED (
+            SELECT r.*, CASE WHEN g_limit IS NOT NULL THEN r.rn_g ELSE r.rn_t END AS fair
             FROM (
-                SELECT w.*,
+                SELECT w.id, w.priority, w.scheduled_at, w.gp, w.rp,
                        row_number() OVER (PARTITION BY w.gp
                                           ORDER BY w.priority, w.scheduled_at, w.id) AS rn_g,
                        row_number() OVER (PARTITION BY w.rp
-                                          ORDER BY w.priority, w.scheduled_at, w.id) AS rn_r
+                                          ORDER BY w.priority, w.scheduled_at, w.id) AS rn_t
                 FROM walked w
+                WHERE (g_limit IS NULL
+                       OR coalesce((g_running ->> w.gp::text)::integer, 0) < g_limit)
+                  AND (r_limit IS NULL
+                       OR coalesce((r_started ->> w.rp::text)::integer, 0) < r_limit)
             ) r
-            WHERE (g_limit IS NULL
-                   OR r.rn_g <= g_limit - coalesce((g_running ->> r.gp::text)::integer, 0))
-              AND (r_limit IS NULL
-                   OR r.rn_r <= r_limit - coalesce((r_started ->> r.rp::text)::integer, 0))
+            WHERE g_limit IS NULL
+               OR r.rn_g <= g_limit - coalesce((g_running ->> r.gp::text)::integer, 0)
+        ),
+        fitting AS MATERIALIZED (
+            SELECT f.id, f.priority, f.scheduled_at, f.gp, f.rp
+            FROM (
+                SELECT x.*,
+                       row_number() OVER (PARTITION BY x.rp
+                                          ORDER BY x.priority, x.fair, x.scheduled_at, x.id)
+                           AS rn_r
+                FROM fit_global x
+            ) f
+            WHERE (r_limit IS NULL
+                   OR f.rn_r <= r_limit - coalesce((r_started ->> f.rp::text)::integer, 0))
         ),
         -- Too few fit, and more jobs lie beyond the walk: every partition with room adds
         -- its first jobs (a loose scan of tq_job_limit_idx finds the partitions).
@@ -267,25 +284,40 @@ BEGIN
             UNION ALL
             SELECT * FROM extra
         ),
-        ranked AS (
-            SELECT c.id, c.priority, c.scheduled_at,
-                   row_number() OVER (PARTITION BY c.gp
-                                      ORDER BY c.priority, c.scheduled_at, c.id) AS rn_g,
-                   row_number() OVER (PARTITION BY c.rp
-                                      ORDER BY c.priority, c.scheduled_at, c.id) AS rn_r,
-                   c.gp, c.rp
-            FROM candidates c
+        -- The same choice over every candidate, in the fair order, up to p_max.
+        chosen_global AS MATERIALIZED (
+            SELECT r.*, CASE WHEN g_limit IS NOT NULL THEN r.rn_g ELSE r.rn_t END AS fair
+            FROM (
+                SELECT w.id, w.priority, w.scheduled_at, w.gp, w.rp,
+                       row_number() OVER (PARTITION BY w.gp
+                                          ORDER BY w.priority, w.scheduled_at, w.id) AS rn_g,
+                       row_number() OVER (PARTITION BY w.rp
+                                          ORDER BY w.priority, w.scheduled_at, w.id) AS rn_t
+                FROM candidates w
+                WHERE (g_limit IS NULL
+                       OR coalesce((g_running ->> w.gp::text)::integer, 0) < g_limit)
+                  AND (r_limit IS NULL
+                       OR coalesce((r_started ->> w.rp::text)::integer, 0) < r_limit)
+            ) r
+            WHERE g_limit IS NULL
+               OR r.rn_g <= g_limit - coalesce((g_running ->> r.gp::text)::integer, 0)
+        ),
+        chosen_fit AS MATERIALIZED (
+            SELECT f.id, f.rp, f.priority, f.fair, f.scheduled_at
+            FROM (
+                SELECT x.*,
+                       row_number() OVER (PARTITION BY x.rp
+                                          ORDER BY x.priority, x.fair, x.scheduled_at, x.id)
+                           AS rn_r
+                FROM chosen_global x
+            ) f
+            WHERE (r_limit IS NULL
+                   OR f.rn_r <= r_limit - coalesce((r_started ->> f.rp::text)::integer, 0))
         ),
         chosen AS (
-            SELECT k.id, k.rp
-            FROM ranked k
-            WHERE (g_limit IS NULL OR k.rn_g <= g_limit
-                       - coalesce((g_running ->> k.gp::text)::integer, 0))
-              AND (r_limit IS NULL OR k.rn_r <= r_limit
-                       - coalesce((r_started ->> k.rp::text)::integer, 0))
-            ORDER BY k.priority,
-                     CASE WHEN g_limit IS NOT NULL THEN k.rn_g ELSE k.rn_r END,
-                     k.scheduled_at, k.id
+            SELECT c.id, c.rp
+            FROM chosen_fit c
+            ORDER BY c.priority, c.fair, c.scheduled_at, c.id
             LIMIT p_max
         ),
         locked AS (

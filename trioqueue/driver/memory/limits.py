@@ -99,20 +99,36 @@ class _Limits(_Store):
                     limit if r is None else r.limit - started[_rate_key(limits, job)],
                 )
 
+            def fitting(jobs: list[_Job]) -> list[tuple[int, int, _Job]]:
+                """Those of ``jobs`` (in fetch order) that fit, with their fair rank:
+                partitions with room at all, then the first of each global partition up
+                to its room, then of those the first of each rate partition up to its
+                room, in the fair order (priority, then round robin)."""
+                rank_g: Counter[str] = Counter()
+                rank_t: Counter[str] = Counter()
+                fit_g: list[tuple[int, int, _Job]] = []
+                for job in jobs:
+                    if room(job) <= 0:
+                        continue
+                    gp = _global_key(limits, job)
+                    rank_g[gp] += 1
+                    rank_t[_rate_key(limits, job)] += 1
+                    if g is None or rank_g[gp] <= g.limit - running[gp]:
+                        fair = rank_g[gp] if g is not None else rank_t[_rate_key(limits, job)]
+                        fit_g.append((job.priority, fair, job))
+                fit_g.sort(key=lambda c: (c[0], c[1], c[2].scheduled_at, c[2].id))
+                rank_r: Counter[str] = Counter()
+                out = []
+                for c in fit_g:
+                    rp = _rate_key(limits, c[2])
+                    rank_r[rp] += 1
+                    if r is None or rank_r[rp] <= r.limit - started[rp]:
+                        out.append(c)
+                return out
+
             walk_size = 2 * limit + 16
             walked = due[:walk_size]
-            seen_g: Counter[str] = Counter()
-            seen_r: Counter[str] = Counter()
-            candidates = []
-            for job in walked:  # those that fit in their partitions' room
-                gp = _global_key(limits, job)
-                rp = _rate_key(limits, job)
-                seen_g[gp] += 1
-                seen_r[rp] += 1
-                if (g is None or seen_g[gp] <= g.limit - running[gp]) and (
-                    r is None or seen_r[rp] <= r.limit - started[rp]
-                ):
-                    candidates.append(job)
+            candidates = [c[2] for c in fitting(walked)]
             if len(candidates) < limit and len(walked) == walk_size:
                 taken = {job.id for job in candidates}
                 by_key: dict[str, list[_Job]] = {}
@@ -124,19 +140,7 @@ class _Limits(_Store):
                     first = [job for job in jobs if job.id not in taken]
                     candidates.extend(first[: max(room(jobs[0]), 0)])
             candidates.sort(key=lambda j: (j.priority, j.scheduled_at, j.id))
-            rank_g: Counter[str] = Counter()
-            rank_r: Counter[str] = Counter()
-            fits: list[tuple[int, int, _Job]] = []
-            for job in candidates:
-                gp = _global_key(limits, job)
-                rp = _rate_key(limits, job)
-                rank_g[gp] += 1
-                rank_r[rp] += 1
-                if (g is None or rank_g[gp] <= g.limit - running[gp]) and (
-                    r is None or rank_r[rp] <= r.limit - started[rp]
-                ):
-                    fits.append((job.priority, rank_g[gp] if g is not None else rank_r[rp], job))
-            fits.sort(key=lambda c: (c[0], c[1], c[2].scheduled_at, c[2].id))
+            fits = fitting(candidates)
             claimed = sorted(
                 (c[2] for c in fits[:limit] if not st.skip_locked(("job", c[2].id))),
                 key=lambda j: (j.priority, j.scheduled_at, j.id),
