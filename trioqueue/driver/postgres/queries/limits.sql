@@ -77,13 +77,24 @@ WHERE running > 0 OR held > 0
 ORDER BY running DESC, held DESC, p::text
 LIMIT $4::integer;
 
--- name: job_limit_key_fill
--- After a COPY (which computes nothing): give the live jobs of the limited queues among
--- $1 that have no partition key theirs.
-UPDATE tq_job j
-SET limit_key = tq_limit_key(q.limits, j.kind, j.args)
-FROM tq_queue q
-WHERE q.name = ANY ($1::text[]) AND q.limits IS NOT NULL
-  AND j.queue = q.name
-  AND j.state IN ('available', 'pending', 'retryable', 'running', 'scheduled')
-  AND j.limit_key IS NULL;
+-- name: queue_limited
+-- The queues with limits: job_insert_fast inserts their jobs by job_insert_many_keyed.
+SELECT name FROM tq_queue WHERE limits IS NOT NULL;
+
+-- name: job_insert_many_keyed
+-- job_insert_many's rows, with each job's partition key from its queue's limits, and no
+-- unique conflict handling: a unique job that collides fails the statement, as in a COPY.
+INSERT INTO tq_job (args, kind, max_attempts, metadata, priority, queue, scheduled_at, state,
+                    tags, unique_key, unique_states, created_at, limit_key)
+SELECT i.args::jsonb, i.kind, i.max_attempts, i.metadata::jsonb, i.priority, i.queue,
+       i.scheduled_at, i.state::tq_job_state,
+       CASE WHEN i.tags = '' THEN '{}'::varchar(255)[]
+            ELSE string_to_array(i.tags, ',')::varchar(255)[] END,
+       i.unique_key, i.unique_states::bit(8), $12,
+       (SELECT tq_limit_key(q.limits, i.kind, i.args::jsonb) FROM tq_queue q
+        WHERE q.name = i.queue AND q.limits IS NOT NULL)
+FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::smallint[],
+            $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[],
+            $11::text[])
+     AS i(args, kind, max_attempts, metadata, priority, queue, scheduled_at, state, tags,
+          unique_key, unique_states);
