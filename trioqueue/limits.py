@@ -29,6 +29,7 @@ __all__ = [
     "PartitionInfo",
     "QueueLimits",
     "RateLimit",
+    "canonical",
     "partition_of",
 ]
 
@@ -139,7 +140,12 @@ def partition_of(by_kind: bool, by_args: tuple[str, ...], kind: str, args: objec
             if isinstance(value, float) and value.is_integer():
                 value = int(value)  # 1 and 1.0 are equal as JSON: one partition
             key["args." + name] = value
-    return json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical(key)
+
+
+def canonical(partition: Mapping[str, Any]) -> str:
+    """A partition's canonical JSON text: keys sorted, no spaces."""
+    return json.dumps(partition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @final

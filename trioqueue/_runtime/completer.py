@@ -198,8 +198,8 @@ class Completer:
     """Set while writes go through; cleared from a failed write to the next success."""
     _write_interrupted: bool = attrs.field(default=False, init=False)
     """A write was cancelled mid-statement: it may have committed (see ``_write``)."""
-    _after_write: list[Callable[[], None]] = attrs.field(factory=list, init=False)
-    """Called once the next write has gone through (`call_after_write`)."""
+    _after_write: dict[Callable[[], None], None] = attrs.field(factory=dict, init=False)
+    """Called once the next write has gone through (`call_after_write`); each once."""
 
     def __attrs_post_init__(self) -> None:
         self._writable.set()
@@ -234,11 +234,12 @@ class Completer:
             self._writable = trio.Event()
 
     def call_after_write(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (not a checkpoint) once the next batch of outcomes is written,
-        and write what waits now without lingering. For a producer whose jobs a limit
-        holds back: the database counts a job as running until its outcome is written,
-        so that write is what can free a slot. Not a checkpoint."""
-        self._after_write.append(callback)
+        """Call ``callback`` once the next batch of outcomes is written (once, however
+        often it was asked for), and write what waits now without lingering. For a
+        producer whose jobs a limit holds back: the database counts a job as running
+        until its outcome is written, so that write is what can free a slot. Not a
+        checkpoint."""
+        self._after_write[callback] = None
         self._work.set()
 
     def sender(self) -> OutcomeSender:
@@ -335,7 +336,7 @@ class Completer:
                 self._write_interrupted = True
                 raise
             del self._pending[: len(batch)]
-            waiting, self._after_write = self._after_write, []
+            waiting, self._after_write = self._after_write, {}
             for callback in waiting:
                 callback()
             if len(self._pending) < self.max_pending // 2:

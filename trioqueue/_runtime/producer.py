@@ -79,6 +79,8 @@ class Producer:
     """The last fetch left due jobs behind because a limit was reached."""
     _next_open: datetime | None = attrs.field(default=None, init=False)
     """When a rate window next opens for the jobs held back (None: not known)."""
+    _held_empty: int = attrs.field(default=0, init=False)
+    """Fetches in a row that a limit held back and that claimed nothing."""
 
     def __attrs_post_init__(self) -> None:
         self.claimed = ClaimedJobs(self.queue, self._wake)
@@ -220,10 +222,12 @@ class Producer:
 
     def _held_back_poll(self) -> float:
         """How long to wait before looking again for jobs a limit holds back: until the
-        rate window opens, when known; else one cooldown, since another client's job may
-        end at any moment (this client's own wake it at once)."""
+        rate window opens, when known; else one cooldown, doubling with each fetch in a
+        row that found nothing, up to the poll interval, since another client's job may
+        end at any moment (this client's own wake it as their outcomes are written)."""
         if self._next_open is None:
-            return self.fetch_cooldown
+            backoff = self.fetch_cooldown * 2 ** min(self._held_empty, 16)
+            return min(backoff, self.fetch_poll_interval)
         opens_in = (self._next_open - self.now()).total_seconds()
         return min(max(opens_in, 0.001), self.fetch_poll_interval)
 
@@ -242,6 +246,7 @@ class Producer:
             )
             self._held_back = found.held_back
             self._next_open = found.next_open
+            self._held_empty = self._held_empty + 1 if found.held_back and not found.rows else 0
             return found.rows
         raise DatabaseError(
             f"fetching from queue {self.queue!r}",

@@ -11,7 +11,7 @@ ALTER TABLE tq_queue ADD COLUMN limits jsonb;
 -- stored limits) and again whenever those limits change: the values of the fields its
 -- queue's limits partition by, as an object ({"kind": ..., "args.<field>": ...}). NULL
 -- for a queue without limits.
-ALTER TABLE tq_job ADD COLUMN limit_key jsonb;
+ALTER TABLE tq_job ADD COLUMN limit_key text COLLATE "C";
 
 -- A limited queue's available jobs per partition, in fetch order: the fetch reaches the
 -- jobs of each partition that has room without walking past those of a full one. Jobs of
@@ -23,7 +23,7 @@ CREATE INDEX tq_job_limit_idx ON tq_job (queue, limit_key, priority, scheduled_a
 -- fetch deletes what has left it). At most `limit` rows per partition per window.
 CREATE TABLE tq_rate_start (
     queue      text NOT NULL,
-    partition  jsonb NOT NULL,
+    partition  text NOT NULL,
     started_at timestamptz NOT NULL
 );
 CREATE INDEX tq_rate_start_queue_idx ON tq_rate_start (queue, started_at);
@@ -34,11 +34,11 @@ CREATE INDEX tq_rate_start_queue_idx ON tq_rate_start (queue, started_at);
 -- trailing zeros, so that 1 and 1.0, equal as JSON, make one partition (and one text,
 -- which the fetch looks partitions up by).
 CREATE FUNCTION tq_limit_key(limits jsonb, kind text, args jsonb)
-RETURNS jsonb
+RETURNS text
 LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT CASE WHEN limits IS NULL THEN NULL ELSE
+    SELECT CASE WHEN limits IS NULL THEN NULL ELSE (
         CASE WHEN (limits -> 'key' ->> 'by_kind')::boolean
              THEN jsonb_build_object('kind', kind) ELSE '{}'::jsonb END
         || coalesce((SELECT jsonb_object_agg(
@@ -48,18 +48,18 @@ AS $$
                                      ELSE coalesce(args -> f, 'null'::jsonb) END)
                      FROM jsonb_array_elements_text(limits -> 'key' -> 'by_args') AS f),
                     '{}'::jsonb)
-    END;
+    )::text END;
 $$;
 
 -- The partition of one limit (partitioned by `by_kind` and `by_args`) that a job whose
 -- limit_key is `key` is in: the part of `key` that limit partitions by.
-CREATE FUNCTION tq_limit_project(key jsonb, by_kind boolean, by_args text[])
-RETURNS jsonb
+CREATE FUNCTION tq_limit_project(key text, by_kind boolean, by_args text[])
+RETURNS text
 LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}'::jsonb)
-    FROM jsonb_each(key) AS e
+    SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}'::jsonb)::text
+    FROM jsonb_each(key::jsonb) AS e
     WHERE (e.key = 'kind' AND by_kind)
        OR (left(e.key, 5) = 'args.' AND substr(e.key, 6) = ANY (by_args));
 $$;
@@ -151,7 +151,7 @@ BEGIN
         IF g_limit IS NOT NULL THEN
             SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb) INTO g_running
             FROM (
-                SELECT CASE g_mode WHEN 1 THEN k.key WHEN 0 THEN '{}'::jsonb ELSE tq_limit_project(k.key, g_kind, g_args) END::text AS p, count(*) AS n
+                SELECT CASE g_mode WHEN 1 THEN k.key WHEN 0 THEN '{}' ELSE tq_limit_project(k.key, g_kind, g_args) END AS p, count(*) AS n
                 FROM tq_job j
                 CROSS JOIN LATERAL (
                     SELECT coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args)) AS key
@@ -193,9 +193,9 @@ BEGIN
             SELECT w.id, w.priority, w.scheduled_at, pk.gp, pk.rp
             FROM walk w
             CROSS JOIN LATERAL (
-                SELECT CASE g_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'::jsonb
+                SELECT CASE g_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'
                         ELSE tq_limit_project(w.key, g_kind, g_args) END AS gp,
-                       CASE r_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'::jsonb
+                       CASE r_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'
                         ELSE tq_limit_project(w.key, r_kind, r_args) END AS rp
             ) pk
         ),
@@ -259,9 +259,9 @@ BEGIN
                    ) AS room
             FROM keys
             CROSS JOIN LATERAL (
-                SELECT CASE g_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'::jsonb
+                SELECT CASE g_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'
                         ELSE tq_limit_project(keys.k, g_kind, g_args) END AS gp,
-                       CASE r_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'::jsonb
+                       CASE r_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'
                         ELSE tq_limit_project(keys.k, r_kind, r_args) END AS rp
             ) pk
             WHERE keys.k IS NOT NULL

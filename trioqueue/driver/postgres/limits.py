@@ -6,8 +6,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ...limits import LimitedFetch, PartitionInfo, QueueLimits
-from ..protocol import JobRow, QueueRow
+from ...limits import LimitedFetch, PartitionInfo, QueueLimits, canonical
+from ..protocol import PARTITIONS_SHOWN, JobRow, QueueRow
 
 __all__ = ["limited_fetch", "with_partitions"]
 
@@ -30,8 +30,12 @@ def limited_fetch(rows: Sequence[Sequence[Any]]) -> LimitedFetch:
 def with_partitions(row: QueueRow, limits: QueueLimits, found: Sequence[Sequence[Any]]) -> QueueRow:
     """``row`` with its limits, the due jobs they hold back and its busiest partitions
     (rows of ``queue_limit_partitions``)."""
-    partitions = tuple(
+    partitions = [
         PartitionInfo(json.loads(key), int(running), int(held)) for key, running, held, _ in found
-    )
+    ]
+    # Ties broken as the memory driver breaks them: by the partition's canonical text.
+    partitions.sort(key=lambda p: (-p.running, -p.held_back, canonical(p.partition)))
     held_back = int(found[0][3]) if found else 0
-    return row._replace(limits=limits, held_back=held_back, partitions=partitions)
+    return row._replace(
+        limits=limits, held_back=held_back, partitions=tuple(partitions[:PARTITIONS_SHOWN])
+    )

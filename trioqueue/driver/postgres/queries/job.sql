@@ -221,7 +221,10 @@ SET state = 'available',
     scheduled_at = CASE WHEN state = 'available' AND scheduled_at < $2 THEN scheduled_at
                         ELSE $2 END,
     max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END,
-    metadata = metadata - 'cancel_attempted_at'
+    metadata = metadata - 'cancel_attempted_at',
+    -- Its partition under the limits of now: they may have changed since it ended.
+    limit_key = (SELECT tq_limit_key(q.limits, tq_job.kind, tq_job.args) FROM tq_queue q
+                 WHERE q.name = tq_job.queue AND q.limits IS NOT NULL)
 WHERE id = $1
   AND state <> 'running'
 RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,

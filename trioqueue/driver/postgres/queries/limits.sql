@@ -10,8 +10,9 @@ SELECT * FROM tq_job_get_available_limited($1::text, $2::timestamptz, $3::intege
 -- name: queue_limit_partitions
 -- The partitions of limited queue $1 (limits $2) at $3: per partition (the global limit's
 -- partitioning, else the rate limit's), the jobs running and the due jobs held back by a
--- full global partition or an exhausted rate window; the busiest $4 partitions, each row
--- also carrying the total held back over all partitions. Due jobs that have no partition
+-- full global partition or an exhausted rate window; the busiest $4 partitions (ties in
+-- no order: the driver asks for more and breaks them itself), each row also carrying the
+-- total held back over all partitions. Due jobs that have no partition
 -- key yet (inserted while the limits were being stored) are not counted until they get one.
 WITH cfg AS (
     SELECT (l -> 'global' ->> 'limit')::integer AS g_limit,
@@ -71,10 +72,10 @@ per_key_held AS (
 per_partition AS (
     SELECT p, sum(running) AS running, sum(held) AS held FROM per_key_held GROUP BY p
 )
-SELECT p::text, running, held, sum(held) OVER () AS held_total
+SELECT p, running, held, sum(held) OVER () AS held_total
 FROM per_partition
 WHERE running > 0 OR held > 0
-ORDER BY running DESC, held DESC, p::text
+ORDER BY running DESC, held DESC
 LIMIT $4::integer;
 
 -- name: queue_limited
