@@ -1580,3 +1580,8 @@ async def transactions_waiting_for_each_other_deadlock(driver: Driver) -> None:
             nursery.start_soon(lock_both, 1, b[ID], a[ID])
     [failure] = failures
     assert "deadlock detected" in str(failure)
+
+
+# The flow control cases live in modules of their own; importing them adds them to SUITE.
+import driver_suite_limits  # noqa: E402, F401  (registers its cases)
+import driver_suite_partitions  # noqa: E402, F401  (registers its cases)

@@ -368,3 +368,85 @@ def test_migrations_package_loads_no_driver_server_or_psycopg() -> None:
         m for m in loaded if m in unwanted or m.startswith(tuple(u + "." for u in unwanted))
     )
     assert not found
+
+
+@attrs.frozen
+class CustomerNote:
+    kind: ClassVar[str] = "customer_note"
+    customer: int
+
+
+async def _schema_objects(url: str) -> dict[str, list[str]]:
+    """The columns of tq_job and tq_queue, the tq_ tables, functions and tq_job's indexes."""
+    async with _connect(url) as conn:
+
+        async def names(query: str) -> list[str]:
+            return sorted(str(r[0]) for r in await conn.fetch(query))
+
+        return {
+            "tq_job": await names(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'tq_job'"
+            ),
+            "tq_queue": await names(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'tq_queue'"
+            ),
+            "tables": await names("SELECT tablename FROM pg_tables WHERE tablename LIKE 'tq%'"),
+            "functions": await names("SELECT proname FROM pg_proc WHERE proname LIKE 'tq%'"),
+            "indexes": await names("SELECT indexname FROM pg_indexes WHERE tablename = 'tq_job'"),
+        }
+
+
+async def test_migration_4_adds_flow_control_and_down_removes_it(empty_database_url: str) -> None:
+    from support import FAST, eventually
+
+    url = empty_database_url
+    with trio.fail_after(60):
+        await tq.migrate(url, target_version=3)
+        before = await _schema_objects(url)
+        assert "limit_key" not in before["tq_job"] and "limits" not in before["tq_queue"]
+        assert "tq_rate_start" not in before["tables"]
+        async with _connect(url) as conn:
+            # A job from before the migration: no partition key.
+            await conn.execute(
+                "INSERT INTO tq_job (state, max_attempts, args, kind, queue)"
+                " VALUES ('available', 25, '{\"customer\": 1}', 'customer_note', 'lq')"
+            )
+
+        assert await tq.migrate(url) == [4]
+        after = await _schema_objects(url)
+        assert "limit_key" in after["tq_job"] and "limits" in after["tq_queue"]
+        assert "tq_rate_start" in after["tables"]
+        assert "tq_job_limit_idx" in after["indexes"]
+        assert {"tq_limit_key", "tq_job_get_available_limited"} <= set(after["functions"])
+
+        # A client with limits works the old job and a new one.
+        done: list[int] = []
+        workers = tq.Workers()
+
+        @workers.worker(CustomerNote)
+        async def note(job: tq.Job[CustomerNote]) -> None:
+            done.append(job.id)
+
+        limited = tq.QueueConfig(
+            max_workers=2,
+            global_limit=tq.GlobalLimit(1, by_args=("customer",)),
+            rate_limit=tq.RateLimit(100, 60.0),
+        )
+        async with tq.open_client(url, workers=workers, queues={"lq": limited}, **FAST) as client:
+            await client.insert(CustomerNote(2), tq.InsertOpts(queue="lq"))
+            await eventually(lambda: len(done) == 2)
+            [info] = [q for q in await client.queue_list() if q.name == "lq"]
+            assert info.global_limit == limited.global_limit
+            assert info.rate_limit == limited.rate_limit
+        async with _connect(url) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM tq_rate_start") == 2
+            assert await conn.fetchval("SELECT limits IS NOT NULL FROM tq_queue") is True
+
+        assert await tq.migrate(url, direction="down", target_version=3) == [4]
+        assert await _schema_objects(url) == before
+        async with _connect(url) as conn:
+            states = await conn.fetch("SELECT state::text FROM tq_job ORDER BY id")
+        assert [str(s) for (s,) in states] == ["completed", "completed"]  # the jobs stay
+
+        assert await tq.migrate(url) == [4]
+        await _client_works(url)
