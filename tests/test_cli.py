@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +23,7 @@ import trioqueue as tq
 from trioqueue._cli import common
 from trioqueue.cli import main
 from trioqueue.embedded import DATABASE_URL_ENV
+from trioqueue.limits import GlobalLimit, QueueLimits, RateLimit
 
 
 def _run(*args: str, env_url: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -290,6 +291,74 @@ def test_queues_list_pause_resume(database_url: str, capsys: pytest.CaptureFixtu
     assert code == 1 and "no queue named 'nope' (known queues: emails)" in err
     code, _, err = cli(capsys, "queues", "pause", "Not A Queue", *url)
     assert code == 2 and "Invalid value for 'NAME'" in err
+
+
+@attrs.frozen
+class Call:
+    kind: ClassVar[str] = "cli_call"
+    customer: Any = None
+
+
+async def _hold_back(url: str) -> None:
+    """Queue ``calls``, one running job per customer: three claimed, four held back (the
+    claims go through the driver, so no worker keeps them running); ``emails``: no limits."""
+    limits = QueueLimits(GlobalLimit(1, by_args=("customer",)), RateLimit(100, 60.0, by_kind=True))
+    customers = ["acme", "acme", "acme", 7, 7, "x\x1b[31m\u202e", "x\x1b[31m\u202e"]
+    async with tq.open_client(url) as client:
+        await client.insert_many([(Call(c), tq.InsertOpts(queue="calls")) for c in customers])
+        now = datetime.now(UTC)
+        await client.driver.queue_upsert("calls", now, limits)
+        await client.driver.queue_upsert("emails", now)
+        fetched = await client.driver.job_get_available_limited("calls", now, 10, "t", limits)
+        assert len(fetched.rows) == 3 and fetched.held_back
+
+
+def test_queues_list_shows_limits_held_back_and_partitions(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trio.run(_hold_back, database_url)
+    url = ("--database-url", database_url)
+    code, out, err = cli(capsys, "queues", "list", *url)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "NAME", "STATUS", "AVAILABLE", "RUNNING", "HELD_BACK", "PAUSED_AT", "UPDATED_AT", "LIMITS"
+    ]  # fmt: skip
+    calls, emails = lines[1:]
+    assert calls.split()[:6] == ["calls", "active", "4", "3", "4", "-"]
+    assert calls.endswith("  global 1 by args.customer; rate 100/60s by kind")
+    assert emails.split()[:6] == ["emails", "active", "0", "0", "-", "-"]
+    assert emails.endswith("  -")
+    assert lines[0].index("LIMITS") == calls.index("global")
+    assert "busiest partitions" not in out
+
+    code, out, err = cli(capsys, "queues", "list", "--partitions", *url)
+    assert code == 0, err
+    assert out.splitlines()[:3] == lines  # the same table first
+    section = out.split("\n\n", 1)[1].splitlines()
+    assert section[0] == f"calls: busiest partitions ({calls.split('  ')[-1]})"
+    assert [line.split(maxsplit=2) for line in section[1:]] == [
+        ["RUNNING", "HELD_BACK", "PARTITION"],
+        ["1", "2", 'args.customer="acme"'],
+        ["1", "1", 'args.customer="x\\u001b[31m\\u202e"'],  # no escape reaches the terminal
+        ["1", "1", "args.customer=7"],
+    ]
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "emails" not in out.split("\n\n", 1)[1]  # no limits, no section
+
+    code, out, _ = cli(capsys, "queues", "list", "--json", *url)
+    assert code == 0
+    document = {q["name"]: q for q in json.loads(out)["queues"]}
+    calls_json = document["calls"]
+    assert calls_json["held_back"] == 4 and calls_json["running"] == 3
+    assert calls_json["global_limit"] == {"limit": 1, "by_kind": False, "by_args": ["customer"]}
+    assert calls_json["rate_limit"] == {"limit": 100, "per": 60.0, "by_kind": True, "by_args": []}
+    assert calls_json["partitions"] == [
+        {"partition": {"args.customer": "acme"}, "running": 1, "held_back": 2},
+        {"partition": {"args.customer": "x\x1b[31m\u202e"}, "running": 1, "held_back": 1},
+        {"partition": {"args.customer": 7}, "running": 1, "held_back": 1},
+    ]
+    assert document["emails"]["global_limit"] is None and document["emails"]["partitions"] == []
 
 
 def test_database_url_from_the_environment(

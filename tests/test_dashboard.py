@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import attrs
@@ -19,6 +20,7 @@ import trio
 import trioqueue as tq
 from trioqueue.cli import main
 from trioqueue.dashboard import PAGE_SIZE, create_app, serve
+from trioqueue.limits import QueueLimits
 
 TOKEN = "s3cret-token"
 
@@ -305,6 +307,74 @@ async def test_pause_and_resume_a_queue(client: tq.Client) -> None:
         assert [q.paused_at for q in await client.queue_list()] == [None]
         bad = await http.post("/queues/Not%20A%20Queue/pause", data={"csrf_token": token})
         assert bad.status_code == 400 and "queue: " in bad.text
+
+
+@attrs.frozen
+class CallArgs:
+    kind: ClassVar[str] = "call"
+    customer: Any
+
+
+PARTITION_ROW = re.compile(
+    r'<tr class="partition"><td class="partition-key">(.*?)</td>'
+    r'<td data-count="running">(\d+)</td><td data-count="held-back">(\d+)</td></tr>'
+)
+
+
+async def test_queues_page_shows_limits_held_back_and_partitions(client: tq.Client) -> None:
+    hostile = "<script>alert(1)</script>\u202e"
+    customers = ["acme", "acme", "acme", hostile, hostile, 7]
+    await client.insert_many([(CallArgs(c), tq.InsertOpts(queue="calls")) for c in customers])
+    await client.insert(ReportArgs(1))
+    limits = QueueLimits(
+        tq.GlobalLimit(1, by_args=("customer",)), tq.RateLimit(100, 0.5, by_kind=True)
+    )
+    now = datetime.now(UTC)
+    await client.driver.queue_upsert("calls", now, limits)
+    await client.driver.queue_upsert("default", now)
+    await client.driver.queue_upsert("spare", now, QueueLimits(tq.GlobalLimit(2)))
+    fetched = await client.driver.job_get_available_limited("calls", now, 10, "t", limits)
+    assert len(fetched.rows) == 3  # one per customer; three held back
+
+    async with browser(create_app(client)) as http:
+        page = await http.get("/queues")
+    assert page.status_code == 200
+    text = page.text
+    names = re.findall(r'<tr class="queue" data-queue="([\w-]+)"', text)
+    assert names == ["calls", "default", "spare"]
+
+    def cells(name: str) -> tuple[str, str]:
+        found = re.search(
+            rf'<tr class="queue" data-queue="{name}".*?<td class="held-back">(.*?)</td>\s*'
+            r'<td class="limits">(.*?)</td>',
+            text,
+            re.S,
+        )
+        assert found, name
+        return found.group(1), html.unescape(found.group(2))
+
+    assert cells("calls") == (
+        '<a href="#partitions-calls">3</a>',
+        "global 1 by args.customer; rate 100/0.5s by kind",
+    )
+    assert cells("default") == ("—", "—")
+    assert cells("spare") == ('<a href="#partitions-spare">0</a>', "global 2")
+
+    section = text.split('<section id="partitions">', 1)[1]
+    assert '<h3 id="partitions-calls">calls</h3>' in section
+    assert 'id="partitions-default"' not in section  # no limits, no partitions
+    calls = section.split('id="partitions-spare"')[0]
+    assert [(html.unescape(k), int(r), int(h)) for k, r, h in PARTITION_ROW.findall(calls)] == [
+        ('args.customer = "acme"', 1, 2),
+        ('args.customer = "<script>alert(1)</script>\\u202e"', 1, 1),
+        ("args.customer = 7", 1, 0),
+    ]
+    # Partition values are job args: escaped, their bidi controls shown as escapes.
+    assert "<script>" not in text and "\u202e" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;\\u202e" in text
+    spare = section.split('id="partitions-spare"')[1]
+    assert "global 2 · 0 running · 0 held back" in html.unescape(spare)
+    assert "No job of this queue is running or held back." in spare
 
 
 async def test_actions_need_a_valid_csrf_token(client: tq.Client) -> None:

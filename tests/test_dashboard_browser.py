@@ -14,6 +14,7 @@ tests skip and say so, unless ``$TRIOQUEUE_REQUIRE_BROWSER`` is ``1``: then they
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,6 +36,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from support import env_flag
 
 import trioqueue as tq
+from trioqueue.limits import QueueLimits
 from trioqueue.testing import work_one
 
 CHROMIUM_ENV = "TRIOQUEUE_CHROMIUM"
@@ -233,6 +236,55 @@ def test_retry_a_discarded_job_from_the_overview(
         expect(page.locator("#job-state")).to_have_text("available")
 
     assert trio.run(_job_state, database_url, job_id) is tq.JobState.AVAILABLE
+
+
+@attrs.frozen
+class Charge:
+    kind: ClassVar[str] = "charge_card"
+    customer: int | str
+
+
+HOSTILE_CUSTOMER = '<img src=x onerror="document.title=1">'
+"""A partition value (job args are user data) that would run script if it reached the DOM
+as HTML."""
+
+
+async def _hold_back(database_url: str) -> None:
+    """Queue ``billing``, one running job per customer: two customers' jobs claimed, three
+    more held back. The claims go through the driver, so no worker has to keep them
+    running."""
+    limits = QueueLimits(tq.GlobalLimit(1, by_args=("customer",)))
+    customers = [42, 42, 42, HOSTILE_CUSTOMER, HOSTILE_CUSTOMER]
+    async with tq.open_client(database_url) as client:
+        await client.insert_many([(Charge(c), tq.InsertOpts(queue="billing")) for c in customers])
+        now = datetime.now(UTC)
+        await client.driver.queue_upsert("billing", now, limits)
+        fetched = await client.driver.job_get_available_limited("billing", now, 10, "t", limits)
+        assert len(fetched.rows) == 2
+
+
+def test_queues_page_shows_held_back_jobs_and_their_partitions(
+    page: Page, database_url: str, tmp_path: Path
+) -> None:
+    trio.run(_hold_back, database_url)
+    with run_dashboard(database_url, tmp_path / "dashboard.log") as base:
+        page.goto(f"{base}/queues")
+        stop_auto_refresh(page)
+        title = page.title()
+        row = page.locator('tr.queue[data-queue="billing"]')
+        expect(row.locator("td.limits")).to_have_text("global 1 by args.customer")
+        expect(row.locator('td[data-state="running"]')).to_have_text("2")
+        row.locator("td.held-back").get_by_role("link", name="3").click()
+
+        expect(page).to_have_url(re.compile(r"/queues#partitions-billing$"))
+        partitions = page.locator('table.partitions[data-queue="billing"] tr.partition')
+        expect(partitions).to_have_count(2)
+        expect(partitions.nth(0).locator("td")).to_have_text(["args.customer = 42", "1", "2"])
+        # The hostile value shows as text: no element was made of it, no handler ran.
+        shown = f"args.customer = {json.dumps(HOSTILE_CUSTOMER)}"
+        expect(partitions.nth(1).locator("td")).to_have_text([shown, "1", "1"])
+        expect(page.locator("#partitions img")).to_have_count(0)
+        assert page.title() == title
 
 
 def test_token_is_required_and_kept_in_a_cookie(

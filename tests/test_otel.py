@@ -6,6 +6,7 @@ store of its own and a fresh PostgreSQL database.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import attrs
@@ -20,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from support import FAST, eventually
 
 import trioqueue as tq
+from trioqueue.limits import QueueLimits
 from trioqueue.otel import OpenTelemetryMiddleware
 
 
@@ -202,3 +204,51 @@ async def test_queue_depth_gauge_follows_the_queues(
         assert reader.get_metrics_data() is None
         with pytest.raises(tq.ValidationError, match="interval"):
             await report_queue_depth(client, meter_provider=provider, interval=0)
+
+
+@attrs.frozen
+class Call:
+    kind: ClassVar[str] = "otel_call"
+    customer: str
+
+
+async def test_held_back_gauge_per_limited_queue(
+    store_url: str, reader: InMemoryMetricReader
+) -> None:
+    from trioqueue.otel import report_queue_depth
+
+    provider = MeterProvider(metric_readers=[reader])
+    limits = QueueLimits(tq.GlobalLimit(1, by_args=("customer",)))
+
+    def held_back() -> dict[str, int]:
+        return {
+            p.attributes["messaging.destination.name"]: p.value
+            for p in _points(reader)["trioqueue.queue.held_back"]
+        }
+
+    async with tq.open_client(store_url) as client:
+        customers = ["a", "a", "a", "b", "b"]
+        await client.insert_many([(Call(c), tq.InsertOpts(queue="calls")) for c in customers])
+        await client.insert(Task())
+        now = datetime.now(UTC)
+        await client.driver.queue_upsert("calls", now, limits)
+        await client.driver.queue_upsert("default", now)
+        fetched = await client.driver.job_get_available_limited("calls", now, 10, "t", limits)
+        assert len(fetched.rows) == 2  # one per customer: three held back
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: report_queue_depth(
+                    client, meter_provider=provider, interval=0.1, task_status=task_status
+                )
+            )
+            # One point per limited queue; "default" has no limits, so no point.
+            assert held_back() == {"calls": 3}
+            points = _points(reader)["trioqueue.queue.held_back"]
+            assert dict(points[0].attributes) == {
+                "messaging.system": "trioqueue",
+                "messaging.destination.name": "calls",
+            }
+            await client.insert(Call("b"), tq.InsertOpts(queue="calls"))
+            await eventually(lambda: held_back() == {"calls": 4})
+            nursery.cancel_scope.cancel()
+        assert reader.get_metrics_data() is None

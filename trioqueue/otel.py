@@ -14,8 +14,9 @@ run, with the OpenTelemetry messaging attributes. Metrics: counters
 ``trioqueue.insert.count`` (jobs) and ``trioqueue.work.count`` (runs, by outcome), and
 histograms ``trioqueue.insert.duration`` and ``trioqueue.work.duration`` in seconds.
 
-Queue depth: :func:`report_queue_depth` publishes the observable gauge
-``trioqueue.queue.depth`` (jobs ``available`` and ``running`` per queue) for as long as it
+Queue depth: :func:`report_queue_depth` publishes the observable gauges
+``trioqueue.queue.depth`` (jobs ``available`` and ``running`` per queue) and
+``trioqueue.queue.held_back`` (due jobs a limited queue's limits hold back) for as long as it
 runs in one of your nurseries. See docs/observability.md.
 """
 
@@ -229,33 +230,52 @@ async def report_queue_depth(
     interval: float = 15.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Publish how many jobs wait and run in each queue, until cancelled::
+    """Publish how many jobs wait and run in each queue, and how many its limits hold
+    back, until cancelled::
 
         async with trio.open_nursery() as nursery:
             await nursery.start(report_queue_depth, client)
 
     The observable gauge ``trioqueue.queue.depth`` (unit ``{job}``) has one point per queue
     and state (attributes ``messaging.system``, ``messaging.destination.name`` and
-    ``trioqueue.job.state``: ``available`` or ``running``). Every ``interval`` seconds
-    this task reads :meth:`Client.queue_list` (one statement, counted from the fetch index,
-    so its cost follows the backlog, not the table); the gauge's callback, which the SDK
-    calls from its own thread, only hands out the latest reading and never touches the
-    database. A failed read is logged and the previous reading kept. ``task_status`` is
-    started after the first reading. On cancellation the gauge reports nothing more.
+    ``trioqueue.job.state``: ``available`` or ``running``). The observable gauge
+    ``trioqueue.queue.held_back`` (unit ``{job}``) has one point per queue with limits
+    (``GlobalLimit``, ``RateLimit``; attributes ``messaging.system`` and
+    ``messaging.destination.name``): its due jobs that the limits hold back now, which
+    ``available`` counts too. Partitions are not attributes: their values come from job
+    args, unbounded in number.
+
+    Every ``interval`` seconds this task reads :meth:`Client.queue_list` (one statement,
+    counted from the fetch index, so its cost follows the backlog, not the table; plus one
+    per limited queue, over that queue's due and running jobs); the
+    gauges' callbacks, which the SDK calls from its own thread, only hand out the latest
+    reading and never touch the database. A failed read is logged and the previous reading
+    kept. ``task_status`` is started after the first reading. On cancellation the gauges
+    report nothing more.
     """
     if not interval > 0:
         raise ValidationError("interval", "must be a positive number of seconds")
-    snapshot: tuple[Observation, ...] = ()
+    depth: tuple[Observation, ...] = ()
+    held_back: tuple[Observation, ...] = ()
 
-    def observe(options: CallbackOptions) -> Iterable[Observation]:
-        return snapshot
+    def observe_depth(options: CallbackOptions) -> Iterable[Observation]:
+        return depth
+
+    def observe_held_back(options: CallbackOptions) -> Iterable[Observation]:
+        return held_back
 
     meter = metrics.get_meter("trioqueue", __version__, meter_provider)
     meter.create_observable_gauge(
         "trioqueue.queue.depth",
-        callbacks=[observe],
+        callbacks=[observe_depth],
         unit="{job}",
         description="Jobs available and running per queue.",
+    )
+    meter.create_observable_gauge(
+        "trioqueue.queue.held_back",
+        callbacks=[observe_held_back],
+        unit="{job}",
+        description="Due jobs that a queue's limits hold back, per limited queue.",
     )
     started = False
     try:
@@ -265,7 +285,7 @@ async def report_queue_depth(
             except DatabaseError as exc:
                 log.warning("reading queue depths failed; keeping the last reading: %s", exc)
             else:
-                snapshot = tuple(
+                depth = tuple(
                     Observation(
                         count,
                         {
@@ -277,9 +297,17 @@ async def report_queue_depth(
                     for q in queues
                     for state, count in (("available", q.available), ("running", q.running))
                 )
+                held_back = tuple(
+                    Observation(
+                        q.held_back,
+                        {"messaging.system": SYSTEM, "messaging.destination.name": q.name},
+                    )
+                    for q in queues
+                    if q.global_limit is not None or q.rate_limit is not None
+                )
             if not started:
                 started = True
                 task_status.started()
             await trio.sleep(interval)
     finally:
-        snapshot = ()
+        depth = held_back = ()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
 
-from ..client import Client, open_client
+from ..client import Client, QueueInfo, open_client
 from ..errors import ValidationError
 from ..job import validate_queue_name
+from ..limits import GlobalLimit, RateLimit
 from .common import (
     CliError,
     database_url_option,
@@ -61,13 +63,65 @@ def queues() -> None:
     """List, pause and resume queues."""
 
 
+def _seconds(per: float) -> str:
+    return f"{int(per)}s" if per.is_integer() else f"{per:g}s"
+
+
+def _limit_text(name: str, amount: str, limit: GlobalLimit | RateLimit) -> str:
+    by = (["kind"] if limit.by_kind else []) + [f"args.{field}" for field in limit.by_args]
+    return f"{name} {amount}" + (f" by {', '.join(by)}" if by else "")
+
+
+def format_limits(queue: QueueInfo) -> str:
+    """A queue's limits in one line, such as ``global 5 by args.customer; rate 100/60s by
+    kind``; ``-`` for none."""
+    parts = []
+    if (g := queue.global_limit) is not None:
+        parts.append(_limit_text("global", str(g.limit), g))
+    if (r := queue.rate_limit) is not None:
+        parts.append(_limit_text("rate", f"{r.limit}/{_seconds(r.per)}", r))
+    return "; ".join(parts) or "-"
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character a terminal could act on (controls, bidi controls,
+    lone surrogates) shown as a ``\\u`` escape: partition values are job args, user data."""
+    return "".join(
+        c if c.isprintable() else (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        for c in text
+    )
+
+
+def format_partition(partition: Mapping[str, Any]) -> str:
+    """A partition as ``args.customer="acme" kind="email"`` (each value as JSON, so ``1``
+    and ``"1"`` differ); ``(whole queue)`` for the one partition of an unpartitioned limit."""
+    if not partition:
+        return "(whole queue)"
+    return " ".join(
+        f"{key}={_printable(json.dumps(value, ensure_ascii=False, default=repr))}"
+        for key, value in partition.items()
+    )
+
+
+def _limited(queue: QueueInfo) -> bool:
+    return queue.global_limit is not None or queue.rate_limit is not None
+
+
 @queues.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option(
+    "--partitions",
+    "show_partitions",
+    is_flag=True,
+    help="Also list each limited queue's busiest partitions, with running and held-back jobs.",
+)
 @database_url_option(embedded=False)
-def list_queues(as_json: bool, database_url: str | None) -> int:
-    """List the known queues with their available and running job counts.
+def list_queues(as_json: bool, show_partitions: bool, database_url: str | None) -> int:
+    """List the known queues with their available, running and held-back job counts and
+    their limits.
 
-    A queue is known once a worker has run it or it was paused.
+    A queue is known once a worker has run it or it was paused. HELD_BACK: due jobs that
+    the queue's limits hold back now (counted in AVAILABLE too).
     """
     url = require_database_url(database_url)
 
@@ -81,20 +135,44 @@ def list_queues(as_json: bool, database_url: str | None) -> int:
             click.echo("no queues found")
             return
         print_table(
-            ("NAME", "STATUS", "AVAILABLE", "RUNNING", "PAUSED_AT", "UPDATED_AT"),
+            (
+                "NAME",
+                "STATUS",
+                "AVAILABLE",
+                "RUNNING",
+                "HELD_BACK",
+                "PAUSED_AT",
+                "UPDATED_AT",
+                "LIMITS",
+            ),
             [
                 (
                     q.name,
                     "active" if q.paused_at is None else "paused",
                     q.available,
                     q.running,
+                    q.held_back if _limited(q) else "-",
                     format_time(q.paused_at),
                     format_time(q.updated_at),
+                    format_limits(q),
                 )
                 for q in found
             ],
-            right=(2, 3),
+            right=(2, 3, 4),
         )
+        if show_partitions:
+            for q in found:
+                if not _limited(q):
+                    continue
+                click.echo(f"\n{q.name}: busiest partitions ({format_limits(q)})")
+                if not q.partitions:
+                    click.echo("  no jobs running or held back")
+                    continue
+                print_table(
+                    ("RUNNING", "HELD_BACK", "PARTITION"),
+                    [(p.running, p.held_back, format_partition(p.partition)) for p in q.partitions],
+                    right=(0, 1),
+                )
 
     return run_trio(run)
 

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..client import Client
+from ..client import Client, QueueInfo
 from ..errors import JobNotFoundError, JobRunningError, ValidationError
 from ..job import (
     FINALIZED_STATES,
@@ -39,6 +39,7 @@ from ..job import (
     validate_kind,
 )
 from ..job import validate_queue_name as _validate_queue_name
+from ..limits import GlobalLimit, RateLimit
 from ._security import CSRF_MAX_AGE, FLASH_MAX_AGE, SafetyMiddleware, Signer, redirect
 
 __all__ = ["MAX_FORM_BYTES", "PAGE_SIZE", "SCAN_NEWEST", "build_app"]
@@ -111,7 +112,38 @@ def _templates() -> jinja2.Environment:
     env.filters["time"] = _format_time
     env.filters["count"] = lambda n: f"{n:,}"
     env.filters["pretty_json"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
+    env.filters["limits"] = _format_limits
+    env.filters["partition"] = _format_partition
     return env
+
+
+def _limit_text(name: str, amount: str, limit: GlobalLimit | RateLimit) -> str:
+    by = (["kind"] if limit.by_kind else []) + [f"args.{field}" for field in limit.by_args]
+    return f"{name} {amount}" + (f" by {', '.join(by)}" if by else "")
+
+
+def _format_limits(queue: QueueInfo | None) -> str:
+    """A queue's limits in one line, as ``trioqueue queues list`` shows them: ``global 5 by
+    args.customer; rate 100/60s by kind``; a dash for none."""
+    parts = []
+    if queue is not None and (g := queue.global_limit) is not None:
+        parts.append(_limit_text("global", str(g.limit), g))
+    if queue is not None and (r := queue.rate_limit) is not None:
+        per = f"{int(r.per)}s" if r.per.is_integer() else f"{r.per:g}s"
+        parts.append(_limit_text("rate", f"{r.limit}/{per}", r))
+    return "; ".join(parts) or "—"
+
+
+def _format_partition(partition: Mapping[str, Any]) -> str:
+    """A partition as ``args.customer = "acme", kind = "email"``, each value as JSON (so
+    ``1`` and ``"1"`` differ). Plain text: the autoescape and ``finalize`` neutralise it
+    like any other value, and partition values are job args, user data."""
+    if not partition:
+        return "(whole queue)"
+    return ", ".join(
+        f"{key} = {json.dumps(value, ensure_ascii=False, default=repr)}"
+        for key, value in partition.items()
+    )
 
 
 def _format_time(value: datetime | None) -> str:
@@ -394,11 +426,15 @@ def build_app(
         rows = {q.name: q for q in await client.queue_list()}
         counts = await client.job_counts()
         names = sorted(set(rows) | set(counts.queues))
+        limited = [
+            q for q in rows.values() if q.global_limit is not None or q.rate_limit is not None
+        ]
         return page(
             request,
             "queues.html",
             names=names,
             rows=rows,
+            limited=sorted(limited, key=lambda q: q.name),
             counts=counts.queues,
             live_states=_LIVE_STATES,
             refresh=True,
