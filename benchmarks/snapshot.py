@@ -60,6 +60,6 @@ def snapshot_trioqueue(ref: str | None, into: Path) -> dict[str, Any]:
             else None,
         }
     (into / "benchmarks").mkdir()
-    for name in ("__init__.py", "trioqueue_runner.py"):
+    for name in ("__init__.py", "trioqueue_runner.py", "limits_runner.py"):
         shutil.copy2(HERE / name, into / "benchmarks" / name)
     return info

@@ -147,3 +147,92 @@ def test_trioqueue_bench_rejects_bad_arguments() -> None:
     assert result.returncode == 2
     assert "Invalid value for '--jobs'" in result.stderr and "x>=1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_limits_benchmark_tiny_run(pg_server_url: str, tmp_path: Path) -> None:
+    """``python -m benchmarks.limits``: every scenario once at tiny sizes."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.limits",
+            "--rounds",
+            "1",
+            "--jobs",
+            "300",
+            "--customers",
+            "10",
+            "--rate-limit",
+            "40",
+            "--rate-seconds",
+            "1",
+            "--fair-bulk",
+            "200",
+            "--fair-customers",
+            "4",
+            "--fair-jobs",
+            "3",
+            "--fair-drain-seconds",
+            "2",
+            "--database-url",
+            pg_server_url,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    [json_path] = tmp_path.glob("*-limits.json")
+    [md_path] = tmp_path.glob("*-limits.md")
+    report = json.loads(json_path.read_text())
+    assert report["errors"] == []
+    records = report["records"]
+    assert sorted((r["scenario"], r["variant"]) for r in records) == [
+        ("fairness", "partitioned"),
+        ("fairness", "unlimited"),
+        ("processing", "nobind"),
+        ("processing", "partitioned"),
+        ("processing", "unlimited"),
+        ("rate", "rate"),
+    ]
+    for rec in records:
+        if rec["scenario"] == "processing":
+            assert rec["jobs"] == 300 and rec["failed"] == 0, rec
+            assert rec["processing_jobs_per_s"] > 0
+        elif rec["scenario"] == "rate":
+            # Correctness, not speed: the limit held in every window.
+            assert 0 < rec["max_in_any_window"] <= 40, rec
+            assert rec["starts_in_window"] > 0 and rec["backlog_left"] > 0, rec
+        else:
+            assert set(rec["worst_wait_ms_by_customer"]) >= {"1", "2", "3"}, rec
+            assert 0 <= rec["bulk_backlog_at_arrival"] <= 200, rec
+    targets = {t["key"]: t for t in report["targets"]}
+    assert set(targets) == {"nobind", "partitioned", "rate", "rate_window"}
+    assert targets["rate_window"]["met"] is True
+    assert all(isinstance(t["met"], bool) for t in targets.values())
+
+    markdown = md_path.read_text()
+    assert markdown.startswith("# trioqueue flow control benchmark")
+    for row in ("| processing | no limit | processing (jobs/s) |", "| rate |", "| fairness |"):
+        assert row in markdown, row
+    assert "worst wait of the other customers" in result.stderr  # the table
+
+
+def test_limits_benchmark_rejects_bad_arguments() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.limits", "--jobs", "0"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--jobs must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
