@@ -249,20 +249,32 @@ async def limited_fetch_a_backlog_of_one_partition_does_not_crowd_out_the_others
 @case
 async def limited_fetch_round_robin_within_a_priority(driver: Driver) -> None:
     q = fresh_queue()
-    lim = limits(GlobalLimit(10, by_args=("customer",)))
+    lim = limits(GlobalLimit(3, by_args=("customer",)))
     a = await jobs_of(driver, q, *[{"args": {"customer": "a"}} for _ in range(3)])
     b = await jobs_of(driver, q, *[{"args": {"customer": "b"}} for _ in range(3)])
     c = await jobs_of(driver, q, *[{"args": {"customer": "c"}} for _ in range(3)])
-    # The first of each, then the second of each: returned in the order to run them.
-    assert ids((await fetch(driver, q, lim, most=3)).rows) == [a[0], b[0], c[0]]
-    assert ids((await fetch(driver, q, lim, most=4)).rows) == [a[1], a[2], b[1], c[1]]
-    assert ids((await fetch(driver, q, lim, most=4)).rows) == [b[2], c[2]]
+    # When the limit may bind (the busiest partition could not take every job a fetch
+    # may claim), the first of each, then the second of each, in the order to run them.
+    assert ids((await fetch(driver, q, lim, most=4)).rows) == [a[0], a[1], b[0], c[0]]
+    assert ids((await fetch(driver, q, lim, most=4)).rows) == [a[2], b[1], b[2], c[1]]
+    assert ids((await fetch(driver, q, lim, most=4)).rows) == [c[2]]
+
+
+@case
+async def limited_fetch_takes_in_fetch_order_while_no_limit_can_bind(driver: Driver) -> None:
+    # The busiest partition has room for every job the fetch may take: a limit that
+    # cannot bind changes nothing, the jobs come in fetch order as without limits.
+    q = fresh_queue()
+    lim = limits(GlobalLimit(10, by_args=("customer",)))
+    a = await jobs_of(driver, q, *[{"args": {"customer": "a"}} for _ in range(3)])
+    b = await jobs_of(driver, q, *[{"args": {"customer": "b"}} for _ in range(3)])
+    assert ids((await fetch(driver, q, lim, most=4)).rows) == [*a, b[0]]
 
 
 @case
 async def limited_fetch_round_robin_under_a_rate_limit_alone(driver: Driver) -> None:
     q = fresh_queue()
-    lim = limits(rate_limit=RateLimit(10, 60.0, by_kind=True))
+    lim = limits(rate_limit=RateLimit(3, 60.0, by_kind=True))
     a = await jobs_of(driver, q, *[{"kind": "a"} for _ in range(3)])
     b = await jobs_of(driver, q, *[{"kind": "b"} for _ in range(3)])
     assert ids((await fetch(driver, q, lim, most=4)).rows) == [a[0], a[1], b[0], b[1]]

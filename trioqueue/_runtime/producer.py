@@ -226,7 +226,7 @@ class Producer:
         row that found nothing, up to the poll interval, since another client's job may
         end at any moment (this client's own wake it as their outcomes are written)."""
         if self._next_open is None:
-            backoff = self.fetch_cooldown * 2 ** min(self._held_empty, 16)
+            backoff: float = self.fetch_cooldown * 2.0 ** min(self._held_empty, 16)
             return min(backoff, self.fetch_poll_interval)
         opens_in = (self._next_open - self.now()).total_seconds()
         return min(max(opens_in, 0.001), self.fetch_poll_interval)

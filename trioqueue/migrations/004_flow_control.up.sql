@@ -72,6 +72,9 @@ $$;
 --   volatile function under READ COMMITTED), so it sees every claim committed before the
 --   lock was granted: the counts are exact, and a limit is never passed, not even for a
 --   moment. Completions, rescues and cancels only lower the counts: they take no lock.
+-- * When even the busiest partition has room for p_max more, the jobs are claimed in
+--   fetch order as job_get_available claims them: a limit that does not bind costs
+--   little more than the counts.
 -- * Candidates: the first due jobs in fetch order (priority, scheduled_at, id), walking
 --   at most 2 * p_max + 16 of them and keeping those that fit in their partitions' room.
 --   Should fewer than p_max fit, every partition with room adds its first jobs, found
@@ -111,6 +114,8 @@ DECLARE
     -- 1, it partitions by all of the key; 2, by part of it (tq_limit_project).
     g_mode integer;
     r_mode integer;
+    v_busiest_g bigint := 0;  -- running jobs of the busiest global partition
+    v_busiest_r bigint := 0;  -- starts in the window of the busiest rate partition
     g_running jsonb;  -- {partition text: running jobs} of the global limit
     r_started jsonb;  -- {partition text: starts in the window} of the rate limit
     v_walk integer := 2 * p_max + 16;
@@ -149,7 +154,8 @@ BEGIN
     END IF;
     IF p_max > 0 AND NOT coalesce(v_paused, false) THEN
         IF g_limit IS NOT NULL THEN
-            SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb) INTO g_running
+            SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb), coalesce(max(x.n), 0)
+            INTO g_running, v_busiest_g
             FROM (
                 SELECT CASE g_mode WHEN 1 THEN k.key WHEN 0 THEN '{}' ELSE tq_limit_project(k.key, g_kind, g_args) END AS p, count(*) AS n
                 FROM tq_job j
@@ -167,7 +173,8 @@ BEGIN
             -- from the window's beginning on counts, later ones included.
             DELETE FROM tq_rate_start
             WHERE queue = p_queue AND started_at <= p_now - r_per - v_keep;
-            SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb) INTO r_started
+            SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb), coalesce(max(x.n), 0)
+            INTO r_started, v_busiest_r
             FROM (
                 SELECT s.partition::text AS p, count(*) AS n
                 FROM tq_rate_start s
@@ -176,6 +183,52 @@ BEGIN
             ) x;
         END IF;
 
+        IF (g_limit IS NULL OR v_busiest_g + p_max <= g_limit)
+           AND (r_limit IS NULL OR v_busiest_r + p_max <= r_limit)
+        THEN
+            -- Even the busiest partition has room for every job this fetch may take:
+            -- no choice to make, so claim as job_get_available does.
+            RETURN QUERY
+            WITH locked AS (
+                SELECT j.id
+                FROM tq_job j
+                WHERE j.state = 'available' AND j.queue = p_queue AND j.scheduled_at <= p_now
+                ORDER BY j.priority, j.scheduled_at, j.id
+                LIMIT p_max
+                FOR UPDATE SKIP LOCKED
+            ),
+            claimed AS (
+                UPDATE tq_job j
+                SET state = 'running',
+                    attempt = j.attempt + 1,
+                    attempted_at = p_now,
+                    attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98,
+                                                           1):] || p_client_id,
+                    limit_key = coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args))
+                FROM locked
+                WHERE j.id = locked.id
+                RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority,
+                          j.attempt, j.max_attempts, j.attempted_at, j.attempted_by,
+                          j.created_at, j.finalized_at, j.scheduled_at,
+                          nullif(j.errors, '[]') AS errors, nullif(j.metadata, '{}') AS metadata,
+                          j.tags, j.limit_key
+            ),
+            recorded AS (
+                INSERT INTO tq_rate_start (queue, partition, started_at)
+                SELECT p_queue,
+                       CASE r_mode WHEN 1 THEN cl.limit_key WHEN 0 THEN '{}'
+                            ELSE tq_limit_project(cl.limit_key, r_kind, r_args) END,
+                       p_now
+                FROM claimed cl
+                WHERE r_limit IS NOT NULL
+            )
+            SELECT cl.id, cl.kind, cl.args, cl.queue, cl.state, cl.priority, cl.attempt,
+                   cl.max_attempts, cl.attempted_at, cl.attempted_by, cl.created_at,
+                   cl.finalized_at, cl.scheduled_at, cl.errors, cl.metadata, cl.tags, false,
+                   NULL::timestamptz
+            FROM claimed cl
+            ORDER BY cl.priority, cl.scheduled_at, cl.id;
+        ELSE
         -- One statement: the walk, the partitions' first jobs if the walk is not enough,
         -- the choice, the claim and the record of the starts.
         RETURN QUERY
@@ -354,6 +407,7 @@ BEGIN
                NULL::timestamptz
         FROM claimed cl
         ORDER BY cl.priority, cl.scheduled_at, cl.id;
+        END IF;
         GET DIAGNOSTICS v_claimed = ROW_COUNT;
 
         IF v_claimed < p_max THEN

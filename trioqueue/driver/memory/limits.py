@@ -126,6 +126,15 @@ class _Limits(_Store):
                         out.append(c)
                 return out
 
+            busiest_g = max(running.values(), default=0)
+            busiest_r = max(started.values(), default=0)
+            if (g is None or busiest_g + limit <= g.limit) and (
+                r is None or busiest_r + limit <= r.limit
+            ):
+                # As the statement does: no limit can bind, claim in fetch order.
+                fast = [job for job in due if not st.skip_locked(("job", job.id))][:limit]
+                return self._claim(queue, limits, st, fast, at, client_id, limit, len(due))
+
             walk_size = 2 * limit + 16
             walked = due[:walk_size]
             candidates = [c[2] for c in fitting(walked)]
@@ -145,21 +154,37 @@ class _Limits(_Store):
                 (c[2] for c in fits[:limit] if not st.skip_locked(("job", c[2].id))),
                 key=lambda j: (j.priority, j.scheduled_at, j.id),
             )
-            out: list[JobRow] = []
-            for job in claimed:
-                running_job = _claimed(job, at, client_id)
-                st.put_job(running_job, job)
-                out.append(running_job.row())
-            if r is not None:
-                starts = self._rate_starts.setdefault(queue, [])
-                starts.extend((_rate_key(limits, job), at) for job in claimed)
-            held = len(out) < limit and len(due) > len(out)
-            next_open = None
-            if held and r is not None:
-                next_open = self._next_open(queue, r.limit, r.per, at)
-            return LimitedFetch(out, held, next_open)
+            return self._claim(queue, limits, st, claimed, at, client_id, limit, len(due))
 
         return await self._run(f"fetching jobs of queue {queue!r}", None, op)
+
+    def _claim(
+        self,
+        queue: str,
+        limits: QueueLimits,
+        st: _Stmt,
+        jobs: list[_Job],
+        at: datetime,
+        client_id: str,
+        limit: int,
+        due: int,
+    ) -> LimitedFetch:
+        """Claim ``jobs`` (in fetch order), record their starts, and say whether any of
+        the ``due`` jobs were held back."""
+        out: list[JobRow] = []
+        for job in jobs:
+            running_job = _claimed(job, at, client_id)
+            st.put_job(running_job, job)
+            out.append(running_job.row())
+        r = limits.rate_limit
+        if r is not None:
+            starts = self._rate_starts.setdefault(queue, [])
+            starts.extend((_rate_key(limits, job), at) for job in jobs)
+        held = len(out) < limit and due > len(out)
+        next_open = None
+        if held and r is not None:
+            next_open = self._next_open(queue, r.limit, r.per, at)
+        return LimitedFetch(out, held, next_open)
 
     def _next_open(self, queue: str, limit: int, per: float, at: datetime) -> datetime | None:
         """When the oldest start of a full rate partition leaves its window."""
