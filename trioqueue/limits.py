@@ -160,10 +160,11 @@ class QueueLimits:
     @property
     def key_by(self) -> tuple[bool, tuple[str, ...]]:
         """What a job's partition key (``limit_key``) is made of: the kind if either limit
-        partitions by it, and every args field either partitions by (in order)."""
+        partitions by it, and every args field either partitions by, in name order (the
+        order ``tq_limit_key_of`` and ``tq_limit_project`` write them in)."""
         limits = [x for x in (self.global_limit, self.rate_limit) if x is not None]
-        fields = dict.fromkeys(name for x in limits for name in x.by_args)
-        return any(x.by_kind for x in limits), tuple(fields)
+        fields = {name for x in limits for name in x.by_args}
+        return any(x.by_kind for x in limits), tuple(sorted(fields))
 
     def to_json(self) -> str:
         by_kind, by_args = self.key_by

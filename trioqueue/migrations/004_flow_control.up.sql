@@ -28,40 +28,78 @@ CREATE TABLE tq_rate_start (
 );
 CREATE INDEX tq_rate_start_queue_idx ON tq_rate_start (queue, started_at);
 
--- The limit_key of a job of kind `kind` with `args` in a queue with `limits` (a queue
--- row's limits: QueueLimits.to_json() in trioqueue/limits.py, whose "key" names what
--- either limit partitions by). NULL when limits is NULL. A number is written without
--- trailing zeros, so that 1 and 1.0, equal as JSON, make one partition (and one text,
--- which the fetch looks partitions up by).
+-- The limit_key of a job of kind `kind` with `args`, in a queue whose limits partition by
+-- the kind (`by_kind`) and the args fields `fields` (in name order, as QueueLimits.key_by
+-- lists them): the JSON text of an object of those
+-- values ({"kind": ..., "args.<field>": ...}), null for a field the args lack; NULL when
+-- `fields` is NULL (no limits). A top-level number is written without trailing zeros, so
+-- that 1 and 1.0 make one partition; other values are written as jsonb writes them.
+-- PL/pgSQL: measured at a third of the time of an SQL function building a jsonb object,
+-- on every insert into a limited queue.
+CREATE FUNCTION tq_limit_key_of(by_kind boolean, fields text[], kind text, args jsonb)
+RETURNS text
+LANGUAGE plpgsql
+IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+    parts text;
+    v jsonb;
+BEGIN
+    IF fields IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF by_kind THEN
+        parts := '"kind": ' || to_json(kind)::text;
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(fields), 0) LOOP
+        v := args -> fields[i];
+        parts := concat_ws(', ', parts, '"args.' || fields[i] || '": ' ||
+            CASE WHEN v IS NULL THEN 'null'
+                 WHEN jsonb_typeof(v) = 'number' THEN trim_scale(v::numeric)::text
+                 ELSE v::text END);
+    END LOOP;
+    RETURN '{' || coalesce(parts, '') || '}';
+END;
+$$;
+
+-- tq_limit_key_of for a queue with `limits` (a queue row's limits: QueueLimits.to_json()
+-- in trioqueue/limits.py, whose "key" names what either limit partitions by).
 CREATE FUNCTION tq_limit_key(limits jsonb, kind text, args jsonb)
 RETURNS text
 LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT CASE WHEN limits IS NULL THEN NULL ELSE (
-        CASE WHEN (limits -> 'key' ->> 'by_kind')::boolean
-             THEN jsonb_build_object('kind', kind) ELSE '{}'::jsonb END
-        || coalesce((SELECT jsonb_object_agg(
-                                'args.' || f,
-                                CASE WHEN jsonb_typeof(args -> f) = 'number'
-                                     THEN to_jsonb(trim_scale((args ->> f)::numeric))
-                                     ELSE coalesce(args -> f, 'null'::jsonb) END)
-                     FROM jsonb_array_elements_text(limits -> 'key' -> 'by_args') AS f),
-                    '{}'::jsonb)
-    )::text END;
+    SELECT tq_limit_key_of(
+        (limits -> 'key' ->> 'by_kind')::boolean,
+        CASE WHEN limits IS NOT NULL THEN ARRAY(
+            SELECT jsonb_array_elements_text(coalesce(limits -> 'key' -> 'by_args', '[]')))
+        END,
+        kind, args);
 $$;
 
 -- The partition of one limit (partitioned by `by_kind` and `by_args`) that a job whose
--- limit_key is `key` is in: the part of `key` that limit partitions by.
+-- limit_key is `key` is in: the part of `key` that limit partitions by, written as
+-- tq_limit_key_of writes a key (the kind, then the fields in name order), so that a
+-- limit partitioning by the whole key has the key itself as its partition.
 CREATE FUNCTION tq_limit_project(key text, by_kind boolean, by_args text[])
 RETURNS text
-LANGUAGE sql
+LANGUAGE plpgsql
 IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}'::jsonb)::text
-    FROM jsonb_each(key::jsonb) AS e
-    WHERE (e.key = 'kind' AND by_kind)
-       OR (left(e.key, 5) = 'args.' AND substr(e.key, 6) = ANY (by_args));
+DECLARE
+    whole jsonb := key::jsonb;
+    parts text;
+    field text;
+BEGIN
+    IF by_kind THEN
+        parts := '"kind": ' || coalesce((whole -> 'kind')::text, 'null');
+    END IF;
+    FOR field IN SELECT f FROM unnest(by_args) AS f ORDER BY f COLLATE "C" LOOP
+        parts := concat_ws(', ', parts, '"args.' || field || '": ' ||
+                           coalesce((whole -> ('args.' || field))::text, 'null'));
+    END LOOP;
+    RETURN '{' || coalesce(parts, '') || '}';
+END;
 $$;
 
 -- Claim up to p_max due available jobs of p_queue for p_client_id, as job_get_available

@@ -12,6 +12,12 @@ WITH notified AS (
     SELECT count(pg_notify('tq_insert', json_build_object('queue', q)::text)) AS n
     FROM unnest($13::text[]) AS q
 ),
+limited AS MATERIALIZED (  -- each limited queue's partition fields, read once
+    SELECT q.name, (q.limits -> 'key' ->> 'by_kind')::boolean AS by_kind,
+           ARRAY(SELECT jsonb_array_elements_text(q.limits -> 'key' -> 'by_args')) AS fields
+    FROM tq_queue q
+    WHERE q.limits IS NOT NULL
+),
 inserted AS (
     INSERT INTO tq_job (args, kind, max_attempts, metadata, priority, queue, scheduled_at,
                         state, tags, unique_key, unique_states, created_at, limit_key)
@@ -20,8 +26,8 @@ inserted AS (
            CASE WHEN i.tags = '' THEN '{}'::varchar(255)[]
                 ELSE string_to_array(i.tags, ',')::varchar(255)[] END,
            i.unique_key, i.unique_states::bit(8), $12,
-           (SELECT tq_limit_key(q.limits, i.kind, i.args::jsonb) FROM tq_queue q
-            WHERE q.name = i.queue AND q.limits IS NOT NULL)
+           (SELECT tq_limit_key_of(lq.by_kind, lq.fields, i.kind, i.args::jsonb)
+            FROM limited lq WHERE lq.name = i.queue)
     FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::smallint[],
                 $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[],
                 $11::text[])

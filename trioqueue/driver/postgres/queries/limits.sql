@@ -85,6 +85,12 @@ SELECT name FROM tq_queue WHERE limits IS NOT NULL;
 -- name: job_insert_many_keyed
 -- job_insert_many's rows, with each job's partition key from its queue's limits, and no
 -- unique conflict handling: a unique job that collides fails the statement, as in a COPY.
+WITH limited AS MATERIALIZED (  -- each limited queue's partition fields, read once
+    SELECT q.name, (q.limits -> 'key' ->> 'by_kind')::boolean AS by_kind,
+           ARRAY(SELECT jsonb_array_elements_text(q.limits -> 'key' -> 'by_args')) AS fields
+    FROM tq_queue q
+    WHERE q.limits IS NOT NULL
+)
 INSERT INTO tq_job (args, kind, max_attempts, metadata, priority, queue, scheduled_at, state,
                     tags, unique_key, unique_states, created_at, limit_key)
 SELECT i.args::jsonb, i.kind, i.max_attempts, i.metadata::jsonb, i.priority, i.queue,
@@ -92,8 +98,8 @@ SELECT i.args::jsonb, i.kind, i.max_attempts, i.metadata::jsonb, i.priority, i.q
        CASE WHEN i.tags = '' THEN '{}'::varchar(255)[]
             ELSE string_to_array(i.tags, ',')::varchar(255)[] END,
        i.unique_key, i.unique_states::bit(8), $12,
-       (SELECT tq_limit_key(q.limits, i.kind, i.args::jsonb) FROM tq_queue q
-        WHERE q.name = i.queue AND q.limits IS NOT NULL)
+       (SELECT tq_limit_key_of(lq.by_kind, lq.fields, i.kind, i.args::jsonb)
+        FROM limited lq WHERE lq.name = i.queue)
 FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::smallint[],
             $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[],
             $11::text[])
