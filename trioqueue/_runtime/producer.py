@@ -184,9 +184,10 @@ class Producer:
                 self._fetches += 1
                 self._fetched += len(rows)
                 full = self.claimed.wake_when_free = len(rows) == limit
-                if self._held_back and self.claimed:
+                if self._held_back:
                     # The database counts our jobs as running until their outcomes are
-                    # written: the write after one of them ends may free a slot.
+                    # written (those running, and those ended but not written yet): the
+                    # write after them may free a slot.
                     self.completer.call_after_write(self._wake.set)
                 last_found_work = bool(rows)
                 # No checkpoint between the fetch and queuing the jobs: every claimed job
