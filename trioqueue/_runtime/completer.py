@@ -199,7 +199,7 @@ class Completer:
     _write_interrupted: bool = attrs.field(default=False, init=False)
     """A write was cancelled mid-statement: it may have committed (see ``_write``)."""
     _after_write: dict[Callable[[], None], None] = attrs.field(factory=dict, init=False)
-    """Called once every outcome handed over is written (`call_after_write`); each once."""
+    """Called once the next batch is written (`call_after_write`); each once."""
 
     def __attrs_post_init__(self) -> None:
         self._writable.set()
@@ -234,8 +234,8 @@ class Completer:
             self._writable = trio.Event()
 
     def call_after_write(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once every outcome handed over so far is written (once,
-        however often it was asked for), and write what waits now without lingering. For a
+        """Call ``callback`` once the next batch of outcomes is written (once, however
+        often it was asked for), and write what waits now without lingering. For a
         producer whose jobs a limit holds back: the database counts a job as running
         until its outcome is written, so that write is what can free a slot. Not a
         checkpoint."""
@@ -336,11 +336,9 @@ class Completer:
                 self._write_interrupted = True
                 raise
             del self._pending[: len(batch)]
-            if not self._pending:
-                # Everything handed over so far is written: the slots it held are free.
-                waiting, self._after_write = self._after_write, {}
-                for callback in waiting:
-                    callback()
+            waiting, self._after_write = self._after_write, {}
+            for callback in waiting:
+                callback()
             if len(self._pending) < self.max_pending // 2:
                 self._space.set()
                 self._space = trio.Event()

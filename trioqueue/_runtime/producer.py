@@ -166,6 +166,9 @@ class Producer:
                 continue
             if free > 0:
                 self._wake.clear()
+                if self._held_back:
+                    # A write that ends while this fetch runs may free a slot it missed.
+                    self.completer.call_after_write(self._wake.set)
                 last_fetch = trio.current_time()
                 limit = min(free, max_fetch)
                 try:

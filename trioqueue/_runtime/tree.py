@@ -77,6 +77,9 @@ log = logging.getLogger("trioqueue.runtime")
 EVENT_CHANNEL_SIZE = 1024
 """Batches of events in flight to the dispatcher."""
 
+LIMITS_SETTLE = 5.0
+"""Seconds after start-up when a client with limits announces its limited queues again,
+refreshing the partition keys of jobs inserted while it first stored the limits."""
 QUEUE_ANNOUNCE_INTERVAL = 600.0
 """Seconds between re-announcements of this client's queues (so the queue cleaner, which
 deletes rows not announced for a day, leaves them alone)."""
@@ -316,6 +319,18 @@ class Runtime:
         state, since no control notifications arrive."""
         poll = max(self.config.fetch_poll_interval, 1.0)
         announce_at = trio.current_time() + QUEUE_ANNOUNCE_INTERVAL
+        limited = [name for name, queue in self.queues.items() if queue.limits is not None]
+        if limited:
+            # Jobs inserted while this client stored its limits may have read the limits
+            # before: a second announcement gives them their partition keys.
+            await trio.sleep(LIMITS_SETTLE)
+            for name in limited:
+                try:
+                    await self.driver.queue_upsert(
+                        name, self.now(), self.queues[name].limits, rekey=True
+                    )
+                except DatabaseError as exc:
+                    log.warning("queue upkeep failed: %s", exc)
         while True:
             await trio.sleep(poll if self.config.poll_only else QUEUE_ANNOUNCE_INTERVAL)
             try:

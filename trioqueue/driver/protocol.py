@@ -289,10 +289,11 @@ class Driver(Protocol):
     ) -> dict[str, int]: ...
 
     async def queue_upsert(
-        self, name: str, now: datetime, limits: QueueLimits | None = None
+        self, name: str, now: datetime, limits: QueueLimits | None = None, *, rekey: bool = False
     ) -> bool:
         """Create the queue's row or touch its updated_at, storing the ``limits`` this
-        client works it with; return whether it is paused."""
+        client works it with; return whether it is paused. When the limits change, or
+        with ``rekey``, the queue's live jobs get the partition keys of these limits."""
         ...
 
     async def queue_pause(self, name: str, now: datetime, *, ex: Any = None) -> list[str]: ...

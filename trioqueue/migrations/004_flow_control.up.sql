@@ -28,6 +28,20 @@ CREATE TABLE tq_rate_start (
 );
 CREATE INDEX tq_rate_start_queue_idx ON tq_rate_start (queue, started_at);
 
+-- The first entry of every partition key and partition: what it is made of, as
+-- "~": "kind|field,field" (or "|field" without the kind). A key whose first entry is not
+-- the one the limits of now make is stale (made under other limits, or by an insert that
+-- read the limits as they changed): the fetch computes such a job's key from its args
+-- instead, so a stale key never puts a job in the wrong partition.
+CREATE FUNCTION tq_limit_shape(by_kind boolean, fields text[])
+RETURNS text
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT '"~": "' || CASE WHEN by_kind THEN 'kind' ELSE '' END || '|'
+           || array_to_string(fields, ',') || '"';
+$$;
+
 -- The limit_key of a job of kind `kind` with `args`, in a queue whose limits partition by
 -- the kind (`by_kind`) and the args fields `fields` (in name order, as QueueLimits.key_by
 -- lists them): the JSON text of an object of those
@@ -48,17 +62,18 @@ BEGIN
     IF fields IS NULL THEN
         RETURN NULL;
     END IF;
+    parts := tq_limit_shape(by_kind, fields);
     IF by_kind THEN
-        parts := '"kind": ' || to_json(kind)::text;
+        parts := parts || ', "kind": ' || to_json(kind)::text;
     END IF;
     FOR i IN 1 .. coalesce(cardinality(fields), 0) LOOP
         v := args -> fields[i];
-        parts := concat_ws(', ', parts, '"args.' || fields[i] || '": ' ||
+        parts := parts || ', "args.' || fields[i] || '": ' || (
             CASE WHEN v IS NULL THEN 'null'
                  WHEN jsonb_typeof(v) = 'number' THEN trim_scale(v::numeric)::text
                  ELSE v::text END);
     END LOOP;
-    RETURN '{' || coalesce(parts, '') || '}';
+    RETURN '{' || parts || '}';
 END;
 $$;
 
@@ -88,17 +103,17 @@ IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
     whole jsonb := key::jsonb;
-    parts text;
-    field text;
+    fields text[] := ARRAY(SELECT f FROM unnest(by_args) AS f ORDER BY f COLLATE "C");
+    parts text := tq_limit_shape(by_kind, fields);
 BEGIN
     IF by_kind THEN
-        parts := '"kind": ' || coalesce((whole -> 'kind')::text, 'null');
+        parts := parts || ', "kind": ' || coalesce((whole -> 'kind')::text, 'null');
     END IF;
-    FOR field IN SELECT f FROM unnest(by_args) AS f ORDER BY f COLLATE "C" LOOP
-        parts := concat_ws(', ', parts, '"args.' || field || '": ' ||
-                           coalesce((whole -> ('args.' || field))::text, 'null'));
+    FOR i IN 1 .. coalesce(cardinality(fields), 0) LOOP
+        parts := parts || ', "args.' || fields[i] || '": '
+                 || coalesce((whole -> ('args.' || fields[i]))::text, 'null');
     END LOOP;
-    RETURN '{' || coalesce(parts, '') || '}';
+    RETURN '{' || parts || '}';
 END;
 $$;
 
@@ -106,7 +121,8 @@ $$;
 -- does, without going over the limits in p_limits (QueueLimits.to_json()).
 --
 -- * Fetches of one limited queue take turns: a transaction-level advisory lock, held
---   until this statement commits. Each query below runs with a fresh snapshot (a
+--   until this statement commits (a fetch that finds it taken claims nothing and says
+--   when to look again). Each query below runs with a fresh snapshot (a
 --   volatile function under READ COMMITTED), so it sees every claim committed before the
 --   lock was granted: the counts are exact, and a limit is never passed, not even for a
 --   moment. Completions, rescues and cancels only lower the counts: they take no lock.
@@ -157,6 +173,11 @@ DECLARE
     g_running jsonb;  -- {partition text: running jobs} of the global limit
     r_started jsonb;  -- {partition text: starts in the window} of the rate limit
     v_walk integer := 2 * p_max + 16;
+    v_prefix text := '{' || tq_limit_shape(
+        coalesce((p_limits -> 'key' ->> 'by_kind')::boolean, false),
+        ARRAY(SELECT jsonb_array_elements_text(
+            coalesce(p_limits -> 'key' -> 'by_args', '[]'::jsonb))));
+    v_plen integer := length(v_prefix);
     v_paused boolean;
     v_stored boolean;
     v_claimed integer;
@@ -178,7 +199,22 @@ BEGIN
             current_setting('transaction_isolation')
             USING ERRCODE = 'feature_not_supported';
     END IF;
-    PERFORM pg_advisory_xact_lock(74051717, hashtext(current_schema() || '.' || p_queue));
+    IF p_max < 0 THEN
+        RAISE EXCEPTION 'LIMIT must not be negative' USING ERRCODE = 'invalid_row_count_in_limit_clause';
+    END IF;
+    -- The turn of this queue's fetches, keyed by the job table itself (its oid), whatever
+    -- the session's search_path. Not waited for: while another fetch of the queue holds
+    -- it, say so (held back, look again in a moment), so that a fetch never blocks, and a
+    -- stop never waits, on another client's fetch.
+    IF NOT pg_try_advisory_xact_lock(
+        hashtextextended('trioqueue.limited_fetch.' || 'tq_job'::regclass::oid || '.' || p_queue, 0)
+    ) THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::jsonb, NULL::text, NULL::text,
+            NULL::smallint, NULL::smallint, NULL::smallint, NULL::timestamptz, NULL::text[],
+            NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::jsonb, NULL::jsonb,
+            NULL::varchar(255)[], true, p_now + interval '2 milliseconds';
+        RETURN;
+    END IF;
     SELECT q.paused_at IS NOT NULL, q.limits IS NOT NULL INTO v_paused, v_stored
     FROM tq_queue q WHERE q.name = p_queue;
     IF NOT coalesce(v_stored, false) THEN
@@ -195,10 +231,11 @@ BEGIN
             SELECT coalesce(jsonb_object_agg(x.p, x.n), '{}'::jsonb), coalesce(max(x.n), 0)
             INTO g_running, v_busiest_g
             FROM (
-                SELECT CASE g_mode WHEN 1 THEN k.key WHEN 0 THEN '{}' ELSE tq_limit_project(k.key, g_kind, g_args) END AS p, count(*) AS n
+                SELECT CASE g_mode WHEN 1 THEN k.key WHEN 0 THEN '{"~": "|"}' ELSE tq_limit_project(k.key, g_kind, g_args) END AS p, count(*) AS n
                 FROM tq_job j
                 CROSS JOIN LATERAL (
-                    SELECT coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args)) AS key
+                    SELECT CASE WHEN left(j.limit_key, v_plen) = v_prefix THEN j.limit_key
+                             ELSE tq_limit_key(p_limits, j.kind, j.args) END AS key
                 ) k
                 WHERE j.state = 'running' AND j.queue = p_queue
                 GROUP BY 1
@@ -242,7 +279,8 @@ BEGIN
                     attempted_at = p_now,
                     attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98,
                                                            1):] || p_client_id,
-                    limit_key = coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args))
+                    limit_key = CASE WHEN left(j.limit_key, v_plen) = v_prefix THEN j.limit_key
+                             ELSE tq_limit_key(p_limits, j.kind, j.args) END
                 FROM locked
                 WHERE j.id = locked.id
                 RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority,
@@ -254,7 +292,7 @@ BEGIN
             recorded AS (
                 INSERT INTO tq_rate_start (queue, partition, started_at)
                 SELECT p_queue,
-                       CASE r_mode WHEN 1 THEN cl.limit_key WHEN 0 THEN '{}'
+                       CASE r_mode WHEN 1 THEN cl.limit_key WHEN 0 THEN '{"~": "|"}'
                             ELSE tq_limit_project(cl.limit_key, r_kind, r_args) END,
                        p_now
                 FROM claimed cl
@@ -274,7 +312,8 @@ BEGIN
             SELECT j.id, j.priority, j.scheduled_at, k.key
             FROM tq_job j
             CROSS JOIN LATERAL (
-                SELECT coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args)) AS key
+                SELECT CASE WHEN left(j.limit_key, v_plen) = v_prefix THEN j.limit_key
+                             ELSE tq_limit_key(p_limits, j.kind, j.args) END AS key
             ) k
             WHERE j.state = 'available' AND j.queue = p_queue AND j.scheduled_at <= p_now
             ORDER BY j.priority, j.scheduled_at, j.id
@@ -284,9 +323,9 @@ BEGIN
             SELECT w.id, w.priority, w.scheduled_at, pk.gp, pk.rp
             FROM walk w
             CROSS JOIN LATERAL (
-                SELECT CASE g_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'
+                SELECT CASE g_mode WHEN 1 THEN w.key WHEN 0 THEN '{"~": "|"}'
                         ELSE tq_limit_project(w.key, g_kind, g_args) END AS gp,
-                       CASE r_mode WHEN 1 THEN w.key WHEN 0 THEN '{}'
+                       CASE r_mode WHEN 1 THEN w.key WHEN 0 THEN '{"~": "|"}'
                         ELSE tq_limit_project(w.key, r_kind, r_args) END AS rp
             ) pk
         ),
@@ -328,6 +367,7 @@ BEGIN
         keys(k) AS (
             (SELECT j.limit_key FROM tq_job j
              WHERE j.state = 'available' AND j.queue = p_queue AND j.limit_key IS NOT NULL
+               AND j.limit_key > v_prefix
                AND (SELECT count(*) FROM fitting) < p_max
                AND (SELECT count(*) FROM walk) = v_walk
              ORDER BY j.limit_key LIMIT 1)
@@ -337,7 +377,7 @@ BEGIN
                       AND j.limit_key IS NOT NULL AND j.limit_key > keys.k
                     ORDER BY j.limit_key LIMIT 1)
             FROM keys
-            WHERE keys.k IS NOT NULL
+            WHERE left(keys.k, v_plen) = v_prefix
         ),
         key_room AS (
             SELECT keys.k, pk.gp, pk.rp,
@@ -350,12 +390,12 @@ BEGIN
                    ) AS room
             FROM keys
             CROSS JOIN LATERAL (
-                SELECT CASE g_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'
+                SELECT CASE g_mode WHEN 1 THEN keys.k WHEN 0 THEN '{"~": "|"}'
                         ELSE tq_limit_project(keys.k, g_kind, g_args) END AS gp,
-                       CASE r_mode WHEN 1 THEN keys.k WHEN 0 THEN '{}'
+                       CASE r_mode WHEN 1 THEN keys.k WHEN 0 THEN '{"~": "|"}'
                         ELSE tq_limit_project(keys.k, r_kind, r_args) END AS rp
             ) pk
-            WHERE keys.k IS NOT NULL
+            WHERE left(keys.k, v_plen) = v_prefix
         ),
         extra AS (
             SELECT f.id, f.priority, f.scheduled_at, kr.gp, kr.rp
@@ -425,7 +465,8 @@ BEGIN
                 attempted_at = p_now,
                 attempted_by = j.attempted_by[greatest(cardinality(j.attempted_by) - 98, 1):]
                                || p_client_id,
-                limit_key = coalesce(j.limit_key, tq_limit_key(p_limits, j.kind, j.args))
+                limit_key = CASE WHEN left(j.limit_key, v_plen) = v_prefix THEN j.limit_key
+                             ELSE tq_limit_key(p_limits, j.kind, j.args) END
             FROM locked
             WHERE j.id = locked.id
             RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt,

@@ -77,10 +77,11 @@ class _Admin(_Store):
     # ---- queues
 
     async def queue_upsert(
-        self, name: str, now: datetime, limits: QueueLimits | None = None
+        self, name: str, now: datetime, limits: QueueLimits | None = None, *, rekey: bool = False
     ) -> bool:
         """Create the queue's row or touch its updated_at, storing ``limits``; return
-        whether it is paused."""
+        whether it is paused. (``rekey`` is PostgreSQL's: partitions are computed here as
+        each fetch reads them, so there are no stored keys to refresh.)"""
         at = _ts(now)
 
         def op(st: _Stmt) -> bool:

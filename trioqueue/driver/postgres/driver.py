@@ -18,7 +18,6 @@ from ...job import FINALIZED_STATES, JobListParams, JobState
 from ...limits import LimitedFetch, QueueLimits
 from ..protocol import (
     CONTROL_CHANNEL,
-    PARTITIONS_SHOWN,
     JobInsertParams,
     JobOutcome,
     JobRescue,
@@ -32,8 +31,8 @@ from ..protocol import (
 from .arrays import bool_array, int8_array, text_array, timestamptz_array
 from .connection import PgConnection
 from .failures import FAILURES, database_error, wrapped
-from .inserts import COPY_QUERY, copy_text_chunks, insert_arrays
-from .limits import limited_fetch, with_partitions
+from .inserts import copy_jobs, insert_arrays
+from .limits import limited_fetch, queue_row
 from .pool import PgPool, open_pool
 from .pooler import check_pooler
 from .queries import QUERIES
@@ -48,10 +47,6 @@ RowT = TypeVar("RowT")
 # fix the columns): the cheapest way measured, ~0.2 µs a row against ~3.4 µs to load a job.
 _job_row: Final = partial(tuple.__new__, JobRow)
 _written_row: Final = partial(tuple.__new__, WrittenRow)
-PARTITIONS_READ: Final = 20 * PARTITIONS_SHOWN
-"""Partitions read for `queue_list`, so that ties at the cut are broken as in memory."""
-_KEYED_BATCH: Final = 5000
-"""Jobs per INSERT when ``job_insert_fast`` inserts jobs of limited queues."""
 
 
 def _inserted_row(values: Sequence[Any]) -> tuple[JobRow, bool]:
@@ -249,31 +244,7 @@ class PostgresDriver:
         ex: Any = None,
     ) -> int:
         async def run(conn: PgConnection) -> int:
-            # COPY computes nothing, so jobs of queues with limits, which need their
-            # partition key (limits.sql), go in by INSERT after the COPY, in batches.
-            limited = {str(n) for (n,) in await conn.fetch(QUERIES["queue_limited"], [])}
-            diverted: list[JobInsertParams] = []
-
-            def unlimited(params: Iterable[JobInsertParams]) -> Iterable[JobInsertParams]:
-                for p in params:
-                    if p.queue in limited:
-                        diverted.append(p)
-                    else:
-                        yield p
-
-            # The rows are formatted chunk by chunk as the COPY sends them, so the server
-            # ingests a chunk while the next is prepared; an exception from ``params``
-            # aborts the COPY (copy_in) and with it the transaction.
-            chunks = copy_text_chunks(unlimited(params) if limited else params, now)
-            count = await conn.copy_in_data(COPY_QUERY, chunks)
-            for at in range(0, len(diverted), _KEYED_BATCH):
-                batch = diverted[at : at + _KEYED_BATCH]
-                await conn.execute(QUERIES["job_insert_many_keyed"], [*insert_arrays(batch), now])
-                count += len(batch)
-            queues = notify_queues() if callable(notify_queues) else notify_queues
-            if queues:
-                await conn.execute(QUERIES["job_notify_insert"], [list(queues)])
-            return count
+            return await copy_jobs(conn, params, notify_queues, now)
 
         return await self._in_transaction("inserting jobs with COPY", run, ex)
 
@@ -423,11 +394,11 @@ class PostgresDriver:
         return {str(queue): int(count) for queue, count in rows}
 
     async def queue_upsert(
-        self, name: str, now: datetime, limits: QueueLimits | None = None
+        self, name: str, now: datetime, limits: QueueLimits | None = None, *, rekey: bool = False
     ) -> bool:
         stored = None if limits is None else limits.to_json()
         row = await self._fetchrow(
-            f"registering queue {name!r}", "queue_upsert", [name, now, stored], None
+            f"registering queue {name!r}", "queue_upsert", [name, now, stored, rekey], None
         )
         return bool(row and row[0])
 
@@ -459,20 +430,8 @@ class PostgresDriver:
 
     async def queue_list(self) -> list[QueueRow]:
         rows = await self._fetch("listing queues", "queue_list", [], None)
-        out = []
-        now = self.clock()
-        for name, paused_at, created_at, updated_at, available, running, stored in rows:
-            row = QueueRow(name, paused_at, created_at, updated_at, int(available), int(running))
-            if (limits := QueueLimits.from_json(stored)) is not None:
-                found = await self._fetch(
-                    f"reading the partitions of queue {name!r}",
-                    "queue_limit_partitions",
-                    [name, limits.to_json(), now, PARTITIONS_READ],
-                    None,
-                )
-                row = with_partitions(row, limits, found)
-            out.append(row)
-        return out
+        partitions = partial(self._fetch, ex=None)
+        return [await queue_row(values, self.clock(), partitions) for values in rows]
 
     async def notify_many(self, channel: str, payloads: Sequence[str]) -> None:
         if payloads:

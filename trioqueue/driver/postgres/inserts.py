@@ -3,14 +3,21 @@ statement, or as COPY text for ``job_insert_fast``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..protocol import JobInsertParams
 from .arrays import bytea_array, int8_array, text_array, timestamptz_array
+from .queries import QUERIES
 
-__all__ = ["COPY_QUERY", "copy_text_chunks", "insert_arrays"]
+if TYPE_CHECKING:
+    from .connection import PgConnection
+
+__all__ = ["COPY_QUERY", "copy_jobs", "copy_text_chunks", "insert_arrays"]
+
+KEYED_BATCH: Final = 5000
+"""Jobs per INSERT when `copy_jobs` inserts jobs of limited queues."""
 
 _INSERT_COLUMNS: Final = (
     "args, kind, max_attempts, metadata, priority, queue, scheduled_at, state, tags, "
@@ -94,3 +101,39 @@ def copy_text_chunks(params: Iterable[JobInsertParams], now: datetime) -> Iterat
             lines = []
     if lines:
         yield ("\n".join(lines) + "\n").encode()
+
+
+async def copy_jobs(
+    conn: PgConnection,
+    params: Iterable[JobInsertParams],
+    notify_queues: Sequence[str] | Callable[[], Sequence[str]],
+    now: datetime,
+) -> int:
+    """Insert ``params`` on ``conn`` (in its transaction) with COPY; return how many.
+
+    COPY computes nothing, so the jobs of queues with limits, which need their partition
+    key (migration 004), go in by INSERT after the COPY, in batches of `KEYED_BATCH`.
+    The rows are formatted chunk by chunk as the COPY sends them, so the server ingests a
+    chunk while the next is prepared; an exception from ``params`` aborts the COPY (and
+    with it the transaction).
+    """
+    limited = {str(n) for (n,) in await conn.fetch(QUERIES["queue_limited"], [])}
+    diverted: list[JobInsertParams] = []
+
+    def unlimited(params: Iterable[JobInsertParams]) -> Iterable[JobInsertParams]:
+        for p in params:
+            if p.queue in limited:
+                diverted.append(p)
+            else:
+                yield p
+
+    chunks = copy_text_chunks(unlimited(params) if limited else params, now)
+    count = await conn.copy_in_data(COPY_QUERY, chunks)
+    for at in range(0, len(diverted), KEYED_BATCH):
+        batch = diverted[at : at + KEYED_BATCH]
+        await conn.execute(QUERIES["job_insert_many_keyed"], [*insert_arrays(batch), now])
+        count += len(batch)
+    queues = notify_queues() if callable(notify_queues) else notify_queues
+    if queues:
+        await conn.execute(QUERIES["job_notify_insert"], [list(queues)])
+    return count

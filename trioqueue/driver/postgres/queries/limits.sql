@@ -76,7 +76,7 @@ SELECT p, running, held, sum(held) OVER () AS held_total
 FROM per_partition
 WHERE running > 0 OR held > 0
 ORDER BY running DESC, held DESC
-LIMIT $4::integer;
+FETCH FIRST ($4::integer) ROWS WITH TIES;
 
 -- name: queue_limited
 -- The queues with limits: job_insert_fast inserts their jobs by job_insert_many_keyed.

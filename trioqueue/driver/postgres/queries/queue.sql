@@ -2,9 +2,10 @@
 
 -- name: queue_upsert
 -- A producer announces its queue and the limits it works it with ($3, QueueLimits.to_json(),
--- or NULL for none); returns whether the queue is paused. The live jobs of a queue that
--- has or had limits get the partition key of these limits (migration 004): this catches
--- jobs inserted before the limits were stored, or while they changed.
+-- or NULL for none); returns whether the queue is paused. When the limits differ from the
+-- stored ones, or $4 asks for it (a client's second announcement, a few seconds after
+-- its first, to catch jobs inserted while the limits were being stored), the live jobs
+-- of the queue get the partition key of these limits (migration 004).
 WITH announced AS (
     INSERT INTO tq_queue (name, created_at, updated_at, limits)
     VALUES ($1, $2, $2, $3::text::jsonb)
@@ -18,6 +19,9 @@ rekeyed AS (
       AND j.state IN ('available', 'pending', 'retryable', 'running', 'scheduled')
       AND ($3::text IS NOT NULL
            OR EXISTS (SELECT 1 FROM tq_queue q WHERE q.name = $1 AND q.limits IS NOT NULL))
+      AND ($4::boolean
+           OR NOT EXISTS (SELECT 1 FROM tq_queue q
+                          WHERE q.name = $1 AND q.limits IS NOT DISTINCT FROM $3::text::jsonb))
       AND j.limit_key IS DISTINCT FROM tq_limit_key($3::text::jsonb, j.kind, j.args)
 )
 SELECT paused FROM announced;
