@@ -220,8 +220,15 @@ async def test_order_of_client_and_kind_middleware_and_hooks(store_url: str) -> 
     workers = _workers(log, middleware=[Recorder("C", log), fn_middleware])
     a, b = Recorder("A", log), Recorder("B", log)
     async with _client(store_url, workers, middleware=[a, b], hooks=[Hooks()]) as client:
-        events = await _run(client, Task("ok"))
-    assert events[0].kind is tq.EventKind.JOB_COMPLETED
+        # Paused while inserting: otherwise the producer, woken by the insert's
+        # notification, may start the job before the insert middleware has unwound.
+        await client.queue_pause("default")
+        async with client.subscribe(*FINAL) as events:
+            await client.insert_many([Task("ok")])
+            await client.queue_resume("default")
+            with trio.fail_after(30):
+                event = await events.receive()
+    assert event.kind is tq.EventKind.JOB_COMPLETED
     assert log == [
         "A>insert",
         "B>insert",
