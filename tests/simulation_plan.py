@@ -19,6 +19,10 @@ Every driver a client uses is ``Delivery(FaultyDriver(Ledger(base)))``:
 - :class:`Delivery` (outermost) records which fetches and writes the client was told about:
   a committed write that was not delivered had its reply lost.
 
+With limits (``Plan.limits``, on ``limits_plan.LIMITED_QUEUE``), every client works that
+queue with them, and the ledger hands each claim, write and rescue to a
+``limits_plan.LimitWatch``, which checks the limits at every claim.
+
 Workers record every run (who ran it, what it did, how it ended) and the set of runs active
 at each moment. After the chaos, one healthy client runs until every job is final (or still
 pending), and :meth:`Simulation.check` compares the ledger, the worker records, the events
@@ -34,17 +38,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from typing import Any, ClassVar, cast
 
 import attrs
 import trio
+from limits_plan import LIMITED_QUEUE, LimitWatch, plan_limits, scaled
 
 import trioqueue as tq
 from trioqueue.driver.faults import Fault, FaultyDriver
 from trioqueue.driver.protocol import Driver, JobOutcome, JobRescue, JobRow
+from trioqueue.limits import LimitedFetch, QueueLimits
 
 QUEUES = ("default", "other")
 JOB_EVENT_KINDS = (
@@ -90,6 +96,10 @@ class JobSpec:
     unique: bool = False
     """``UniqueOpts(by_args=True)``: inserting the spec again while it lives is a no-op."""
     max_attempts: int = 3
+    kind: str = "sim"
+    """``sim`` (`SimArgs`) or ``sim_b`` (`SimArgsB`): two kinds to partition by."""
+    customer: int | None = None
+    """The args' ``customer`` field, to partition by."""
 
 
 @attrs.frozen
@@ -164,6 +174,8 @@ class Plan:
     fetch_poll_interval: float = 1.0
     soft_stop_timeout: float | None = None
     shutdown_timeout: float = 5.0
+    limits: QueueLimits | None = None
+    """The limits every client works `LIMITED_QUEUE` with (``per`` in units)."""
 
     # ----------------------------------------------------------------- derived bounds
 
@@ -199,7 +211,7 @@ def fault_cost(faults: Sequence[FaultSpec], scale: float) -> float:
             cost += f.seconds * scale * n
         elif f.op == "job_set_state_if_running_many":
             write_failures += n
-        elif f.op == "job_get_available":
+        elif f.op in ("job_get_available", "job_get_available_limited"):
             cost += 0.2 * n
     cost += sum(COMPLETER_BACKOFF[: min(write_failures, len(COMPLETER_BACKOFF))])
     cost += 10.0 * max(0, write_failures - len(COMPLETER_BACKOFF))
@@ -213,6 +225,14 @@ def fault_cost(faults: Sequence[FaultSpec], scale: float) -> float:
 class SimArgs:
     kind: ClassVar[str] = "sim"
     spec: int
+    customer: int | None = None
+
+
+@attrs.frozen
+class SimArgsB(SimArgs):
+    """A job of the second kind (`JobSpec.kind`), worked alike."""
+
+    kind: ClassVar[str] = "sim_b"
 
 
 class SimError(Exception):
@@ -253,6 +273,12 @@ class Write:
     state: str
     """The state the write left (the outcome's, or ``cancelled``)."""
     delivered: bool = False
+    rows: bool = True
+    """Whether the write asked for the rows back. The completer asks only when its client
+    has subscribers (to publish their events), and decides before the first attempt: a
+    client works from the start of its block, so when nothing makes the completer linger
+    (a limit holding jobs back asks it to write at once) a write may begin before the
+    subscriber subscribed, and publish nothing."""
 
 
 @attrs.define
@@ -293,6 +319,8 @@ class Life:
     stuck_dropped: int = 0
     stuck_ended: bool = False
     """What a subscriber with a 2-event buffer that never read during the life got."""
+    subscribed: int = 0
+    """`Simulation.write_calls` when its subscriber subscribed."""
     users: int = 0
     """Steps using this client for inserts or job management right now."""
     idle: trio.Event = attrs.field(factory=trio.Event)
@@ -334,11 +362,29 @@ class Ledger(_Forward):
         self.sim = sim
         self.life = life
 
-    async def job_get_available(self, *args: Any, **kwargs: Any) -> list[JobRow]:
-        rows: list[JobRow] = await self.inner.job_get_available(*args, **kwargs)
+    async def job_get_available(self, queue: str, *args: Any, **kwargs: Any) -> list[JobRow]:
+        begun = self.sim.watch.begins() if self.sim.watch else 0
+        rows: list[JobRow] = await self.inner.job_get_available(queue, *args, **kwargs)
         for row in rows:
             self.sim.record_fetch(row, self.life)
+        if self.sim.watch:
+            self.sim.watch.fetched(rows, queue, begun, self.life, None)
         return rows
+
+    async def job_get_available_limited(
+        self, queue: str, *args: Any, **kwargs: Any
+    ) -> LimitedFetch:
+        begun = self.sim.watch.begins() if self.sim.watch else 0
+        found: LimitedFetch = await self.inner.job_get_available_limited(queue, *args, **kwargs)
+        for row in found.rows:
+            self.sim.record_fetch(row, self.life)
+        if self.sim.watch:
+            self.sim.watch.fetched(found.rows, queue, begun, self.life, found.held_back)
+        return found
+
+    def _runs(self, ids: Iterable[int], by_id: dict[int, JobOutcome]) -> list[tuple[int, int]]:
+        """The runs outcomes name (by their attempted_at)."""
+        return [(i, self.sim.run_at.get((i, by_id[i].attempted_at), -1)) for i in ids]
 
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: Any, *, rows: bool = True
@@ -346,10 +392,18 @@ class Ledger(_Forward):
         # ``rows`` goes through as the client asked: without subscribers that is False,
         # and PostgreSQL then runs its short statements (ids only), the production path.
         by_id = {o.id: o for o in outcomes}
+        if self.sim.watch:
+            self.sim.watch.writing(self._runs(by_id, by_id))
         try:
             written: list[Any] = await self.inner.job_set_state_if_running_many(
                 outcomes, now, rows=rows
             )
+            # The runs written, at once: the ids-only path below reads rows back first,
+            # and by then the job may run again, even with the same attempted_at (a
+            # snooze of 0 written at once and fetched again at the same instant).
+            runs = dict(self._runs((row[0] for row in written), by_id))
+            if self.sim.watch:
+                self.sim.watch.written(runs.items())
         except trio.Cancelled:
             # Cancelled mid-statement (an outside cancel): on PostgreSQL the statement may
             # have committed anyway. Read the rows back at once and record those that
@@ -360,20 +414,23 @@ class Ledger(_Forward):
                 ):
                     o = by_id[row[0]]
                     if row[8] == o.attempted_at and str(row[4]) in (o.state.value, "cancelled"):
-                        self.sim.record_write(row[0], _run_of(row), str(row[4]), o, self.life)
+                        self.sim.record_write(row[0], _run_of(row), str(row[4]), o, self.life, rows)
             raise
         if rows:
             for row in written:
-                self.sim.record_write(row[0], _run_of(row), str(row[4]), by_id[row[0]], self.life)
+                o = by_id[row[0]]
+                self.sim.record_write(row[0], _run_of(row), str(row[4]), o, self.life, rows)
         else:
             with trio.CancelScope(shield=True):
-                await self._record_ids([row[0] for row in written], by_id)
+                await self._record_ids(runs, by_id)
         return written
 
-    async def _record_ids(self, ids: list[int], by_id: dict[int, JobOutcome]) -> None:
-        """Record writes that came back as ids only: their run is the one the outcome
-        names (``attempted_at``), and the state is the outcome's, or ``cancelled`` when a
-        cancel was requested while the run ran (``cancel_attempted_at``, read back)."""
+    async def _record_ids(self, runs: dict[int, int], by_id: dict[int, JobOutcome]) -> None:
+        """Record writes that came back as ids only (``runs``: job id to the run written,
+        as the ledger knew when the write returned): the state is the outcome's, or
+        ``cancelled`` when a cancel was requested while the run ran
+        (``cancel_attempted_at``, read back)."""
+        ids = list(runs)
         if not ids:
             return
         self.sim.features["outcome writes without rows"] += 1
@@ -384,13 +441,14 @@ class Ledger(_Forward):
         for job_id in ids:
             o = by_id[job_id]
             row = found.get(job_id)
-            if row is not None and row[8] == o.attempted_at:
-                # Still the run we wrote (nothing but a later fetch changes attempted_at).
-                run = _run_of(row)
+            run = runs[job_id]
+            if row is not None and run < 0 and row[8] == o.attempted_at:
+                run = _run_of(row)  # a run the ledger did not know: the one read back
+            if row is not None and _run_of(row) == run:
+                # Still the run we wrote (nothing but a later fetch starts another).
                 requested = "cancel_attempted_at" in (row[14] or {})
             else:
-                # Fetched again or deleted since: the ledger knows the run and its cancels.
-                run = self.sim.run_at.get((job_id, o.attempted_at), -1)
+                # Fetched again or deleted since: the ledger knows the run's cancels.
                 requested = self.sim._cancel_requested(job_id, run)
             state = o.state
             if requested and state in (
@@ -399,7 +457,7 @@ class Ledger(_Forward):
                 tq.JobState.AVAILABLE,
             ):
                 state = tq.JobState.CANCELLED
-            self.sim.record_write(job_id, run, state.value, o, self.life)
+            self.sim.record_write(job_id, run, state.value, o, self.life, False)
 
     async def job_cancel(self, job_id: int, now: Any, **kwargs: Any) -> JobRow | None:
         row: JobRow | None = await self.inner.job_cancel(job_id, now, **kwargs)
@@ -430,7 +488,14 @@ class Ledger(_Forward):
         return rows
 
     async def job_rescue_many(self, rescues: Sequence[JobRescue]) -> list[tuple[int, str, str]]:
+        stuck = {
+            r.id: _run_of(self.sim.stuck_rows[r.id]) for r in rescues if r.id in self.sim.stuck_rows
+        }
+        if self.sim.watch:
+            self.sim.watch.writing(stuck.items())
         written: list[tuple[int, str, str]] = await self.inner.job_rescue_many(rescues)
+        if self.sim.watch:
+            self.sim.watch.written((i, stuck.get(i, -1)) for i, _, _ in written)
         by_id = {r.id: r for r in rescues}
         for job_id, _queue, state in written:
             self.sim.record_rescue(by_id[job_id], str(state))
@@ -451,10 +516,21 @@ class Delivery(_Forward):
             self.sim.delivered_fetches.add((row[0], _run_of(row)))
         return rows
 
+    async def job_get_available_limited(self, *args: Any, **kwargs: Any) -> LimitedFetch:
+        if self.sim.watch:
+            self.sim.watch.sent(self.life)
+        found: LimitedFetch = await self.inner.job_get_available_limited(*args, **kwargs)
+        for row in found.rows:
+            self.sim.delivered_fetches.add((row[0], _run_of(row)))
+        return found
+
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: Any, *, rows: bool = True
     ) -> list[Any]:
         by_id = {o.id: o for o in outcomes}
+        self.sim.write_calls += 1
+        for o in outcomes:
+            self.sim.first_call.setdefault((o.id, o.attempted_at), self.sim.write_calls)
         written: list[Any] = await self.inner.job_set_state_if_running_many(
             outcomes, now, rows=rows
         )
@@ -504,7 +580,10 @@ class Simulation:
         self.deleted: set[int] = set()
         self.fetches: dict[tuple[int, int], Fetch] = {}
         self.run_at: dict[tuple[int, Any], int] = {}
-        """The run of each (job id, attempted_at) fetched."""
+        """The run of each (job id, attempted_at) fetched (the latest, should two runs
+        start at one instant)."""
+        self.written_run: dict[tuple[int, Any], int] = {}
+        """The run the latest write of each outcome (job id, attempted_at) was for."""
         self.delivered_fetches: set[tuple[int, int]] = set()
         self.writes: dict[tuple[int, int], list[Write]] = defaultdict(list)
         self.cancels: dict[int, list[tuple[int, str]]] = defaultdict(list)
@@ -525,8 +604,23 @@ class Simulation:
         """Ledger records are in commit order (true of the memory driver, which changes
         state right before returning), so order-sensitive checks apply."""
         self._seq = 0
+        self.write_calls = 0
+        """Outcome writes clients have begun (`Delivery`)."""
+        self.first_call: dict[tuple[int, Any], int] = {}
+        """The first write call (`write_calls`) of each outcome (job id, attempted_at)."""
         self.workers = tq.Workers()
         self.workers.add(SimArgs, self._work)
+        self.workers.add(SimArgsB, self._work)
+        self.limits = scaled(plan.limits, scale)
+        """The plan's limits, in seconds of this clock."""
+        self.watch = (
+            None
+            if self.limits is None
+            else LimitWatch(
+                self.limits, exact=strict_order, violation=self.violation, features=self.features
+            )
+        )
+        """Checks the limits claim by claim (``limits_plan``)."""
         self.admin: tq.Client | None = None
         self._nursery: trio.Nursery | None = None
         self.final_jobs: list[tq.Job[Any]] = []
@@ -556,7 +650,7 @@ class Simulation:
         self.note(f"{life} fetched job {row[0]} run {key[1]} attempt {row[6]}")
 
     def record_write(
-        self, job_id: int, run: int, state: str, outcome: JobOutcome, life: str
+        self, job_id: int, run: int, state: str, outcome: JobOutcome, life: str, rows: bool
     ) -> None:
         key = (job_id, run)
         self._seq += 1
@@ -566,13 +660,14 @@ class Simulation:
                 f"{life} wrote {outcome.state} for job {job_id} run {run} while that run's "
                 f"worker was still running ({active.client_id})"
             )
-        self.writes[key].append(Write(self._seq, job_id, run, life, outcome, state))
+        self.writes[key].append(Write(self._seq, job_id, run, life, outcome, state, rows=rows))
+        self.written_run[(job_id, outcome.attempted_at)] = run
         self.note(f"{life} wrote job {job_id} run {run}: {outcome.state} -> {state}")
 
     def mark_delivered(self, job_id: int, run: int | None, attempted_at: Any) -> None:
         """A write's reply reached the client (``run`` None: only its id came back)."""
         if run is None:
-            run = self.run_at.get((job_id, attempted_at), -1)
+            run = self.written_run.get((job_id, attempted_at), -1)
         writes = self.writes.get((job_id, run))
         if writes:
             writes[-1].delivered = True
@@ -722,6 +817,7 @@ class Simulation:
                 client.subscribe(*JOB_EVENT_KINDS, buffer=1_000_000) as sub,
                 client.subscribe(*JOB_EVENT_KINDS, buffer=2) as stuck,
             ):
+                life.subscribed = self.write_calls
                 task_status.started()
                 async for event in sub:
                     life.events.append(event)
@@ -793,10 +889,20 @@ class Simulation:
         life = Life(f"c{slot}-{len(lives) + 1}", slot, spec, spec.faults)
         lives.append(life)
         self.lives[life.name] = life
-        queues = {q: tq.QueueConfig(max_workers=spec.max_workers) for q in spec.queues}
+        queues = {q: self.queue_config(q, spec.max_workers) for q in spec.queues}
         assert self._nursery is not None
         self.note(f"starting {life.name}")
         await self._nursery.start(self._life, life, queues)
+
+    def queue_config(self, queue: str, max_workers: int) -> tq.QueueConfig:
+        """How every client works ``queue``: the plan's limits on `LIMITED_QUEUE`."""
+        if queue != LIMITED_QUEUE or self.limits is None:
+            return tq.QueueConfig(max_workers=max_workers)
+        return tq.QueueConfig(
+            max_workers=max_workers,
+            global_limit=self.limits.global_limit,
+            rate_limit=self.limits.rate_limit,
+        )
 
     def _current(self, slot: int) -> Life | None:
         if not 0 <= slot < len(self.slots) or not self.slots[slot]:
@@ -813,6 +919,8 @@ class Simulation:
         bound = self.hard_bound(life) if how == "hard" else self.soft_bound(life)
         if self._running_on(life):
             self.features[f"{how} stop with jobs running"] += 1
+        if self.watch and self.watch.held.get(life.name):
+            self.features[f"{how} stop with jobs held back"] += 1
         started = trio.current_time()
         self.note(f"{how} stop of {life.name} (bound {bound:.3f} s)")
         client = life.client
@@ -913,7 +1021,8 @@ class Simulation:
                 pending=spec.pending,
                 unique=tq.UniqueOpts(by_args=True) if spec.unique else None,
             )
-            items.append((SimArgs(index % len(self.plan.jobs)), opts))
+            args_type = SimArgsB if spec.kind == "sim_b" else SimArgs
+            items.append((args_type(index % len(self.plan.jobs), spec.customer), opts))
         if not items:
             return
         async with self._via(step.client) as client:
@@ -1029,7 +1138,7 @@ class Simulation:
         await self.admin.queue_resume("*")
         life = Life("healthy", -1, ClientSpec(queues=QUEUES, max_workers=4), ())
         self.lives[life.name] = life
-        queues = {q: tq.QueueConfig(max_workers=4) for q in QUEUES}
+        queues = {q: self.queue_config(q, 4) for q in QUEUES}
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self._life, life, queues)
@@ -1088,8 +1197,10 @@ class Simulation:
     def check(self) -> None:
         """Append a violation for every broken invariant (after :meth:`run`)."""
         self.summarize()
+        if self.watch:
+            self.watch.finish(self.violations.append)
         if self.violations:
-            return  # the run aborted: later checks would only repeat it
+            return  # the run aborted (or passed a limit): later checks would only repeat it
         jobs = {j.id: j for j in self.final_jobs}
         self._check_jobs(jobs)
         self._check_runs()
@@ -1296,6 +1407,12 @@ class Simulation:
                 for w in writes:
                     if w.life != life.name or seen[key]:
                         continue
+                    first = self.first_call.get((w.job_id, w.outcome.attempted_at), -1)
+                    if not w.rows and 0 <= first <= life.subscribed:
+                        # Its first attempt began before the subscriber subscribed, so
+                        # it asked for no rows and published no event (`Write.rows`).
+                        self.features["a write begun before its client's subscriber"] += 1
+                        continue
                     final = w.state in {s.value for s in FINAL}
                     if life.outside and not self._confirmed_in_time(life, w):
                         # Cancelled from outside: the final flush gave up (shutdown_timeout)
@@ -1474,9 +1591,11 @@ def assert_holds(sim: Simulation) -> None:
 # -------------------------------------------------------------------------- strategies
 
 
-def plans(*, postgres: bool = False) -> Any:
+def plans(*, postgres: bool = False, limited: bool = False) -> Any:
     """A hypothesis strategy of plans. ``postgres``: smaller plans with fewer and cheaper
-    faults, since there every second is real."""
+    faults, since there every second is real. ``limited``: plans that press on limits
+    (always some, most jobs in the limited queue, every spec inserted thrice at the start);
+    otherwise a plan has limits three times in four."""
     from hypothesis import strategies as st
 
     seconds = st.sampled_from([0.0, 0.05, 0.3, 1.0, 3.0, 8.0])
@@ -1489,12 +1608,14 @@ def plans(*, postgres: bool = False) -> Any:
     job = st.builds(
         JobSpec,
         behaviours=st.lists(behaviour, max_size=5).map(tuple),
-        queue=st.sampled_from(QUEUES),
+        queue=st.sampled_from([LIMITED_QUEUE] * 3 + ["other"] if limited else QUEUES),
         priority=st.integers(1, 4),
         delay=st.one_of(st.none(), st.sampled_from([0.5, 3.0])),
         pending=st.sampled_from([False, False, False, True]),
         unique=st.sampled_from([False, False, True]),
         max_attempts=st.integers(1, 5),
+        kind=st.sampled_from(["sim", "sim", "sim_b"]),
+        customer=st.sampled_from([None, 0, 1, 1, 2]),
     )
     fault_ops: list[tuple[str, str]] = [
         ("job_get_available", "error"),
@@ -1513,6 +1634,11 @@ def plans(*, postgres: bool = False) -> Any:
     ]
     if not postgres:
         fault_ops.append(("job_get_available", "error_after"))
+    # The fetch of a limited queue. A fetch that commits but reports a failure leaves its
+    # jobs running until the rescuer: their partition stays full meanwhile.
+    fault_ops += [("job_get_available_limited", "error"), ("job_get_available_limited", "delay")]
+    if not postgres:
+        fault_ops.append(("job_get_available_limited", "error_after"))
 
     @st.composite
     def fault(draw: Any) -> FaultSpec:
@@ -1577,8 +1703,8 @@ def plans(*, postgres: bool = False) -> Any:
                 busy=st.booleans(),
             ),
         )
-        # Every spec is inserted once at the start; the steps add more chaos.
-        first = Step(0.0, "insert_many", -1, tuple(range(len(jobs))))
+        # Every spec is inserted once (or thrice) at the start; the steps add more chaos.
+        first = Step(0.0, "insert_many", -1, tuple(range(len(jobs))) * (3 if limited else 1))
         steps = (first, *draw(st.lists(step, min_size=2, max_size=12 if postgres else 24)))
         return Plan(
             jobs=jobs,
@@ -1590,6 +1716,7 @@ def plans(*, postgres: bool = False) -> Any:
             fetch_poll_interval=draw(st.sampled_from([1.0, 3.0] if postgres else [0.5, 1.0, 5.0])),
             soft_stop_timeout=draw(st.one_of(st.none(), st.sampled_from([0.5, 3.0]))),
             shutdown_timeout=draw(st.sampled_from([0.5, 3.0, 10.0])),
+            limits=draw(plan_limits(postgres=postgres, always=limited)),
         )
 
     return plan()

@@ -2,11 +2,14 @@
 
 Hypothesis generates a plan: a list of storage operations (inserts by every path, with
 unique keys, priorities, schedules, queues, tags and odd JSON; claims by queue and by id;
-outcome batches, read back or not; cancel, retry, delete; the scheduler; queue upsert,
-pause and resume; job_list with every filter; the counts; the rescuer's two calls; deleting
-finalized jobs and stale queues; leadership; periodic state; transactions committed or
-rolled back) on a fixed fake clock that only the plan moves (every operation is given
-``now``). The plan runs against a fresh ``MemoryDriver`` and a migrated PostgreSQL database
+outcome batches, read back or not; cancel, retry, delete; the scheduler; queue upsert
+(storing the queue's limits, or none), pause and resume; fetches within limits (each
+queue is worked with limits the plan draws: ``limits_plan``); job_list with every filter;
+the counts; queue_list with limits, held-back jobs and partitions; the rescuer's two
+calls; deleting finalized jobs and stale queues; leadership; periodic state; transactions
+committed or rolled back) on a fixed fake clock that only the plan moves (every
+operation is given ``now``; queue_list, which reads the driver's clock, is given the
+plan's). The plan runs against a fresh ``MemoryDriver`` and a migrated PostgreSQL database
 (the test's own ``database_url``, emptied before each plan) at once, and after every step
 the two must have answered alike: the same rows, an error where the other raised one, and
 the same notifications on the job, control and leadership channels.
@@ -27,8 +30,12 @@ no particular order from PostgreSQL; its finalized counts use the planner's esti
 may skip the exact count); it deletes finalized jobs whose ``finalized_at`` ties in no
 particular order (the limit is lowered to the tie); it applies an arbitrary one of several
 outcomes for one job in a batch (a batch names each job once); ``within_newest`` counts
-raw ids, so it is left out once the ids diverged. (This test found PostgreSQL's
+raw ids, so it is left out once the ids diverged; its fast insert gives the jobs of
+limited queues their ids after the others' (the plan hands them over in that order). A
+unique key names the job's kind, as the client's do. (This test found PostgreSQL's
 single-job insert notifying only the first of several queues named; fixed.)
+
+``test_limits_plans.py`` runs this harness on plans made mostly of flow control.
 
 Profiles (``$TRIOQUEUE_SOAK``, as in ``test_simulation.py``): 200 plans by default (under
 a minute), 3,000 in the soak.
@@ -46,6 +53,7 @@ import attrs
 import trio
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
+from limits_plan import DIFF_ARGS, FetchLimited, Reconfigure, UseLimits, diff_limits, queue_rows
 from support import GENERATED, LONG, SOAK
 
 from trioqueue._codec import unique_states_bits
@@ -54,6 +62,7 @@ from trioqueue.driver.protocol import (
     CONTROL_CHANNEL,
     INSERT_CHANNEL,
     LEADERSHIP_CHANNEL,
+    PARTITIONS_SHOWN,
     JobInsertParams,
     JobOutcome,
     JobRescue,
@@ -61,6 +70,7 @@ from trioqueue.driver.protocol import (
 )
 from trioqueue.errors import DatabaseError
 from trioqueue.job import DEFAULT_UNIQUE_STATES, JobListParams, JobState
+from trioqueue.limits import GlobalLimit, QueueLimits, RateLimit
 
 settings.register_profile(
     "trioqueue-differential",
@@ -195,6 +205,8 @@ class QueueOp:
     """upsert, pause, resume, paused, list, delete_stale."""
     name: str = "q1"
     ago: float = 0.0
+    limited: bool = False
+    """For upsert: store the queue's limits (`UseLimits`), else none."""
 
 
 @attrs.frozen
@@ -333,7 +345,11 @@ class Mismatch(AssertionError):
 
 
 def _params(job: NewJob, now: datetime) -> JobInsertParams:
-    key = None if job.key is None else f"key{job.key}".encode()
+    # A unique key names the kind, as the client's do (_codec.unique_key): a collision
+    # returns the live job after setting its kind to the one inserted, which changes
+    # nothing then. (With keys shared across kinds the kind would change, and PostgreSQL
+    # keeps the job's partition key, tq_job.limit_key, of the kind it had.)
+    key = None if job.key is None else f"kind={job.kind}&key{job.key}".encode()
     return JobInsertParams(
         args_json=job.args_json,
         kind=job.kind,
@@ -357,6 +373,20 @@ class Harness:
         self.step = 0
         self.known = 0
         self.features: set[str] = set()
+        self.limits: dict[str, QueueLimits] = {
+            QUEUES[0]: QueueLimits(GlobalLimit(1, by_args=("c",)), RateLimit(2, 1.0)),
+            QUEUES[1]: QueueLimits(None, RateLimit(1, 5.0, by_kind=True)),
+        }
+        """The limits each queue is worked with (a plan's first step, `UseLimits`, sets
+        them): its limited fetches take them, and its upserts store them or none. They
+        never change within a plan, as a queue's clients are configured alike (see
+        ``test_limits_plans.py`` for limits that change: `Reconfigure`)."""
+        self.spare = self.limits[QUEUES[0]]
+        """The limits a `Reconfigure` step switches a queue to."""
+        # queue_list reads the driver's clock (for the due jobs and the rate windows it
+        # counts): on both sides, the plan's clock stands in for it.
+        for side in (memory, postgres):
+            side.driver.clock = lambda: self.now
 
     async def run(self, plan: Sequence[Any]) -> None:
         for op in plan:
@@ -367,6 +397,15 @@ class Harness:
         if isinstance(op, Tick):
             self.now += timedelta(seconds=op.seconds)
             return
+        if isinstance(op, UseLimits):
+            self.limits = dict(zip(QUEUES, op.limits[: len(QUEUES)], strict=True))
+            self.spare = op.limits[-1]
+            return
+        if isinstance(op, Reconfigure):
+            # The queue's clients are now configured with other limits: one announces
+            # them (and the limited fetches take them from here on).
+            self.limits[op.queue], self.spare = self.spare, self.limits[op.queue]
+            op = QueueOp("upsert", op.queue, limited=True)
         # The jobs a step can name: those made before it (the same on both sides, even
         # while the first side's step makes more).
         self.known = len(self.memory.ids)
@@ -427,6 +466,18 @@ class Harness:
                     # completer never sends one job twice.
                     outs.append((handle, o, attempted))
             return ("outcomes", tuple(outs), op.rows)
+        if isinstance(op, Insert) and op.path == "fast":
+            # PostgreSQL's COPY takes the jobs of queues without limits, and the jobs of
+            # limited queues follow by INSERT (to compute their partition key): their ids
+            # come after the others'. Ids are opaque and a fast insert returns a count, so
+            # the plan hands the jobs over in that order to both drivers.
+            limited = set(await self._stored_limits())
+            if any(job.queue in limited for job in op.jobs):
+                jobs = sorted(op.jobs, key=lambda job: job.queue in limited)
+                if jobs != list(op.jobs):
+                    self.features.add("fast insert: limited queues' jobs put last")
+                return attrs.evolve(op, jobs=tuple(jobs))
+            return op
         if isinstance(op, Rescue):
             return op
         if isinstance(op, DeleteFinalized):
@@ -446,6 +497,10 @@ class Harness:
                 self.features.add("within_newest left out: ids diverged")
                 return attrs.evolve(op, within_newest=None)
         return op
+
+    async def _stored_limits(self) -> dict[str, QueueLimits]:
+        """The limits stored in each queue row (on the reference driver)."""
+        return {r.name: r.limits for r in await self.memory.driver.queue_list() if r.limits}
 
     def pick(self, ref: int) -> int:
         """A handle from a plan's job reference: modulo the jobs made so far; references
@@ -496,6 +551,10 @@ class Harness:
             return [(side.row(r), bool(skipped)) for r, skipped in out]
         if isinstance(op, Fetch):
             return side.rows(await d.job_get_available(op.queue, now, op.limit, op.client))
+        if isinstance(op, FetchLimited):
+            limits = self.limits[op.queue]
+            found = await d.job_get_available_limited(op.queue, now, op.limit, op.client, limits)
+            return side.rows(found.rows), found.held_back, found.next_open
         if isinstance(op, Claim):
             return side.row(await d.job_claim(side.raw(self.pick(op.job)), now, op.client))
         if isinstance(op, tuple) and op[0] == "outcomes":
@@ -575,7 +634,8 @@ class Harness:
     async def _queue(self, side: Side, op: QueueOp, ex: Any) -> Any:
         d, now = side.driver, self.now
         if op.do == "upsert":
-            return await d.queue_upsert(op.name, now)
+            limits = self.limits.get(op.name) if op.limited else None
+            return await d.queue_upsert(op.name, now, limits)
         if op.do in ("pause", "resume"):
             change = d.queue_pause if op.do == "pause" else d.queue_resume
             # "*" changes every queue, in no particular order on PostgreSQL.
@@ -584,7 +644,7 @@ class Harness:
             return sorted(await d.queue_paused([*QUEUES, "q-none"]))
         if op.do == "delete_stale":
             return sorted(await d.queue_delete_stale(now - timedelta(seconds=op.ago)))
-        return [tuple(r) for r in await d.queue_list()]
+        return queue_rows(await d.queue_list())
 
     def _list_params(self, side: Side, op: List) -> JobListParams:
         return JobListParams(
@@ -685,6 +745,16 @@ def _features(op: Any, result: Any) -> list[str]:
         return [f"{op.do} of a job that is {value if op.do == 'state' else value[4]}"]
     if isinstance(op, Rescue):
         return (["stuck jobs found"] if value[0] else []) + (["rescued"] if value[1] else [])
+    if isinstance(op, FetchLimited):
+        rows, held_back, next_open = value
+        found = [f"{name} found jobs"] if rows else []
+        found += ["FetchLimited held jobs back"] if held_back else []
+        return found + (["FetchLimited said when a rate window opens"] if next_open else [])
+    if isinstance(op, QueueOp) and op.do == "list":
+        found = ["queue_list of a limited queue"] if any(r[6] for r in value) else []
+        found += ["queue_list: jobs held back"] if any(r[7] for r in value) else []
+        cut = any(len(r[8]) == PARTITIONS_SHOWN for r in value)
+        return found + ([f"queue_list: {PARTITIONS_SHOWN} partitions shown"] if cut else [])
     if isinstance(op, Fetch | Claim | Schedule | DeleteFinalized | CancelRequested) and value:
         return [f"{name} found jobs"]
     if isinstance(op, Leader | Periodic) and value:
@@ -705,7 +775,7 @@ async def sides(url: str) -> AsyncIterator[tuple[Side, Side]]:
         yield Side("memory", memory, memory_listener), Side("postgres", postgres, postgres_listener)
 
 
-EMPTY = "TRUNCATE tq_job, tq_queue, tq_leader, tq_periodic_job RESTART IDENTITY"
+EMPTY = "TRUNCATE tq_job, tq_queue, tq_leader, tq_periodic_job, tq_rate_start RESTART IDENTITY"
 """Every table a plan writes, emptied before each plan; its ids start again at 1."""
 
 
@@ -750,6 +820,8 @@ def _mostly(common: Any, rare: Any, odds: int = 30) -> Any:
 
 
 _metadata = _mostly(_json_object, _odd_json, 8)
+_args = _mostly(st.sampled_from(DIFF_ARGS), _odd_json, 10)
+"""Args with fields to partition by (``c``, ``d``), few distinct values."""
 _tags = st.lists(st.sampled_from(TAGS), max_size=2, unique=True).map(tuple)
 
 new_jobs = st.builds(
@@ -766,7 +838,7 @@ new_jobs = st.builds(
     tags=_tags,
     key=st.one_of(st.none(), st.integers(0, 2)),
     mask=st.integers(0, len(MASKS) - 1),
-    args_json=_mostly(_json_object, _odd_json, 10),
+    args_json=_args,
     metadata_json=_metadata,
 )
 first_insert = st.builds(
@@ -779,6 +851,7 @@ first_insert = st.builds(
             priority=st.integers(1, 4),
             due=st.sampled_from([-1.0, 0.0, 5.0]),
             tags=_tags,
+            args_json=st.sampled_from(DIFF_ARGS),
         ),
         min_size=1,
         max_size=4,
@@ -852,8 +925,19 @@ _rescue_ops = st.builds(
     ).map(tuple),
 )
 _outcome_ops = st.builds(Outcomes, st.lists(outs, min_size=1, max_size=3).map(tuple), st.booleans())
+_limited_fetches = st.builds(
+    FetchLimited, st.sampled_from(QUEUES), st.integers(0, 3), st.sampled_from(["c1", "c2"])
+)
 
-# A strategy listed twice is drawn about twice as often.
+
+def _again(strategy: Any) -> Any:
+    """``strategy`` as another object: st.one_of draws each distinct strategy alike and
+    takes one given twice as one, so a strategy listed again must be another object to be
+    drawn more often."""
+    return strategy.map(lambda value: value)
+
+
+# A strategy listed twice (as another object: `_again`) is drawn about twice as often.
 operations = st.one_of(
     st.builds(Tick, _seconds),
     st.builds(Tick, _seconds),
@@ -862,10 +946,14 @@ operations = st.one_of(
     st.builds(Fetch, st.sampled_from(QUEUES), st.integers(0, 3), st.sampled_from(["c1", "c2"])),
     st.builds(Fetch, st.sampled_from(QUEUES), st.integers(1, 3)),
     st.builds(Fetch, st.sampled_from(QUEUES), st.integers(1, 3)),
+    _limited_fetches,
+    _again(_limited_fetches),
+    _again(_limited_fetches),
+    st.builds(QueueOp, st.just("upsert"), st.sampled_from(QUEUES), limited=st.just(True)),
     st.builds(Claim, _ref, st.sampled_from(["c1", "c2"])),
     _outcome_ops,
-    _outcome_ops,
-    _outcome_ops,
+    _again(_outcome_ops),
+    _again(_outcome_ops),
     st.builds(Manage, st.sampled_from(["cancel", "cancel", "retry", "delete", "get"]), _ref),
     st.builds(CancelRequested, st.lists(_ref, max_size=4).map(tuple)),
     st.builds(Schedule, _offset, st.sampled_from([1, 2, 100])),
@@ -878,7 +966,7 @@ operations = st.one_of(
     list_ops,
     st.builds(Count, st.sampled_from(["live", "finalized", "since"]), st.sampled_from([1, 2, 100])),
     _rescue_ops,
-    _rescue_ops,
+    _again(_rescue_ops),
     st.builds(
         DeleteFinalized,
         st.sampled_from(["completed", "cancelled", "discarded"]),
@@ -903,9 +991,11 @@ operations = st.one_of(
     st.builds(Tx, st.lists(_tx_ops, min_size=1, max_size=4).map(tuple), st.booleans()),
 )
 
-plans = st.tuples(first_insert, st.lists(operations, min_size=12, max_size=50)).map(
-    lambda p: [p[0], *p[1]]
-)
+plans = st.tuples(
+    st.builds(UseLimits, st.tuples(diff_limits(), diff_limits())),
+    first_insert,
+    st.lists(operations, min_size=12, max_size=50),
+).map(lambda p: [p[0], p[1], *p[2]])
 
 
 # ------------------------------------------------------------------------------- tests
