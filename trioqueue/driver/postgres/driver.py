@@ -397,9 +397,10 @@ class PostgresDriver:
         self, name: str, now: datetime, limits: QueueLimits | None = None, *, rekey: bool = False
     ) -> bool:
         stored = None if limits is None else limits.to_json()
-        row = await self._fetchrow(
-            f"registering queue {name!r}", "queue_upsert", [name, now, stored, rekey], None
-        )
+        doing = f"registering queue {name!r}"
+        row = await self._fetchrow(doing, "queue_upsert", [name, now, stored], None)
+        if row and (row[1] or (rekey and stored is not None)):
+            await self._fetch(doing, "queue_rekey", [name, stored], None)
         return bool(row and row[0])
 
     async def _queue_change(self, action: str, name: str, now: datetime, ex: Any) -> list[str]:

@@ -2,29 +2,26 @@
 
 -- name: queue_upsert
 -- A producer announces its queue and the limits it works it with ($3, QueueLimits.to_json(),
--- or NULL for none); returns whether the queue is paused. When the limits differ from the
--- stored ones, or $4 asks for it (a client's second announcement, a few seconds after
--- its first, to catch jobs inserted while the limits were being stored), the live jobs
--- of the queue get the partition key of these limits (migration 004).
-WITH announced AS (
+-- or NULL for none); returns whether the queue is paused, and whether the limits differ
+-- from those stored before (then the driver runs queue_rekey).
+WITH old AS (SELECT limits FROM tq_queue WHERE name = $1),
+announced AS (
     INSERT INTO tq_queue (name, created_at, updated_at, limits)
     VALUES ($1, $2, $2, $3::text::jsonb)
     ON CONFLICT (name) DO UPDATE SET updated_at = EXCLUDED.updated_at, limits = EXCLUDED.limits
     RETURNING paused_at IS NOT NULL AS paused
-),
-rekeyed AS (
-    UPDATE tq_job j
-    SET limit_key = tq_limit_key($3::text::jsonb, j.kind, j.args)
-    WHERE j.queue = $1
-      AND j.state IN ('available', 'pending', 'retryable', 'running', 'scheduled')
-      AND ($3::text IS NOT NULL
-           OR EXISTS (SELECT 1 FROM tq_queue q WHERE q.name = $1 AND q.limits IS NOT NULL))
-      AND ($4::boolean
-           OR NOT EXISTS (SELECT 1 FROM tq_queue q
-                          WHERE q.name = $1 AND q.limits IS NOT DISTINCT FROM $3::text::jsonb))
-      AND j.limit_key IS DISTINCT FROM tq_limit_key($3::text::jsonb, j.kind, j.args)
 )
-SELECT paused FROM announced;
+SELECT paused, (SELECT limits FROM old) IS DISTINCT FROM $3::text::jsonb FROM announced;
+
+-- name: queue_rekey
+-- Give the live jobs of queue $1 the partition keys of its limits $2 (NULL: none), after
+-- they changed, or in a client's second announcement a few seconds after its first (to
+-- catch jobs inserted while the limits were being stored). Migration 004.
+UPDATE tq_job j
+SET limit_key = tq_limit_key($2::text::jsonb, j.kind, j.args)
+WHERE j.queue = $1
+  AND j.state IN ('available', 'pending', 'retryable', 'running', 'scheduled')
+  AND j.limit_key IS DISTINCT FROM tq_limit_key($2::text::jsonb, j.kind, j.args);
 
 -- name: queue_pause
 -- Pause one queue, creating its row if need be (a pause keeps its first paused_at);
