@@ -271,8 +271,8 @@ DIFF_ARGS = (
     "{}",
 )
 """Args with few distinct partitions (by ``c`` and ``d``): a field missing, null, numbers
-written two ways, an object. (Numbers the drivers partition apart are left out: see
-``test_numbers_written_otherwise_partition_alike``.)"""
+written two ways, an object. (Numbers that Python's json never writes, which the drivers
+partition apart, are left out: see docs/flow-control.md.)"""
 
 
 @attrs.frozen
