@@ -39,6 +39,18 @@ def _rate_key(limits: QueueLimits, job: _Job) -> str:
     return partition_of(r.by_kind, r.by_args, job.kind, job.args) if r else "{}"
 
 
+def _running_by_partition(jobs: Iterable[_Job], limits: QueueLimits) -> Counter[str]:
+    """Running ``jobs`` per global partition."""
+    return Counter(_global_key(limits, j) for j in jobs)
+
+
+def _in_window(starts: Iterable[tuple[str, datetime]], per: float, at: datetime) -> Counter[str]:
+    """Starts per rate partition from the beginning of the window of ``per`` seconds
+    that ends at ``at`` on (later ones too)."""
+    since = at - timedelta(seconds=per)
+    return Counter(p for p, t in starts if t > since)
+
+
 class _Limits(_Store):
     def _rate_window(self, queue: str, limits: QueueLimits, at: datetime) -> Counter[str]:
         """Starts per rate partition from the beginning of the window that ends at ``at``
@@ -47,14 +59,10 @@ class _Limits(_Store):
         r = limits.rate_limit
         if r is None:
             return Counter()
-        since = at - timedelta(seconds=r.per)
-        keep = since - timedelta(seconds=max(r.per, RATE_KEEP))
+        keep = at - timedelta(seconds=r.per + max(r.per, RATE_KEEP))
         kept = [(p, t) for p, t in self._rate_starts.get(queue, ()) if t > keep]
         self._rate_starts[queue] = kept
-        return Counter(p for p, t in kept if t > since)
-
-    def _running_by_partition(self, jobs: Iterable[_Job], limits: QueueLimits) -> Counter[str]:
-        return Counter(_global_key(limits, j) for j in jobs)
+        return _in_window(kept, r.per, at)
 
     async def job_get_available_limited(
         self, queue: str, now: datetime, limit: int, client_id: str, limits: QueueLimits
@@ -75,7 +83,7 @@ class _Limits(_Store):
             paused = self._queues.get(queue)
             if paused is not None and paused.paused_at is not None:
                 return LimitedFetch([], False, None)
-            running = self._running_by_partition(
+            running = _running_by_partition(
                 (j for j in self._jobs_in(JobState.RUNNING) if j.queue == queue), limits
             )
             started = self._rate_window(queue, limits, at)
@@ -213,11 +221,8 @@ def with_partitions(
     r = limits.rate_limit
     mine = [j for j in jobs if j.queue == row.name]
     running_jobs = [j for j in mine if j.state is JobState.RUNNING]
-    running = Counter(_global_key(limits, j) for j in running_jobs)
-    started: Counter[str] = Counter()
-    if r is not None:
-        since = at - timedelta(seconds=r.per)
-        started = Counter(p for p, t in starts if t > since)
+    running = _running_by_partition(running_jobs, limits)
+    started = _in_window(starts, r.per, at) if r is not None else Counter()
     shown = _global_key if g is not None else _rate_key
     run_by: Counter[str] = Counter(shown(limits, j) for j in running_jobs)
     held_by: Counter[str] = Counter()
