@@ -278,7 +278,7 @@ async def insert_many_returns_rows_in_input_order(driver: Driver) -> None:
     )
     assert [skipped for _, skipped in results] == [False, False, False]
     first, second, third = (row for row, _ in results)
-    assert len(first) == 16
+    assert len(first) == 20
     assert first[ID] < second[ID] < third[ID]
     assert first[1:] == (
         "k1",
@@ -296,6 +296,10 @@ async def insert_many_returns_rows_in_input_order(driver: Driver) -> None:
         [],
         {"m": 1},
         ["t1", "t2"],
+        None,
+        None,
+        None,
+        None,
     )
     # jsonb orders keys by length, then bytewise.
     assert list(first[ARGS]) == ["a", "b", "aa"]

@@ -282,7 +282,7 @@ async def test_migration_3_keeps_only_indexes_that_earn_their_writes(
             assert f"'{state}'" not in fetch_idx
         await _client_works(url)
 
-        assert await tq.migrate(url, direction="down", target_version=2) == [4, 3]
+        assert await tq.migrate(url, direction="down", target_version=2) == [5, 4, 3]
         assert await _job_indexes(url) == before
 
 
@@ -412,7 +412,7 @@ async def test_migration_4_adds_flow_control_and_down_removes_it(empty_database_
                 " VALUES ('available', 25, '{\"customer\": 1}', 'customer_note', 'lq')"
             )
 
-        assert await tq.migrate(url) == [4]
+        assert await tq.migrate(url) == [4, 5]
         after = await _schema_objects(url)
         assert "limit_key" in after["tq_job"] and "limits" in after["tq_queue"]
         assert "tq_rate_start" in after["tables"]
@@ -442,11 +442,11 @@ async def test_migration_4_adds_flow_control_and_down_removes_it(empty_database_
             assert await conn.fetchval("SELECT count(*) FROM tq_rate_start") == 2
             assert await conn.fetchval("SELECT limits IS NOT NULL FROM tq_queue") is True
 
-        assert await tq.migrate(url, direction="down", target_version=3) == [4]
+        assert await tq.migrate(url, direction="down", target_version=3) == [5, 4]
         assert await _schema_objects(url) == before
         async with _connect(url) as conn:
             states = await conn.fetch("SELECT state::text FROM tq_job ORDER BY id")
         assert [str(s) for (s,) in states] == ["completed", "completed"]  # the jobs stay
 
-        assert await tq.migrate(url) == [4]
+        assert await tq.migrate(url) == [4, 5]
         await _client_works(url)

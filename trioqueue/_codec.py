@@ -385,6 +385,10 @@ def row_to_job_with_args(row: JobRow, args: Any) -> Job[Any]:
         errors,
         metadata,
         tags,
+        output,
+        workflow_id,
+        workflow_task,
+        workflow_deps,
     ) = row
     return Job(
         job_id,
@@ -403,4 +407,8 @@ def row_to_job_with_args(row: JobRow, args: Any) -> Job[Any]:
         _errors(errors) if errors else [],
         _metadata(metadata),
         list(tags or ()),
+        output,
+        workflow_id,
+        workflow_task,
+        tuple(workflow_deps or ()),
     )

@@ -7,5 +7,5 @@ from __future__ import annotations
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The newest migration in ``trioqueue/migrations``."""

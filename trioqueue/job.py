@@ -29,6 +29,7 @@ __all__ = [
     "parse_bigint",
     "validate_kind",
     "validate_queue_name",
+    "validate_workflow_id",
 ]
 
 T = TypeVar("T")
@@ -96,6 +97,15 @@ class Job(Generic[T]):
     errors: list[AttemptError]
     metadata: dict[str, Any]
     tags: list[str]
+    output: Any = None
+    """What the worker returned, as JSON (attrs and dataclass instances become objects);
+    None: it has not completed, or returned None."""
+    workflow_id: str | None = None
+    """The workflow the job is a task of (None: none)."""
+    workflow_task: str | None = None
+    """The job's task name in its workflow."""
+    workflow_deps: tuple[int, ...] = ()
+    """The ids of the jobs this workflow task waits for (its deps), in the order added."""
 
 
 def validate_queue_name(field: str, name: object) -> str:
@@ -107,6 +117,17 @@ def validate_queue_name(field: str, name: object) -> str:
             "optionally separated by single '_' or '-'",
         )
     return name
+
+
+MAX_WORKFLOW_ID = 255
+
+
+def validate_workflow_id(field: str, workflow_id: object) -> str:
+    """Return ``workflow_id`` if it can name a workflow, else raise ValidationError."""
+    if not isinstance(workflow_id, str) or not 1 <= len(workflow_id) <= MAX_WORKFLOW_ID:
+        raise ValidationError(field, f"must be a string of 1-{MAX_WORKFLOW_ID} characters")
+    check_text(field, workflow_id)
+    return workflow_id
 
 
 def validate_kind(kind: object, field: str = "kind") -> str:
@@ -300,6 +321,8 @@ class JobListParams:
     within_newest: int | None = None
     """Only look at the newest N job ids (ids above the highest id minus N): bounds the
     work of a filter that no index serves (kinds, queues or tags over a big table)."""
+    workflow_id: str | None = None
+    """Only the tasks of this workflow (`Job.workflow_id`)."""
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.descending, bool):
@@ -346,6 +369,8 @@ class JobListParams:
                 if not isinstance(t, str):
                     raise ValidationError("JobListParams.tags", f"tag {t!r} must be a string")
                 check_text("JobListParams.tags", t)
+        if self.workflow_id is not None:
+            validate_workflow_id("JobListParams.workflow_id", self.workflow_id)
 
 
 @final

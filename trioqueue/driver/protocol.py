@@ -29,6 +29,7 @@ __all__ = [
     "LeaderRow",
     "PARTITIONS_SHOWN",
     "QueueRow",
+    "WorkflowTaskParams",
     "WrittenRow",
 ]
 
@@ -54,6 +55,12 @@ class JobRow(NamedTuple):
     errors: list[Any] | None
     metadata: dict[str, Any] | None
     tags: list[str] | None
+    output: Any = None
+    """The worker's recorded return value (decoded JSON); None: none."""
+    workflow_id: str | None = None
+    workflow_task: str | None = None
+    workflow_deps: list[int] | None = None
+    """The ids of the jobs a workflow task waits for, in the order added."""
 
 
 class WrittenRow(NamedTuple):
@@ -94,6 +101,11 @@ class LeaderRow(NamedTuple):
 INSERT_CHANNEL = "tq_insert"
 CONTROL_CHANNEL = "tq_control"
 LEADERSHIP_CHANNEL = "tq_leadership"
+FINAL_CHANNEL = "tq_final"
+"""Jobs that reached a final state (completed, cancelled, discarded): each payload is
+their ids, comma-separated (at most 400 per payload). Sent by every write that finalizes
+jobs (outcomes, cancels, rescues, the scheduler's discards, a workflow's cancelled
+dependents), at most a few per write, never one per job; `Client.job_wait` listens."""
 
 
 class JobInsertParams(NamedTuple):
@@ -130,6 +142,22 @@ class JobOutcome(NamedTuple):
     """The run this outcome belongs to (the row's ``attempted_at`` when it was fetched):
     the outcome is applied only while the row still runs that run, so a write retried
     after its reply was lost cannot land on a later run of the job. None: any run."""
+    output_json: str | None = None
+    """A completed run's return value as JSON (None: no output; the stored output is
+    cleared)."""
+
+
+class WorkflowTaskParams(NamedTuple):
+    """One task of a workflow to insert (`Driver.job_insert_workflow`)."""
+
+    params: JobInsertParams
+    """The job; its state is ``pending`` when it has deps."""
+    task: str
+    """Its name in the workflow."""
+    deps: tuple[int, ...]
+    """The positions (in the same list) of the tasks it waits for: always earlier ones."""
+    ignore_failed: bool
+    """Run once every dep is final, whatever its outcome (else: only once all completed)."""
 
 
 @attrs.frozen
@@ -211,6 +239,28 @@ class Driver(Protocol):
         transaction is aborted) and propagates. ``notify_queues`` (or what it returns,
         called once after every job was read) names the queues to notify.
         """
+        ...
+
+    async def job_insert_workflow(
+        self,
+        workflow_id: str,
+        tasks: Sequence[WorkflowTaskParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> list[tuple[JobRow, bool]]:
+        """Insert a workflow's tasks, all or nothing (inside ``ex`` when given), and return
+        their rows in input order, each with whether it was skipped as a unique duplicate.
+
+        Each row gets ``workflow_id``, its task name, the job ids of its deps (in order),
+        ``ignore_failed``, and a job some task depends on is marked as having dependents.
+        A task whose unique key collides with a live job comes back as that job (skipped),
+        and the tasks that depend on it wait for that job instead. Tasks whose deps are
+        already final are settled at once (promoted or cancelled).
+
+        Raises ValidationError (field ``workflow``) when jobs of ``workflow_id`` exist;
+        nothing is written."""
         ...
 
     async def job_get_available(

@@ -50,14 +50,14 @@ _written_row: Final = partial(tuple.__new__, WrittenRow)
 
 
 def _inserted_row(values: Sequence[Any]) -> tuple[JobRow, bool]:
-    """A row of the insert statements: the job's 16 columns, then whether it was skipped
+    """A row of the insert statements: the job's 20 columns, then whether it was skipped
     (a unique job already there); a column after those (a count of notifications) is
     left out."""
-    return _job_row(values[:16]), bool(values[16])
+    return _job_row(values[:20]), bool(values[20])
 
 
 def _plain_completion(o: JobOutcome) -> bool:
-    """A completed outcome that changes nothing but the state and finalized_at."""
+    """A completed outcome that changes nothing but the state, finalized_at and output."""
     return (
         o.state is JobState.COMPLETED
         and o.error_json is None
@@ -285,6 +285,7 @@ class PostgresDriver:
                     int8_array([o.id for o in outcomes]),
                     timestamptz_array([o.finalized_at for o in outcomes]),
                     timestamptz_array([o.attempted_at for o in outcomes]),
+                    text_array([o.output_json for o in outcomes]),
                 ]
             return await self._fetch(doing, "job_complete_many_ids", ids, None, _written_row)
         with wrapped(doing):
@@ -298,6 +299,7 @@ class PostgresDriver:
                 text_array([o.metadata_json for o in outcomes]),
                 now,
                 timestamptz_array([o.attempted_at for o in outcomes]),
+                text_array([o.output_json for o in outcomes]),
             ]
         if rows:
             return await self._fetch(doing, "job_set_state_if_running_many", args, None, _job_row)

@@ -21,10 +21,10 @@ def limited_fetch(rows: Sequence[Sequence[Any]]) -> LimitedFetch:
     next_open = None
     for row in rows:
         if row[0] is None:
-            held_back = bool(row[16])
-            next_open = row[17]
+            held_back = bool(row[20])
+            next_open = row[21]
         else:
-            jobs.append(JobRow._make(row[:16]))
+            jobs.append(JobRow._make(row[:20]))
     return LimitedFetch(jobs, held_back, next_open)
 
 

@@ -27,12 +27,15 @@ def _load() -> dict[str, str]:
     return found
 
 
-def _returning_id(sql: str) -> str:
-    """``sql`` with its RETURNING list cut down to the job id."""
-    head, sep, _ = sql.rpartition("RETURNING")
-    if not sep:
-        raise RuntimeError("expected a RETURNING clause")
-    return head + "RETURNING j.id"
+def _ids_only(sql: str) -> str:
+    """job_set_state_if_running_many for a writer that wants the written ids only: the
+    rows come back as ``(id,)``, and the other columns are never read."""
+    head, sep, tail = sql.partition("    RETURNING j.id, j.kind,")
+    returned, sep2, rest = tail.partition("\n)")
+    if not sep or not sep2 or "SELECT written.* FROM" not in rest:
+        raise RuntimeError("job_set_state_if_running_many changed: update _ids_only")
+    rest = rest.replace("SELECT written.* FROM", "SELECT written.id FROM")
+    return head + "    RETURNING j.id, j.state\n)" + rest
 
 
 QUERIES = _load()
@@ -71,7 +74,5 @@ def _live_states_variant(sql: str) -> str:
 QUERIES["job_list_desc"] = _newest_first(QUERIES["job_list"])
 for _name in ("job_list", "job_list_desc"):
     QUERIES[f"{_name}_live"] = _live_states_variant(QUERIES[_name])
-# Writing outcomes when no subscriber wants the jobs back: the same statement, id only.
-QUERIES["job_set_state_if_running_many_ids"] = _returning_id(
-    QUERIES["job_set_state_if_running_many"]
-)
+# Writing outcomes when no subscriber wants the jobs back: the same statement, ids only.
+QUERIES["job_set_state_if_running_many_ids"] = _ids_only(QUERIES["job_set_state_if_running_many"])

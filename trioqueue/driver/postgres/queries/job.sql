@@ -1,6 +1,7 @@
 -- Job queries. Every job-returning query lists the columns in this order:
 -- id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
--- attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+-- attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
+-- workflow_id, workflow_task, workflow_deps
 -- `now` is always a parameter (the client's clock), never the database's now().
 
 -- name: job_insert_many
@@ -40,7 +41,8 @@ inserted AS (
         DO UPDATE SET kind = EXCLUDED.kind
     RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts,
               attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
-              metadata, tags, (xmax <> 0) AS skipped
+              metadata, tags, output, workflow_id, workflow_task, workflow_deps,
+              (xmax <> 0) AS skipped
 )
 SELECT inserted.*, (SELECT n FROM notified) AS notified FROM inserted;
 
@@ -66,7 +68,8 @@ inserted AS (
         DO UPDATE SET kind = EXCLUDED.kind
     RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts,
               attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
-              metadata, tags, (xmax <> 0) AS skipped
+              metadata, tags, output, workflow_id, workflow_task, workflow_deps,
+              (xmax <> 0) AS skipped
 )
 SELECT inserted.*, (SELECT n FROM notified) AS notified FROM inserted;
 
@@ -81,7 +84,7 @@ VALUES ($1::text::jsonb, $2::text, $3::smallint, $4::text::jsonb, $5::smallint, 
          WHERE q.name = $6::text AND q.limits IS NOT NULL))
 RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts,
           attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
-          metadata, tags, false AS skipped;
+          metadata, tags, output, workflow_id, workflow_task, workflow_deps, false AS skipped;
 
 -- name: job_notify_insert
 SELECT count(pg_notify('tq_insert', json_build_object('queue', q)::text))
@@ -114,7 +117,8 @@ claimed AS (
     WHERE j.id = locked.id
     RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt,
               j.max_attempts, j.attempted_at, j.attempted_by, j.created_at, j.finalized_at,
-              j.scheduled_at, nullif(j.errors, '[]'), nullif(j.metadata, '{}'), j.tags
+              j.scheduled_at, nullif(j.errors, '[]'), nullif(j.metadata, '{}'), j.tags,
+              j.output, j.workflow_id, j.workflow_task, j.workflow_deps
 )
 SELECT * FROM claimed ORDER BY priority, scheduled_at, id;
 
@@ -131,7 +135,8 @@ WHERE j.id = $1
   AND j.state IN ('available', 'pending', 'retryable', 'scheduled')
 RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
           j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
-          j.errors, j.metadata, j.tags;
+          j.errors, j.metadata, j.tags, j.output, j.workflow_id, j.workflow_task,
+          j.workflow_deps;
 
 -- name: job_set_state_if_running_many
 -- Write a batch of outcomes. Only rows still `running` change, and only while they run the
@@ -139,51 +144,72 @@ RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j
 -- its reply was lost never lands on a later run of the job. A job whose cancellation was
 -- requested while it ran ends `cancelled` instead of going back to be retried or snoozed.
 -- SET expressions read the row as locked, so a cancel request that lands first is seen.
+-- A completed job's output ($10) replaces the stored one. Jobs that end final are announced
+-- on tq_final (job_wait), and a workflow's dependents are settled by the trigger of
+-- migration 005, all in this statement.
 -- The args column comes back NULL: the caller has them, and decoding them again for every
 -- finished job is the single largest cost of this statement.
-UPDATE tq_job j
-SET state = CASE WHEN j.metadata ? 'cancel_attempted_at'
-                      AND i.state IN ('retryable', 'scheduled', 'available')
-                 THEN 'cancelled'::tq_job_state
-                 ELSE i.state::tq_job_state END,
-    finalized_at = CASE WHEN j.metadata ? 'cancel_attempted_at'
-                             AND i.state IN ('retryable', 'scheduled', 'available')
-                        THEN $8 ELSE i.finalized_at END,
-    scheduled_at = coalesce(i.scheduled_at, j.scheduled_at),
-    attempt = CASE WHEN i.give_back_attempt THEN greatest(j.attempt - 1, 0)
-                   ELSE j.attempt END,
-    errors = CASE WHEN i.error IS NULL THEN j.errors
-                  ELSE j.errors || jsonb_build_array(i.error::jsonb) END,
-    metadata = CASE WHEN i.metadata IS NULL THEN j.metadata
-                    ELSE j.metadata || i.metadata::jsonb END
-FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-            $5::boolean[], $6::text[], $7::text[], $9::timestamptz[])
-     AS i(id, state, finalized_at, scheduled_at, give_back_attempt, error, metadata,
-          attempted_at)
-WHERE j.id = i.id
-  AND j.state = 'running'
-  AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
-RETURNING j.id, j.kind, NULL::jsonb, j.queue, j.state::text, j.priority, j.attempt, j.max_attempts,
-          j.attempted_at, j.attempted_by, j.created_at, j.finalized_at, j.scheduled_at,
-          j.errors, j.metadata, j.tags;
+WITH written AS (
+    UPDATE tq_job j
+    SET state = CASE WHEN j.metadata ? 'cancel_attempted_at'
+                          AND i.state IN ('retryable', 'scheduled', 'available')
+                     THEN 'cancelled'::tq_job_state
+                     ELSE i.state::tq_job_state END,
+        finalized_at = CASE WHEN j.metadata ? 'cancel_attempted_at'
+                                 AND i.state IN ('retryable', 'scheduled', 'available')
+                            THEN $8 ELSE i.finalized_at END,
+        scheduled_at = coalesce(i.scheduled_at, j.scheduled_at),
+        attempt = CASE WHEN i.give_back_attempt THEN greatest(j.attempt - 1, 0)
+                       ELSE j.attempt END,
+        errors = CASE WHEN i.error IS NULL THEN j.errors
+                      ELSE j.errors || jsonb_build_array(i.error::jsonb) END,
+        metadata = CASE WHEN i.metadata IS NULL THEN j.metadata
+                        ELSE j.metadata || i.metadata::jsonb END,
+        output = CASE WHEN i.state = 'completed' THEN i.output::jsonb ELSE j.output END
+    FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                $5::boolean[], $6::text[], $7::text[], $9::timestamptz[], $10::text[])
+         AS i(id, state, finalized_at, scheduled_at, give_back_attempt, error, metadata,
+              attempted_at, output)
+    WHERE j.id = i.id
+      AND j.state = 'running'
+      AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
+    RETURNING j.id, j.kind, NULL::jsonb AS args, j.queue, j.state::text AS state, j.priority,
+              j.attempt, j.max_attempts, j.attempted_at, j.attempted_by, j.created_at,
+              j.finalized_at, j.scheduled_at, j.errors, j.metadata, j.tags, j.output,
+              j.workflow_id, j.workflow_task, j.workflow_deps
+),
+notified AS (
+    SELECT tq_notify_final(array_agg(id) FILTER (
+        WHERE state IN ('cancelled', 'completed', 'discarded'))) AS n
+    FROM written
+)
+SELECT written.* FROM written CROSS JOIN notified;
 
 -- name: job_complete_many_ids
--- The usual batch: every outcome `completed` and nothing else to change, nobody reading the
--- rows back. job_set_state_if_running_many would do the same (its CASEs change nothing
--- for a completed job), at about a sixth more server time per row.
-UPDATE tq_job j
-SET state = 'completed',
-    finalized_at = i.finalized_at
-FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[])
-     AS i(id, finalized_at, attempted_at)
-WHERE j.id = i.id
-  AND j.state = 'running'
-  AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
-RETURNING j.id;
+-- The usual batch: every outcome `completed`, nobody reading the rows back.
+-- job_set_state_if_running_many would do the same (its CASEs change nothing for a
+-- completed job), at about a sixth more server time per row.
+WITH written AS (
+    UPDATE tq_job j
+    SET state = 'completed',
+        finalized_at = i.finalized_at,
+        output = i.output::jsonb
+    FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[])
+         AS i(id, finalized_at, attempted_at, output)
+    WHERE j.id = i.id
+      AND j.state = 'running'
+      AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
+    RETURNING j.id
+),
+notified AS (
+    SELECT tq_notify_final(array_agg(id)) AS n FROM written
+)
+SELECT written.id FROM written CROSS JOIN notified;
 
 -- name: job_get
 SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
+       output, workflow_id, workflow_task, workflow_deps
 FROM tq_job
 WHERE id = $1;
 
@@ -192,7 +218,8 @@ WHERE id = $1;
 -- $9 (within_newest): only ids above the highest id minus $9, which bounds the primary key
 -- walk of a filter no index serves; max(id) is one step down the primary key.
 SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
+       output, workflow_id, workflow_task, workflow_deps
 FROM tq_job
 WHERE ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
   AND ($2::text[] IS NULL OR kind = ANY($2::text[]))
@@ -217,7 +244,8 @@ SET state = CASE WHEN state = 'running' THEN state ELSE 'cancelled'::tq_job_stat
 WHERE id = $1
   AND state NOT IN ('cancelled', 'completed', 'discarded')
 RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags;
+          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
+          output, workflow_id, workflow_task, workflow_deps;
 
 -- name: job_retry
 -- Make a job available now. A running job is left alone. A job out of attempts gets one more.
@@ -234,14 +262,16 @@ SET state = 'available',
 WHERE id = $1
   AND state <> 'running'
 RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags;
+          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
+          output, workflow_id, workflow_task, workflow_deps;
 
 -- name: job_delete
 DELETE FROM tq_job
 WHERE id = $1
   AND state <> 'running'
 RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags;
+          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
+          output, workflow_id, workflow_task, workflow_deps;
 
 -- name: job_state
 SELECT state::text FROM tq_job WHERE id = $1;

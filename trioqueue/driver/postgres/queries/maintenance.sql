@@ -4,7 +4,8 @@
 -- Running jobs attempted before $1 with ids above $3: candidates for the rescuer (it
 -- decides per job, and pages by id past the ones it leaves alone).
 SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
+       output, workflow_id, workflow_task, workflow_deps
 FROM tq_job
 WHERE state = 'running'
   AND attempted_at < $1
