@@ -103,7 +103,7 @@ CONTROL_CHANNEL = "tq_control"
 LEADERSHIP_CHANNEL = "tq_leadership"
 FINAL_CHANNEL = "tq_final"
 """Jobs that reached a final state (completed, cancelled, discarded): each payload is
-their ids, comma-separated (at most 400 per payload). Sent by every write that finalizes
+``{"ids": [...]}`` (at most 400 ids). Sent by every write that finalizes
 jobs (outcomes, cancels, rescues, the scheduler's discards, a workflow's cancelled
 dependents), at most a few per write, never one per job; `Client.job_wait` listens."""
 

@@ -173,16 +173,16 @@ BEGIN
 END;
 $$;
 
--- Tell job_wait's listeners that these jobs are final: their ids, comma-separated, in
--- payloads under NOTIFY's 8000-byte bound.
+-- Tell job_wait's listeners that these jobs are final: {"ids": [...]}, at most 400 ids a
+-- payload (under NOTIFY's 8000-byte bound).
 CREATE FUNCTION tq_notify_final(p_ids bigint[])
 RETURNS integer
 LANGUAGE sql
 VOLATILE
 AS $$
-    SELECT count(pg_notify('tq_final', ids))::integer
+    SELECT count(pg_notify('tq_final', json_build_object('ids', ids)::text))::integer
     FROM (
-        SELECT string_agg(id::text, ',') AS ids
+        SELECT array_agg(id) AS ids
         FROM (SELECT id, (row_number() OVER () - 1) / 400 AS chunk
               FROM unnest(p_ids) AS id) AS numbered
         GROUP BY chunk

@@ -235,17 +235,25 @@ LIMIT $8;
 -- name: job_cancel
 -- Queued jobs are cancelled at once; a running job is marked so that its owner cancels it
 -- (the caller then sends a control notification); finalized jobs are left as they are.
-UPDATE tq_job
-SET state = CASE WHEN state = 'running' THEN state ELSE 'cancelled'::tq_job_state END,
-    finalized_at = CASE WHEN state = 'running' THEN NULL ELSE $2 END,
-    metadata = CASE WHEN state = 'running'
-                    THEN metadata || jsonb_build_object('cancel_attempted_at', $2::timestamptz)
-                    ELSE metadata END
-WHERE id = $1
-  AND state NOT IN ('cancelled', 'completed', 'discarded')
-RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
-          output, workflow_id, workflow_task, workflow_deps;
+-- A job cancelled here is announced on tq_final (job_wait).
+WITH cancelled AS (
+    UPDATE tq_job
+    SET state = CASE WHEN state = 'running' THEN state ELSE 'cancelled'::tq_job_state END,
+        finalized_at = CASE WHEN state = 'running' THEN NULL ELSE $2 END,
+        metadata = CASE WHEN state = 'running'
+                        THEN metadata || jsonb_build_object('cancel_attempted_at', $2::timestamptz)
+                        ELSE metadata END
+    WHERE id = $1
+      AND state NOT IN ('cancelled', 'completed', 'discarded')
+    RETURNING id, kind, args, queue, state::text AS state, priority, attempt, max_attempts,
+              attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
+              metadata, tags, output, workflow_id, workflow_task, workflow_deps
+),
+notified AS (
+    SELECT tq_notify_final(array_agg(id) FILTER (WHERE state = 'cancelled')) AS n
+    FROM cancelled
+)
+SELECT cancelled.* FROM cancelled CROSS JOIN notified;
 
 -- name: job_retry
 -- Make a job available now. A running job is left alone. A job out of attempts gets one more.
@@ -340,9 +348,13 @@ updated AS (
     FROM due
     LEFT JOIN conflicting c ON c.id = due.id
     WHERE j.id = due.id
-    RETURNING j.queue, j.state
+    RETURNING j.id, j.queue, j.state
+),
+notified AS (  -- the discarded ones are final (job_wait)
+    SELECT tq_notify_final(array_agg(id) FILTER (WHERE state = 'discarded')) AS n
+    FROM updated
 )
 SELECT queue, count(*)::int
-FROM updated
+FROM updated CROSS JOIN notified
 WHERE state = 'available'
 GROUP BY queue;

@@ -16,33 +16,47 @@ LIMIT $2;
 -- name: job_rescue_many
 -- Apply the rescuer's decisions, only to rows still running the same attempt. A
 -- rescue_count that is not a plain count (written by hand: inserts refuse the key) counts
--- as 0, so that one such row cannot fail the whole batch, rescue after rescue.
-UPDATE tq_job j
-SET state = i.state::tq_job_state,
-    finalized_at = i.finalized_at,
-    scheduled_at = coalesce(i.scheduled_at, j.scheduled_at),
-    errors = j.errors || jsonb_build_array(i.error::jsonb),
-    metadata = j.metadata || jsonb_build_object(
-        'rescue_count',
-        CASE WHEN jsonb_typeof(j.metadata -> 'rescue_count') = 'number'
-                  AND (j.metadata ->> 'rescue_count') ~ '^[0-9]{1,9}$'
-             THEN (j.metadata ->> 'rescue_count')::int
-             ELSE 0 END + 1)
-FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[],
-            $6::timestamptz[])
-     AS i(id, state, finalized_at, scheduled_at, error, attempted_at)
-WHERE j.id = i.id
-  AND j.state = 'running'
-  AND j.attempted_at = i.attempted_at
-RETURNING j.id, j.queue, j.state::text;
+-- as 0, so that one such row cannot fail the whole batch, rescue after rescue. Jobs
+-- discarded here are announced on tq_final (job_wait).
+WITH rescued AS (
+    UPDATE tq_job j
+    SET state = i.state::tq_job_state,
+        finalized_at = i.finalized_at,
+        scheduled_at = coalesce(i.scheduled_at, j.scheduled_at),
+        errors = j.errors || jsonb_build_array(i.error::jsonb),
+        metadata = j.metadata || jsonb_build_object(
+            'rescue_count',
+            CASE WHEN jsonb_typeof(j.metadata -> 'rescue_count') = 'number'
+                      AND (j.metadata ->> 'rescue_count') ~ '^[0-9]{1,9}$'
+                 THEN (j.metadata ->> 'rescue_count')::int
+                 ELSE 0 END + 1)
+    FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[],
+                $6::timestamptz[])
+         AS i(id, state, finalized_at, scheduled_at, error, attempted_at)
+    WHERE j.id = i.id
+      AND j.state = 'running'
+      AND j.attempted_at = i.attempted_at
+    RETURNING j.id, j.queue, j.state::text AS state
+),
+notified AS (
+    SELECT tq_notify_final(array_agg(id) FILTER (WHERE state = 'discarded')) AS n
+    FROM rescued
+)
+SELECT rescued.* FROM rescued CROSS JOIN notified;
 
 -- name: job_delete_finalized
--- Delete up to $3 jobs in state $1 finalized before $2; returns how many.
+-- Delete up to $3 jobs in state $1 finalized before $2; returns how many. A workflow's
+-- dep whose dependents still wait is kept until they no longer do.
 WITH doomed AS (
     SELECT id
-    FROM tq_job
+    FROM tq_job j
     WHERE state = $1::text::tq_job_state
       AND finalized_at < $2
+      -- A dep stays while a task still waits for it (deleting it would cancel the task).
+      AND NOT (coalesce(j.has_dependents, false) AND EXISTS (
+          SELECT 1 FROM tq_job d
+          WHERE d.workflow_deps @> ARRAY[j.id] AND d.workflow_deps IS NOT NULL
+            AND d.state = 'pending'))
     ORDER BY finalized_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
