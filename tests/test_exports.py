@@ -13,6 +13,7 @@ API_NAMES = {
     "Event",
     "EventKind",
     "GlobalLimit",
+    "Workflow",
     "InsertOpts",
     "Job",
     "JobCancel",

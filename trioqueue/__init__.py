@@ -47,6 +47,8 @@ from .periodic import PeriodicJob as PeriodicJob
 from .settings import WorkerSettings as WorkerSettings
 from .transaction import Transaction as Transaction
 from .workers import Workers as Workers
+from .workflow import Workflow as Workflow
+from .workflow import WorkflowTask as WorkflowTask
 
 __version__ = "0.1.0"
 
@@ -89,6 +91,8 @@ __all__ = [
     "WorkerMiddleware",
     "WorkerSettings",
     "Workers",
+    "Workflow",
+    "WorkflowTask",
     "current_client",
     "migrate",
     "migration_list",

@@ -24,6 +24,7 @@ from ..driver.protocol import Driver, JobRow
 from ..errors import JobNotFoundError, JobRunningError, TrioqueueError, ValidationError
 from ..events import EventKind
 from ..job import (
+    MAX_LIST_LIMIT,
     InsertOpts,
     Job,
     JobInsertResult,
@@ -32,10 +33,12 @@ from ..job import (
     JobState,
     check_bigint,
     validate_queue_name,
+    validate_workflow_id,
 )
 from ..periodic import PeriodicJobs
 from ..transaction import Transaction
 from ..workers import Workers
+from ..workflow import Workflow
 from ._info import (
     COUNT_EXACT_UP_TO,
     RECENT_COUNT_LIMIT,
@@ -172,6 +175,35 @@ class Client:
     async def insert_many_fast_tx(self, tx: Transaction, jobs: Sequence[InsertItem]) -> int:
         """``insert_many_fast`` inside ``tx``."""
         return await self._pipeline.fast(jobs, tx)
+
+    async def insert_workflow(self, wf: Workflow) -> dict[str, Job[Any]]:
+        """Insert every task of ``wf`` in one transaction; returns task name -> Job.
+
+        Tasks with deps are inserted ``pending``. A task whose unique opts match a live
+        job comes back as that job, and its dependents wait for it. Raises
+        ValidationError (nothing written) for an empty workflow, a workflow id already
+        used, or any bad task.
+        """
+        return await self._pipeline.workflow(wf, None)
+
+    async def insert_workflow_tx(self, tx: Transaction, wf: Workflow) -> dict[str, Job[Any]]:
+        """``insert_workflow`` inside ``tx``: the tasks exist only if ``tx`` commits."""
+        return await self._pipeline.workflow(wf, tx)
+
+    async def workflow_get(self, workflow_id: str) -> dict[str, Job[Any]]:
+        """The tasks of a workflow, task name -> Job, in the order they were added
+        (empty for an unknown workflow)."""
+        validate_workflow_id("workflow_id", workflow_id)
+        found: dict[str, Job[Any]] = {}
+        after: int | None = None
+        while True:
+            params = JobListParams(workflow_id=workflow_id, limit=MAX_LIST_LIMIT, after=after)
+            rows = await self._driver.job_list(params)
+            for row in rows:
+                found[row.workflow_task or str(row.id)] = self._job(row)
+            if len(rows) < MAX_LIST_LIMIT:
+                return found
+            after = rows[-1].id
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

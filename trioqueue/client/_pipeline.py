@@ -10,6 +10,7 @@ per queue) when jobs are available at once. The public methods on `Client` call 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, final
@@ -18,11 +19,12 @@ from .._codec import row_to_job, row_to_job_with_args
 from .._insert import InsertBuilder, InsertItem
 from .._runtime.notifier import NotifyLimiter
 from ..config import ClientConfig
-from ..driver.protocol import Driver, JobInsertParams, JobRow
+from ..driver.protocol import Driver, JobInsertParams, JobRow, WorkflowTaskParams
 from ..errors import ValidationError
-from ..job import InsertOpts, JobInsertResult, JobState
+from ..job import InsertOpts, Job, JobInsertResult, JobState
 from ..middleware import InsertParams, insert_layers, run_insert_begin, run_insert_chain
 from ..transaction import Transaction
+from ..workflow import Workflow, WorkflowTask
 
 __all__ = ["InsertPipeline"]
 
@@ -195,3 +197,63 @@ class InsertPipeline:
             now,
             ex=tx.connection if tx is not None else None,
         )
+
+    async def workflow(self, wf: Workflow, tx: Transaction | None) -> dict[str, Job[Any]]:
+        """``insert_workflow`` (inside ``tx`` unless None): every task, or nothing."""
+        if not isinstance(wf, Workflow):
+            raise ValidationError("workflow", f"must be a trioqueue.Workflow, got {wf!r}")
+        tasks = list(wf)
+        if not tasks:
+            raise ValidationError("workflow", "has no tasks: add at least one")
+        workflow_id = wf.name if wf.name is not None else str(uuid.uuid4())
+        items = [(t.args, t.opts) for t in tasks]
+
+        async def write(
+            params: list[JobInsertParams], args: list[Any], now: datetime
+        ) -> dict[str, Job[Any]]:
+            return await self._write_workflow(workflow_id, tasks, params, args, now, tx)
+
+        if self._insert_layers or self._insert_begins:
+            return await self._through_middleware(items, write)
+        args: list[Any] = []
+        params, now = self._prepare(items, args)
+        return await write(params, args, now)
+
+    async def _write_workflow(
+        self,
+        workflow_id: str,
+        tasks: list[WorkflowTask],
+        params: list[JobInsertParams],
+        args: list[Any],
+        now: datetime,
+        tx: Transaction | None,
+    ) -> dict[str, Job[Any]]:
+        if len(params) != len(tasks):
+            raise ValidationError("workflow", "insert middleware must pass on one job per task")
+        position = {t.name: i for i, t in enumerate(tasks)}
+        keys: dict[bytes, str] = {}
+        built: list[WorkflowTaskParams] = []
+        for task, p in zip(tasks, params, strict=True):
+            if p.unique_key is not None:
+                if p.unique_key in keys:
+                    raise ValidationError(
+                        "workflow",
+                        f"tasks {keys[p.unique_key]!r} and {task.name!r} have the same unique "
+                        "key: one would stand in for the other",
+                    )
+                keys[p.unique_key] = task.name
+            if task.deps:
+                p = p._replace(state=JobState.PENDING)
+            deps = tuple(position[d] for d in task.deps)
+            built.append(WorkflowTaskParams(p, task.name, deps, task.ignore_failed_deps))
+        rows = await self._driver.job_insert_workflow(
+            workflow_id,
+            built,
+            self._notify_queues([b.params for b in built]),
+            now,
+            ex=tx.connection if tx is not None else None,
+        )
+        return {
+            task.name: self._inserted(row, given, skipped).job
+            for task, (row, skipped), given in zip(tasks, rows, args, strict=True)
+        }

@@ -26,6 +26,7 @@ from ..protocol import (
     Notification,
     PeriodicJobState,
     QueueRow,
+    WorkflowTaskParams,
     WrittenRow,
 )
 from .arrays import bool_array, int8_array, text_array, timestamptz_array
@@ -36,6 +37,7 @@ from .limits import limited_fetch, queue_row
 from .pool import PgPool, open_pool
 from .pooler import check_pooler
 from .queries import QUERIES
+from .workflows import insert_workflow
 
 __all__ = ["PgListener", "PostgresDriver", "open_postgres_driver"]
 
@@ -248,6 +250,22 @@ class PostgresDriver:
 
         return await self._in_transaction("inserting jobs with COPY", run, ex)
 
+    async def job_insert_workflow(
+        self,
+        workflow_id: str,
+        tasks: Sequence[WorkflowTaskParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> list[tuple[JobRow, bool]]:
+        async def run(conn: PgConnection) -> list[tuple[JobRow, bool]]:
+            return await insert_workflow(
+                conn, workflow_id, tasks, notify_queues, now, prepare=self._prepare
+            )
+
+        return await self._in_transaction(f"inserting workflow {workflow_id!r}", run, ex)
+
     async def job_get_available(
         self, queue: str, now: datetime, limit: int, client_id: str
     ) -> list[JobRow]:
@@ -311,7 +329,7 @@ class PostgresDriver:
         return await self._fetchrow(f"getting job {job_id}", "job_get", [job_id], ex, _job_row)
 
     async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[JobRow]:
-        args = [
+        args: list[Any] = [
             list(params.ids) if params.ids is not None else None,
             list(params.kinds) if params.kinds is not None else None,
             list(params.queues) if params.queues is not None else None,
@@ -323,7 +341,10 @@ class PostgresDriver:
             params.within_newest,
         ]
         name = "job_list_desc" if params.descending else "job_list"
-        if params.states and params.ids is None and not FINALIZED_STATES & set(params.states):
+        if params.workflow_id is not None:
+            name += "_workflow"
+            args.append(params.workflow_id)
+        elif params.states and params.ids is None and not FINALIZED_STATES & set(params.states):
             name += "_live"
         return await self._fetch("listing jobs", name, args, ex, _job_row)
 

@@ -31,7 +31,7 @@ def _ids_only(sql: str) -> str:
     """job_set_state_if_running_many for a writer that wants the written ids only: the
     rows come back as ``(id,)``, and the other columns are never read."""
     head, sep, tail = sql.partition("    RETURNING j.id, j.kind,")
-    returned, sep2, rest = tail.partition("\n)")
+    _returned, sep2, rest = tail.partition("\n)")
     if not sep or not sep2 or "SELECT written.* FROM" not in rest:
         raise RuntimeError("job_set_state_if_running_many changed: update _ids_only")
     rest = rest.replace("SELECT written.* FROM", "SELECT written.id FROM")
@@ -74,5 +74,17 @@ def _live_states_variant(sql: str) -> str:
 QUERIES["job_list_desc"] = _newest_first(QUERIES["job_list"])
 for _name in ("job_list", "job_list_desc"):
     QUERIES[f"{_name}_live"] = _live_states_variant(QUERIES[_name])
+
+
+def _workflow_variant(sql: str) -> str:
+    """``sql`` (job_list or job_list_desc) for one workflow's tasks ($10): a plain equality
+    that tq_job_workflow_idx serves even in a generic plan."""
+    if "\nORDER BY id" not in sql:
+        raise RuntimeError("job_list changed: update _workflow_variant")
+    return sql.replace("\nORDER BY id", "\n  AND workflow_id = $10::text\nORDER BY id", 1)
+
+
+for _name in ("job_list", "job_list_desc"):
+    QUERIES[f"{_name}_workflow"] = _workflow_variant(QUERIES[_name])
 # Writing outcomes when no subscriber wants the jobs back: the same statement, ids only.
 QUERIES["job_set_state_if_running_many_ids"] = _ids_only(QUERIES["job_set_state_if_running_many"])
