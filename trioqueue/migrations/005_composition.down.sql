@@ -1,13 +1,10 @@
 -- Undo version 5: no recorded output, no workflows.
-DROP TRIGGER tq_job_workflow_delete ON tq_job;
-DROP TRIGGER tq_job_workflow_state ON tq_job;
-DROP FUNCTION tq_job_workflow_changed();
 DROP FUNCTION tq_workflow_advance(bigint[], timestamptz);
 DROP FUNCTION tq_notify_final(bigint[]);
 DROP INDEX tq_job_workflow_deps_idx;
 DROP INDEX tq_job_workflow_idx;
 ALTER TABLE tq_job DROP COLUMN has_dependents;
-ALTER TABLE tq_job DROP COLUMN workflow_deps_done;
+DROP TABLE tq_workflow_progress;
 ALTER TABLE tq_job DROP COLUMN workflow_ignore_failed;
 ALTER TABLE tq_job DROP COLUMN workflow_deps;
 ALTER TABLE tq_job DROP COLUMN workflow_task;

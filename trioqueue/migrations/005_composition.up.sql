@@ -23,49 +23,71 @@ ALTER TABLE tq_job ADD COLUMN workflow_task text;
 ALTER TABLE tq_job ADD COLUMN workflow_deps bigint[];
 -- Whether the task runs once its deps are final, whatever their outcome.
 ALTER TABLE tq_job ADD COLUMN workflow_ignore_failed boolean;
--- How many of workflow_deps (from the first) were seen done: the check for "all done"
--- goes on from there, so a task with thousands of deps is not read whole at each one.
-ALTER TABLE tq_job ADD COLUMN workflow_deps_done integer;
--- Whether some task depends on this job: only such jobs fire the trigger below, so jobs
--- outside workflows (and a workflow's leaves) pay nothing for it.
+-- Whether some task depends on this job: only such jobs are passed to
+-- tq_workflow_advance, so jobs outside workflows (and a workflow's leaves) pay nothing
+-- for it.
 ALTER TABLE tq_job ADD COLUMN has_dependents boolean;
 
 -- workflow_get, job_list(workflow_id=...), and one task name per workflow.
 CREATE UNIQUE INDEX tq_job_workflow_idx ON tq_job (workflow_id, workflow_task)
     WHERE workflow_id IS NOT NULL;
 
+-- How many of a waiting task's deps (from the first) were seen done: the check for "all
+-- done" goes on from there, so a task with thousands of deps is not read whole at each
+-- one. A table of its own, not a column of tq_job: writing it would write a new version
+-- of the task's row, and of its entries in tq_job_workflow_deps_idx (one per dep). A row
+-- lives while its task waits (none: nothing seen done yet).
+CREATE TABLE tq_workflow_progress (
+    job_id    bigint PRIMARY KEY,
+    deps_done integer NOT NULL
+);
+
 -- A job's waiting (or dep-cancelled) dependents: one index lookup by the dep's id.
+-- No fast update: its pending list would be read whole by every lookup.
 CREATE INDEX tq_job_workflow_deps_idx ON tq_job USING gin (workflow_deps)
+    WITH (fastupdate = off)
     WHERE workflow_deps IS NOT NULL AND state IN ('pending', 'cancelled');
 
 -- Settle the dependents of p_ids: jobs with dependents that reached a final state, left
--- one (job_retry), were deleted, or were just inserted. Cancels and revivals cascade in a
--- loop here, not by nested triggers, so a long chain cannot exhaust the stack. Returns how
--- many dependents changed state. Promoted tasks' queues get an insert notification and
--- cancelled tasks a final one (tq_final, for job_wait), once per transaction.
+-- one (job_retry), were deleted, or were just inserted. Every statement that does one of
+-- those calls it, in the same statement, with the ids it changed (it sees their new
+-- state: a volatile function's queries see what the calling statement wrote). Cancels
+-- and revivals cascade in rounds here; each round writes its promotions, cancels and
+-- progress with one UPDATE each, whatever the number of tasks. Returns how many
+-- dependents changed state. Promoted tasks' queues get an insert notification and
+-- cancelled tasks a final one (tq_final, for job_wait).
 CREATE FUNCTION tq_workflow_advance(p_ids bigint[], p_now timestamptz)
 RETURNS integer
 LANGUAGE plpgsql
 VOLATILE
 AS $$
 DECLARE
-    v_changed bigint[] := p_ids;
+    v_changed bigint[] := coalesce(p_ids, '{}');
     v_failed bigint[];
     v_open bigint[];
     v_next bigint[];
     v_revived bigint[];
+    v_promote bigint[];
+    v_cancel bigint[];
+    v_cause bigint[];
+    v_moved bigint[];
+    v_moved_done integer[];
     v_cancelled bigint[] := '{}';
     v_queues text[] := '{}';
     v_count integer := 0;
     d record;
+    v_deps bigint[];
     v_i integer;
     v_n integer;
     v_state tq_job_state;
     v_verdict text;
-    v_cause bigint;
+    v_why bigint;
 BEGIN
     WHILE cardinality(v_changed) > 0 LOOP
         v_next := '{}';
+        v_promote := '{}';
+        v_cancel := '{}'; v_cause := '{}';
+        v_moved := '{}'; v_moved_done := '{}';
         -- Which of the changed jobs failed (final but not completed, or gone), and which are
         -- live again.
         SELECT coalesce(array_agg(c.id) FILTER (
@@ -76,11 +98,12 @@ BEGIN
         FROM unnest(v_changed) AS c(id)
         LEFT JOIN tq_job j ON j.id = c.id;
 
-        -- A live-again dep brings back the dependents its failure cancelled.
+        -- A live-again dep brings back the dependents its failure cancelled; they are live
+        -- again too, so their own dep-cancelled dependents come back on the next round.
         IF cardinality(v_open) > 0 THEN
             WITH revived AS (
                 UPDATE tq_job j
-                SET state = 'pending', finalized_at = NULL, workflow_deps_done = 0,
+                SET state = 'pending', finalized_at = NULL,
                     metadata = j.metadata - 'workflow_cancelled_by'
                 WHERE j.workflow_deps && v_open
                   AND j.workflow_deps IS NOT NULL
@@ -93,43 +116,44 @@ BEGIN
             INTO v_revived, v_next
             FROM revived;
             v_count := v_count + cardinality(v_revived);
-            -- The revived tasks are live again too: their own dep-cancelled dependents
-            -- come back on the next round (they are in v_next).
         END IF;
 
         FOR d IN
             SELECT j.id, j.workflow_deps, coalesce(j.workflow_ignore_failed, false) AS ignore,
-                   coalesce(j.workflow_deps_done, 0) AS done, j.has_dependents, j.queue,
-                   j.scheduled_at
+                   coalesce(p.deps_done, 0) AS done, j.has_dependents
             FROM tq_job j
+            LEFT JOIN tq_workflow_progress p ON p.job_id = j.id
             WHERE j.workflow_deps && v_changed
               AND j.workflow_deps IS NOT NULL
               AND j.state = 'pending'
             ORDER BY j.id
-            FOR UPDATE
+            FOR UPDATE OF j
         LOOP
             v_verdict := 'wait';
-            v_cause := NULL;
+            v_why := NULL;
             v_i := d.done;
-            IF cardinality(v_open) > 0 AND d.workflow_deps && v_open THEN
+            -- One copy, read in place below: a task with thousands of deps has them
+            -- stored out of line (TOAST), and every read of the column would fetch and
+            -- decompress them all again.
+            v_deps := d.workflow_deps;
+            IF cardinality(v_open) > 0 AND v_deps && v_open THEN
                 v_i := 0;  -- a dep it had seen done is live again: look from the start
             END IF;
-            IF NOT d.ignore AND cardinality(v_failed) > 0 AND d.workflow_deps && v_failed THEN
+            IF NOT d.ignore AND cardinality(v_failed) > 0 AND v_deps && v_failed THEN
                 v_verdict := 'cancel';
-                SELECT f INTO v_cause FROM unnest(v_failed) f
-                WHERE f = ANY(d.workflow_deps) LIMIT 1;
+                SELECT f INTO v_why FROM unnest(v_failed) f WHERE f = ANY(v_deps) LIMIT 1;
             ELSE
-                v_n := cardinality(d.workflow_deps);
+                v_n := cardinality(v_deps);
                 LOOP
                     IF v_i >= v_n THEN
                         v_verdict := 'promote';
                         EXIT;
                     END IF;
-                    SELECT j.state INTO v_state FROM tq_job j WHERE j.id = d.workflow_deps[v_i + 1];
+                    SELECT j.state INTO v_state FROM tq_job j WHERE j.id = v_deps[v_i + 1];
                     IF NOT FOUND OR v_state IN ('cancelled', 'discarded') THEN
                         IF NOT d.ignore THEN
                             v_verdict := 'cancel';
-                            v_cause := d.workflow_deps[v_i + 1];
+                            v_why := v_deps[v_i + 1];
                             EXIT;
                         END IF;
                     ELSIF v_state <> 'completed' THEN
@@ -140,35 +164,58 @@ BEGIN
             END IF;
 
             IF v_verdict = 'promote' THEN
-                UPDATE tq_job
-                SET state = CASE WHEN scheduled_at > p_now THEN 'scheduled'::tq_job_state
-                                 ELSE 'available'::tq_job_state END,
-                    workflow_deps_done = v_i
-                WHERE id = d.id;
-                v_count := v_count + 1;
-                IF d.scheduled_at <= p_now AND NOT d.queue = ANY(v_queues) THEN
-                    v_queues := v_queues || d.queue;
-                END IF;
+                v_promote := v_promote || d.id;
             ELSIF v_verdict = 'cancel' THEN
-                UPDATE tq_job
-                SET state = 'cancelled', finalized_at = p_now,
-                    metadata = metadata || jsonb_build_object('workflow_cancelled_by', v_cause)
-                WHERE id = d.id;
-                v_count := v_count + 1;
-                v_cancelled := v_cancelled || d.id;
+                v_cancel := v_cancel || d.id;
+                v_cause := v_cause || v_why;
                 IF d.has_dependents THEN
                     v_next := v_next || d.id;
                 END IF;
             ELSIF v_i <> d.done THEN
-                UPDATE tq_job SET workflow_deps_done = v_i WHERE id = d.id;
+                v_moved := v_moved || d.id;
+                v_moved_done := v_moved_done || v_i;
             END IF;
         END LOOP;
+
+        IF cardinality(v_promote) > 0 THEN
+            WITH promoted AS (
+                UPDATE tq_job j
+                SET state = CASE WHEN j.scheduled_at > p_now THEN 'scheduled'::tq_job_state
+                                 ELSE 'available'::tq_job_state END
+                FROM unnest(v_promote) AS u(id)
+                WHERE j.id = u.id
+                RETURNING j.queue, j.state
+            )
+            SELECT v_queues || coalesce(array_agg(DISTINCT queue)
+                                        FILTER (WHERE state = 'available'), '{}')
+            INTO v_queues
+            FROM promoted;
+            v_count := v_count + cardinality(v_promote);
+            DELETE FROM tq_workflow_progress WHERE job_id = ANY(v_promote);
+        END IF;
+        IF cardinality(v_cancel) > 0 THEN
+            UPDATE tq_job j
+            SET state = 'cancelled', finalized_at = p_now,
+                metadata = j.metadata || jsonb_build_object('workflow_cancelled_by', u.cause)
+            FROM unnest(v_cancel, v_cause) AS u(id, cause)
+            WHERE j.id = u.id;
+            v_count := v_count + cardinality(v_cancel);
+            v_cancelled := v_cancelled || v_cancel;
+            DELETE FROM tq_workflow_progress WHERE job_id = ANY(v_cancel);
+        END IF;
+        IF cardinality(v_moved) > 0 THEN
+            INSERT INTO tq_workflow_progress (job_id, deps_done)
+            SELECT * FROM unnest(v_moved, v_moved_done)
+            ON CONFLICT (job_id) DO UPDATE SET deps_done = EXCLUDED.deps_done;
+        END IF;
         v_changed := v_next;
     END LOOP;
 
     PERFORM pg_notify('tq_insert', json_build_object('queue', q)::text)
-    FROM unnest(v_queues) AS q;
-    PERFORM tq_notify_final(v_cancelled);
+    FROM (SELECT DISTINCT q FROM unnest(v_queues) AS q) AS queues;
+    IF cardinality(v_cancelled) > 0 THEN
+        PERFORM tq_notify_final(v_cancelled);
+    END IF;
     RETURN v_count;
 END;
 $$;
@@ -188,38 +235,6 @@ AS $$
         GROUP BY chunk
     ) AS chunks;
 $$;
-
-CREATE FUNCTION tq_job_workflow_changed()
-RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        PERFORM tq_workflow_advance(ARRAY[OLD.id], now());
-    ELSE
-        PERFORM tq_workflow_advance(ARRAY[NEW.id], coalesce(NEW.finalized_at, now()));
-    END IF;
-    RETURN NULL;
-END;
-$$;
-
--- A job with dependents that reaches a final state or leaves one. Updates made by
--- tq_workflow_advance itself (depth > 0) do not fire it: it follows the cascade itself.
-CREATE TRIGGER tq_job_workflow_state
-AFTER UPDATE OF state ON tq_job
-FOR EACH ROW
-WHEN (OLD.has_dependents
-      AND OLD.state IS DISTINCT FROM NEW.state
-      AND (OLD.state IN ('cancelled', 'completed', 'discarded')
-           OR NEW.state IN ('cancelled', 'completed', 'discarded'))
-      AND pg_trigger_depth() = 0)
-EXECUTE FUNCTION tq_job_workflow_changed();
-
-CREATE TRIGGER tq_job_workflow_delete
-AFTER DELETE ON tq_job
-FOR EACH ROW
-WHEN (OLD.has_dependents AND pg_trigger_depth() = 0)
-EXECUTE FUNCTION tq_job_workflow_changed();
 
 -- The limited fetch of version 4 (tq_job_get_available_limited, explained there), now
 -- returning each claimed job's output and workflow columns too.

@@ -304,6 +304,7 @@ class PostgresDriver:
                     timestamptz_array([o.finalized_at for o in outcomes]),
                     timestamptz_array([o.attempted_at for o in outcomes]),
                     text_array([o.output_json for o in outcomes]),
+                    now,
                 ]
             return await self._fetch(doing, "job_complete_many_ids", ids, None, _written_row)
         with wrapped(doing):
@@ -414,7 +415,7 @@ class PostgresDriver:
 
     async def job_schedule(self, horizon: datetime, now: datetime, limit: int) -> dict[str, int]:
         rows = await self._fetch("scheduling due jobs", "job_schedule", [horizon, limit, now], None)
-        return {str(queue): int(count) for queue, count in rows}
+        return {str(queue): int(count) for queue, count in rows if queue is not None}
 
     async def queue_upsert(
         self, name: str, now: datetime, limits: QueueLimits | None = None, *, rekey: bool = False

@@ -32,10 +32,12 @@ def _ids_only(sql: str) -> str:
     rows come back as ``(id,)``, and the other columns are never read."""
     head, sep, tail = sql.partition("    RETURNING j.id, j.kind,")
     _returned, sep2, rest = tail.partition("\n)")
-    if not sep or not sep2 or "SELECT written.* FROM" not in rest:
+    body, sep3, _select = rest.rpartition("\nSELECT id, kind,")
+    if not (sep and sep2 and sep3):
         raise RuntimeError("job_set_state_if_running_many changed: update _ids_only")
-    rest = rest.replace("SELECT written.* FROM", "SELECT written.id FROM")
-    return head + "    RETURNING j.id, j.state\n)" + rest
+    returning = "    RETURNING j.id, j.state, j.has_dependents AS hd\n)"
+    final = "\nSELECT written.id FROM written CROSS JOIN notified CROSS JOIN advanced"
+    return head + returning + body + final
 
 
 QUERIES = _load()

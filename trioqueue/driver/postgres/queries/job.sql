@@ -145,8 +145,8 @@ RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j
 -- requested while it ran ends `cancelled` instead of going back to be retried or snoozed.
 -- SET expressions read the row as locked, so a cancel request that lands first is seen.
 -- A completed job's output ($10) replaces the stored one. Jobs that end final are announced
--- on tq_final (job_wait), and a workflow's dependents are settled by the trigger of
--- migration 005, all in this statement.
+-- on tq_final (job_wait), and those some workflow task waits for settle it
+-- (tq_workflow_advance, migration 005), all in this statement.
 -- The args column comes back NULL: the caller has them, and decoding them again for every
 -- finished job is the single largest cost of this statement.
 WITH written AS (
@@ -176,17 +176,25 @@ WITH written AS (
     RETURNING j.id, j.kind, NULL::jsonb AS args, j.queue, j.state::text AS state, j.priority,
               j.attempt, j.max_attempts, j.attempted_at, j.attempted_by, j.created_at,
               j.finalized_at, j.scheduled_at, j.errors, j.metadata, j.tags, j.output,
-              j.workflow_id, j.workflow_task, j.workflow_deps
+              j.workflow_id, j.workflow_task, j.workflow_deps, j.has_dependents AS hd
 ),
 notified AS (
     SELECT tq_notify_final(array_agg(id) FILTER (
         WHERE state IN ('cancelled', 'completed', 'discarded'))) AS n
     FROM written
+),
+advanced AS (
+    SELECT tq_workflow_advance(array_agg(id) FILTER (
+        WHERE hd AND state IN ('cancelled', 'completed', 'discarded')), $8) AS n
+    FROM written
 )
-SELECT written.* FROM written CROSS JOIN notified;
+SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
+       workflow_id, workflow_task, workflow_deps
+FROM written CROSS JOIN notified CROSS JOIN advanced;
 
 -- name: job_complete_many_ids
--- The usual batch: every outcome `completed`, nobody reading the rows back.
+-- The usual batch: every outcome `completed`, nobody reading the rows back ($5: now).
 -- job_set_state_if_running_many would do the same (its CASEs change nothing for a
 -- completed job), at about a sixth more server time per row.
 WITH written AS (
@@ -199,12 +207,15 @@ WITH written AS (
     WHERE j.id = i.id
       AND j.state = 'running'
       AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
-    RETURNING j.id
+    RETURNING j.id, j.has_dependents AS hd
 ),
 notified AS (
     SELECT tq_notify_final(array_agg(id)) AS n FROM written
+),
+advanced AS (
+    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), $5) AS n FROM written
 )
-SELECT written.id FROM written CROSS JOIN notified;
+SELECT written.id FROM written CROSS JOIN notified CROSS JOIN advanced;
 
 -- name: job_get
 SELECT id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
@@ -235,7 +246,8 @@ LIMIT $8;
 -- name: job_cancel
 -- Queued jobs are cancelled at once; a running job is marked so that its owner cancels it
 -- (the caller then sends a control notification); finalized jobs are left as they are.
--- A job cancelled here is announced on tq_final (job_wait).
+-- A job cancelled here is announced on tq_final (job_wait), and settles the workflow
+-- tasks that wait for it (tq_workflow_advance, migration 005).
 WITH cancelled AS (
     UPDATE tq_job
     SET state = CASE WHEN state = 'running' THEN state ELSE 'cancelled'::tq_job_state END,
@@ -247,39 +259,78 @@ WITH cancelled AS (
       AND state NOT IN ('cancelled', 'completed', 'discarded')
     RETURNING id, kind, args, queue, state::text AS state, priority, attempt, max_attempts,
               attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
-              metadata, tags, output, workflow_id, workflow_task, workflow_deps
+              metadata, tags, output, workflow_id, workflow_task, workflow_deps,
+              has_dependents AS hd
 ),
 notified AS (
     SELECT tq_notify_final(array_agg(id) FILTER (WHERE state = 'cancelled')) AS n
     FROM cancelled
+),
+advanced AS (
+    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd AND state = 'cancelled'), $2)
+        AS n
+    FROM cancelled
 )
-SELECT cancelled.* FROM cancelled CROSS JOIN notified;
+SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
+       workflow_id, workflow_task, workflow_deps
+FROM cancelled CROSS JOIN notified CROSS JOIN advanced;
 
 -- name: job_retry
 -- Make a job available now. A running job is left alone. A job out of attempts gets one more.
-UPDATE tq_job
-SET state = 'available',
-    finalized_at = NULL,
-    scheduled_at = CASE WHEN state = 'available' AND scheduled_at < $2 THEN scheduled_at
-                        ELSE $2 END,
-    max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END,
-    metadata = metadata - 'cancel_attempted_at',
-    -- Its partition under the limits of now: they may have changed since it ended.
-    limit_key = (SELECT tq_limit_key(q.limits, tq_job.kind, tq_job.args) FROM tq_queue q
-                 WHERE q.name = tq_job.queue AND q.limits IS NOT NULL)
-WHERE id = $1
-  AND state <> 'running'
-RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
-          output, workflow_id, workflow_task, workflow_deps;
+-- A workflow dep that was final is live again: the tasks its failure cancelled wait for it
+-- again, and those that had seen it done wait for it to complete again (migration 005).
+WITH retried AS (
+    UPDATE tq_job
+    SET state = 'available',
+        finalized_at = NULL,
+        scheduled_at = CASE WHEN state = 'available' AND scheduled_at < $2 THEN scheduled_at
+                            ELSE $2 END,
+        max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1
+                            ELSE max_attempts END,
+        metadata = metadata - 'cancel_attempted_at' - 'workflow_cancelled_by',
+        -- Its partition under the limits of now: they may have changed since it ended.
+        limit_key = (SELECT tq_limit_key(q.limits, tq_job.kind, tq_job.args) FROM tq_queue q
+                     WHERE q.name = tq_job.queue AND q.limits IS NOT NULL)
+    WHERE id = $1
+      AND state <> 'running'
+    RETURNING id, kind, args, queue, state::text AS state, priority, attempt, max_attempts,
+              attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
+              metadata, tags, output, workflow_id, workflow_task, workflow_deps,
+              has_dependents AS hd
+),
+advanced AS (
+    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), $2) AS n FROM retried
+),
+forgotten AS (  -- a waiting task retried by hand no longer waits
+    DELETE FROM tq_workflow_progress WHERE job_id IN (SELECT id FROM retried)
+)
+SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
+       workflow_id, workflow_task, workflow_deps
+FROM retried CROSS JOIN advanced;
 
 -- name: job_delete
-DELETE FROM tq_job
-WHERE id = $1
-  AND state <> 'running'
-RETURNING id, kind, args, queue, state::text, priority, attempt, max_attempts, attempted_at,
-          attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags,
-          output, workflow_id, workflow_task, workflow_deps;
+-- A deleted workflow dep counts as failed for the tasks that wait for it (migration 005).
+WITH deleted AS (
+    DELETE FROM tq_job
+    WHERE id = $1
+      AND state <> 'running'
+    RETURNING id, kind, args, queue, state::text AS state, priority, attempt, max_attempts,
+              attempted_at, attempted_by, created_at, finalized_at, scheduled_at, errors,
+              metadata, tags, output, workflow_id, workflow_task, workflow_deps,
+              has_dependents AS hd
+),
+advanced AS (
+    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), now()) AS n FROM deleted
+),
+forgotten AS (
+    DELETE FROM tq_workflow_progress WHERE job_id IN (SELECT id FROM deleted)
+)
+SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
+       attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
+       workflow_id, workflow_task, workflow_deps
+FROM deleted CROSS JOIN advanced;
 
 -- name: job_state
 SELECT state::text FROM tq_job WHERE id = $1;
@@ -348,13 +399,22 @@ updated AS (
     FROM due
     LEFT JOIN conflicting c ON c.id = due.id
     WHERE j.id = due.id
-    RETURNING j.id, j.queue, j.state
+    RETURNING j.id, j.queue, j.state, j.has_dependents AS hd
 ),
-notified AS (  -- the discarded ones are final (job_wait)
+notified AS (  -- the discarded ones are final (job_wait) and settle their dependents
     SELECT tq_notify_final(array_agg(id) FILTER (WHERE state = 'discarded')) AS n
+    FROM updated
+),
+advanced AS (
+    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd AND state = 'discarded'), $3)
+        AS n
     FROM updated
 )
 SELECT queue, count(*)::int
-FROM updated CROSS JOIN notified
+FROM updated
 WHERE state = 'available'
-GROUP BY queue;
+GROUP BY queue
+-- A last row (queue NULL) that reads both: a CTE nobody reads from is never run, and the
+-- rows above may be none (when every due job was discarded).
+UNION ALL
+SELECT NULL, (SELECT n FROM notified) + (SELECT n FROM advanced);

@@ -17,7 +17,7 @@ LIMIT $2;
 -- Apply the rescuer's decisions, only to rows still running the same attempt. A
 -- rescue_count that is not a plain count (written by hand: inserts refuse the key) counts
 -- as 0, so that one such row cannot fail the whole batch, rescue after rescue. Jobs
--- discarded here are announced on tq_final (job_wait).
+-- discarded here are announced on tq_final (job_wait) and settle their dependents.
 WITH rescued AS (
     UPDATE tq_job j
     SET state = i.state::tq_job_state,
@@ -36,13 +36,23 @@ WITH rescued AS (
     WHERE j.id = i.id
       AND j.state = 'running'
       AND j.attempted_at = i.attempted_at
-    RETURNING j.id, j.queue, j.state::text AS state
+    RETURNING j.id, j.queue, j.state::text AS state, j.finalized_at,
+              j.has_dependents AS hd
 ),
 notified AS (
-    SELECT tq_notify_final(array_agg(id) FILTER (WHERE state = 'discarded')) AS n
+    SELECT tq_notify_final(array_agg(id) FILTER (
+        WHERE state IN ('cancelled', 'completed', 'discarded'))) AS n
+    FROM rescued
+),
+advanced AS (
+    SELECT tq_workflow_advance(
+               array_agg(id) FILTER (
+                   WHERE hd AND state IN ('cancelled', 'completed', 'discarded')),
+               coalesce(max(finalized_at), now())) AS n
     FROM rescued
 )
-SELECT rescued.* FROM rescued CROSS JOIN notified;
+SELECT rescued.id, rescued.queue, rescued.state
+FROM rescued CROSS JOIN notified CROSS JOIN advanced;
 
 -- name: job_delete_finalized
 -- Delete up to $3 jobs in state $1 finalized before $2; returns how many. A workflow's
@@ -62,9 +72,12 @@ WITH doomed AS (
     FOR UPDATE SKIP LOCKED
 ),
 deleted AS (
-    DELETE FROM tq_job WHERE id IN (SELECT id FROM doomed) RETURNING 1
+    DELETE FROM tq_job WHERE id IN (SELECT id FROM doomed) RETURNING id, has_dependents AS hd
+),
+advanced AS (
+    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), now()) AS n FROM deleted
 )
-SELECT count(*) FROM deleted;
+SELECT count(*) FROM deleted CROSS JOIN advanced;
 
 -- name: queue_delete_stale
 -- Queue rows nobody has announced since $1, unless paused (a pause must survive).
