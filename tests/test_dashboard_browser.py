@@ -335,3 +335,73 @@ def test_a_token_of_any_characters_works_from_the_printed_address(
         assert "token" not in page.url
         page.goto(f"{base}/queues")  # the cookie alone from now on
         expect(page.locator("#auto-refresh")).to_have_count(1)
+
+
+@attrs.frozen
+class Step:
+    kind: ClassVar[str] = "workflow_step"
+    n: int
+
+
+HOSTILE_TASK = '<img src=x onerror="document.title=1">'
+"""A task name (user text) that would run script if it reached the DOM as markup."""
+
+
+async def _insert_workflow(database_url: str) -> dict[str, int]:
+    """fetch -> thumb, full -> publish, then full cancelled (which cancels publish)."""
+    wf = tq.Workflow("publish/42")
+    wf.add("fetch", Step(1))
+    wf.add("thumb", Step(2), deps=["fetch"])
+    wf.add(HOSTILE_TASK, Step(3), deps=["fetch"])
+    wf.add("publish", Step(4), deps=["thumb", HOSTILE_TASK])
+    async with tq.open_client(database_url) as client:
+        jobs = await client.insert_workflow(wf)
+        await client.job_cancel(jobs[HOSTILE_TASK].id)
+    return {name: job.id for name, job in jobs.items()}
+
+
+def test_a_workflow_graph_from_a_task_to_its_job(
+    page: Page, database_url: str, tmp_path: Path
+) -> None:
+    ids = trio.run(_insert_workflow, database_url)
+    with run_dashboard(database_url, tmp_path / "dashboard.log") as base:
+        page.goto(f"{base}/jobs/{ids['thumb']}")
+        stop_auto_refresh(page)
+        title = page.title()
+        page.locator("#job-workflow").click()
+
+        expect(page).to_have_url(re.compile(r"/workflows/publish%2F42$"))
+        stop_auto_refresh(page)
+        expect(page.locator("#workflow-id")).to_have_text("publish/42")
+        graph = page.locator("svg#workflow-graph")
+        expect(graph).to_be_visible()
+        boxes = graph.locator("a.wf-node")
+        expect(boxes).to_have_count(4)
+        states = {
+            int(box.get_attribute("data-job-id") or 0): box.get_attribute("data-state")
+            for box in boxes.all()
+        }
+        assert states == {
+            ids["fetch"]: "available",
+            ids["thumb"]: "pending",
+            ids[HOSTILE_TASK]: "cancelled",
+            ids["publish"]: "cancelled",
+        }
+        expect(graph.locator("path.wf-edge")).to_have_count(4)
+        # Drawn left to right by column: every box laid out, a dep left of its dependents.
+        x = {
+            job_id: (graph.locator(f'a[data-job-id="{job_id}"] rect').bounding_box() or {})["x"]
+            for job_id in ids.values()
+        }
+        assert x[ids["fetch"]] < x[ids["thumb"]] == x[ids[HOSTILE_TASK]] < x[ids["publish"]]
+        # The hostile name is text in its box and the table: no element, no handler ran.
+        cancelled = graph.locator(f'a[data-job-id="{ids[HOSTILE_TASK]}"]')
+        expect(cancelled.locator("text.wf-label")).to_have_text(HOSTILE_TASK[:23] + "…")
+        expect(page.locator("#workflow-tasks")).to_contain_text(HOSTILE_TASK)
+        expect(page.locator("main img")).to_have_count(0)
+        assert page.title() == title.replace(f"Job {ids['thumb']}", "Workflow publish/42")
+
+        graph.locator(f'a[data-job-id="{ids["publish"]}"]').click()
+        expect(page).to_have_url(re.compile(rf"/jobs/{ids['publish']}$"))
+        expect(page.locator("#job-state")).to_have_text("cancelled")
+        expect(page.locator("#job-task")).to_have_text("publish")

@@ -1,5 +1,5 @@
 """The ``trioqueue`` console script: ``migrate``, ``worker``, ``jobs``, ``queues``,
-``dashboard``, ``demo`` and ``bench`` (see docs/cli.md).
+``workflows``, ``dashboard``, ``demo`` and ``bench`` (see docs/cli.md).
 
 The commands are built on click, from the ``cli`` extra; they live in ``trioqueue/_cli/``.
 Without click the command prints how to install it and exits 1.

@@ -18,6 +18,7 @@ from .migrate import migrate
 from .queues import queues
 from .tools import bench, demo
 from .worker import worker
+from .workflows import workflows
 
 __all__ = ["cli", "run"]
 
@@ -28,8 +29,8 @@ def cli() -> None:
     """trioqueue: a durable PostgreSQL job queue for trio.
 
     Every command takes --database-url (default: $TRIOQUEUE_DATABASE_URL). Without either,
-    migrate, demo and bench start a private PostgreSQL server; worker, jobs, queues and
-    dashboard need a database.
+    migrate, demo and bench start a private PostgreSQL server; worker, jobs, queues,
+    workflows and dashboard need a database.
 
     Exit codes: 0 success (also when the reader of the output goes away, as with
     `| head`), 1 runtime error (database, schema, job not found, ...), 2 usage error,
@@ -37,7 +38,7 @@ def cli() -> None:
     """
 
 
-for _command in (migrate, worker, jobs, queues, dashboard, demo, bench):
+for _command in (migrate, worker, jobs, queues, workflows, dashboard, demo, bench):
     cli.add_command(_command)
 
 

@@ -25,6 +25,7 @@ from .common import (
     to_json,
 )
 from .queues import queue_names_option
+from .workflows import check_workflow_id
 
 __all__ = ["jobs"]
 
@@ -66,6 +67,14 @@ async def _with_client(url: str, action: Callable[[Client], Awaitable[None]]) ->
 @click.option("--kind", "kinds", multiple=True, metavar="KIND", help="Only jobs of this kind.")
 @queue_names_option("Only jobs of this queue (repeat for several).")
 @click.option(
+    "--workflow",
+    "workflow_id",
+    metavar="ID",
+    default=None,
+    callback=check_workflow_id,
+    help="Only the tasks of this workflow.",
+)
+@click.option(
     "--limit",
     type=click.IntRange(1, MAX_LIST_LIMIT),
     default=100,
@@ -85,6 +94,7 @@ def list_jobs(
     states: tuple[str, ...],
     kinds: tuple[str, ...],
     queues: tuple[str, ...],
+    workflow_id: str | None,
     limit: int,
     after: int | None,
     as_json: bool,
@@ -99,6 +109,7 @@ def list_jobs(
         states=[JobState(s.lower()) for s in states] or None,
         kinds=kinds or None,
         queues=queues or None,
+        workflow_id=workflow_id,
         limit=limit,
         after=after,
     )

@@ -37,12 +37,21 @@ from ..job import (
     check_tag,
     parse_bigint,
     validate_kind,
+    validate_workflow_id,
 )
 from ..job import validate_queue_name as _validate_queue_name
 from ..limits import GlobalLimit, RateLimit
 from ._security import CSRF_MAX_AGE, FLASH_MAX_AGE, SafetyMiddleware, Signer, redirect
+from ._workflow_graph import MAX_COLUMN_TASKS, MAX_COLUMNS, NODE_HEIGHT, NODE_WIDTH, layout
 
-__all__ = ["MAX_FORM_BYTES", "PAGE_SIZE", "SCAN_NEWEST", "build_app"]
+__all__ = [
+    "MAX_FORM_BYTES",
+    "PAGE_SIZE",
+    "SCAN_NEWEST",
+    "WORKFLOW_TABLE_ROWS",
+    "build_app",
+    "workflow_url",
+]
 
 PAGE_SIZE: Final = 50
 """Jobs per page of the job list."""
@@ -52,6 +61,9 @@ order) looks at the newest this many job ids only, and says so."""
 REFRESH_SECONDS: Final = 5
 MAX_FORM_BYTES: Final = 16 * 1024
 """The largest action form (request body) accepted; a longer one gets 413 unread."""
+WORKFLOW_TABLE_ROWS: Final = 500
+"""Tasks listed in a workflow page's table (the graph has its own caps); the job list,
+filtered by the workflow, pages through the rest."""
 _LIVE_STATES: Final = [s for s in JobState if s not in FINALIZED_STATES]
 _FINALIZED: Final = [JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED]
 
@@ -162,6 +174,23 @@ def _args_json(job: Job[Any]) -> Any:
         return repr(args)
 
 
+def workflow_url(workflow_id: str) -> str:
+    """The address of a workflow's page: ``/workflows/ID``, the id percent-encoded as one
+    path segment (``/`` too). An id a browser or the router would not keep as a segment
+    (``.`` and ``..``, which browsers resolve away, or one holding a newline) gets the
+    equivalent ``/workflows?id=ID``."""
+    if workflow_id in (".", "..") or "\n" in workflow_id:
+        return "/workflows?" + urllib.parse.urlencode({"id": workflow_id})
+    return "/workflows/" + urllib.parse.quote(workflow_id, safe="")
+
+
+def _workflow_id(text: str, field: str = "workflow id") -> str:
+    try:
+        return validate_workflow_id(field, text)
+    except ValidationError as exc:
+        raise BadInput(field, exc.rule) from None
+
+
 def _bigint(field: str, text: str) -> int:
     """A job id or cursor: ASCII digits within int64, else BadInput (a 400 page)."""
     try:
@@ -197,6 +226,7 @@ def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]
     kind = _one(request, "kind")
     queue = _one(request, "queue")
     tag = _one(request, "tag")
+    workflow = request.query_params.getlist("workflow")
     after = _one(request, "after")
     if state is not None:
         if state not in {s.value for s in JobState}:
@@ -217,11 +247,16 @@ def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]
             filters["tag"] = check_tag("tag", tag)
         except ValidationError as exc:
             raise BadInput("tag", exc.rule) from None
+    if len(workflow) > 1:
+        raise BadInput("workflow", "give it at most once")
+    if workflow and workflow[0]:  # not stripped: a workflow id may hold spaces
+        filters["workflow"] = _workflow_id(workflow[0], "workflow")
     cursor = None if after is None else _bigint("after", after)
-    # Live states are listed from the fetch index (bounded by the backlog); any other
-    # filter walks the primary key, so it looks at the newest SCAN_NEWEST ids only.
+    # Live states are listed from the fetch index (bounded by the backlog), a workflow's
+    # tasks from the workflow index (bounded by its size); any other filter walks the
+    # primary key, so it looks at the newest SCAN_NEWEST ids only.
     live = state is not None and JobState(state) not in FINALIZED_STATES
-    bounded = bool(filters) and not live
+    bounded = bool(filters) and not live and "workflow" not in filters
     params = JobListParams(
         states=[JobState(state)] if state else None,
         kinds=[kind] if kind else None,
@@ -231,6 +266,7 @@ def _list_params(request: Request) -> tuple[dict[str, str], JobListParams, bool]
         limit=PAGE_SIZE + 1,
         descending=True,
         within_newest=SCAN_NEWEST if bounded else None,
+        workflow_id=filters.get("workflow"),
     )
     return filters, params, bounded
 
@@ -369,6 +405,7 @@ def build_app(
             first_url="/jobs?" + urllib.parse.urlencode(filters) if params.after else None,
             bounded=bounded,
             scan_newest=SCAN_NEWEST,
+            workflow_link=workflow_url(filters["workflow"]) if "workflow" in filters else None,
             refresh=True,
         )
 
@@ -381,6 +418,42 @@ def build_app(
             args=_args_json(job),
             finalized=job.state in FINALIZED_STATES,
             running=job.state is JobState.RUNNING,
+            workflow_url=None if job.workflow_id is None else workflow_url(job.workflow_id),
+            refresh=True,
+        )
+
+    async def workflow(request: Request) -> Response:
+        """A workflow's page (``/workflows/ID`` or ``/workflows?id=ID``), or with no id
+        the form that asks for one; 404 for a workflow without tasks."""
+        given = request.path_params.get("workflow_id")
+        if given is None:
+            ids = request.query_params.getlist("id")
+            if len(ids) > 1:
+                raise BadInput("id", "give it at most once")
+            given = ids[0] if ids else ""
+            if not given:
+                return page(request, "workflows.html", refresh=False)
+        elif not given:
+            return redirect("/workflows", request.url.query, status_code=307)
+        workflow_id = _workflow_id(given)
+        tasks = await client.workflow_get(workflow_id)
+        if not tasks:
+            return error_page(
+                request, 404, "Not found", f"There is no workflow with the id “{workflow_id}”."
+            )
+        graph = layout(tasks.values())
+        return page(
+            request,
+            "workflow.html",
+            workflow_id=workflow_id,
+            graph=graph,
+            states=[(s, graph.states[s]) for s in JobState if s in graph.states],
+            rows=graph.tasks[:WORKFLOW_TABLE_ROWS],
+            jobs_url="/jobs?" + urllib.parse.urlencode({"workflow": workflow_id}),
+            node_width=NODE_WIDTH,
+            node_height=NODE_HEIGHT,
+            max_column_tasks=MAX_COLUMN_TASKS,
+            max_columns=MAX_COLUMNS,
             refresh=True,
         )
 
@@ -482,6 +555,8 @@ def build_app(
         Route("/queues", guarded(queues), methods=["GET"]),
         Route("/queues/{name}/pause", action(queue_pause), methods=["POST"]),
         Route("/queues/{name}/resume", action(queue_resume), methods=["POST"]),
+        Route("/workflows", guarded(workflow), methods=["GET"]),
+        Route("/workflows/{workflow_id:path}", guarded(workflow), methods=["GET"]),
         Route("/static/{name}", static_file, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
