@@ -37,8 +37,15 @@ class Notifier:
     connected: bool = attrs.field(default=False, init=False)
 
     def subscribe(self, channel: str, callback: Callback) -> None:
-        """Call ``callback(payload_dict)`` for each notification on ``channel``."""
+        """Call ``callback(payload_dict)`` for each notification on ``channel``. A
+        channel not among ``channels`` is LISTENed to as well, from the next connect on
+        (subscribe before :meth:`run` to miss nothing)."""
         self._callbacks.setdefault(channel, []).append(callback)
+
+    def listened(self) -> list[str]:
+        """The channels each connection LISTENs to: ``channels``, then any other
+        subscribed one."""
+        return list(dict.fromkeys([*self.channels, *self._callbacks]))
 
     def on_connect(self, callback: Callable[[], None]) -> None:
         self._on_connect.append(callback)
@@ -67,7 +74,7 @@ class Notifier:
         started = False
         while True:
             try:
-                async with self.driver.open_listener(self.channels) as listener:
+                async with self.driver.open_listener(self.listened()) as listener:
                     self.connected = True
                     failures = 0
                     if not started:

@@ -49,6 +49,7 @@ from ._info import (
     queue_info,
 )
 from ._pipeline import InsertPipeline
+from ._wait import JobWaits
 
 __all__ = ["Client"]
 
@@ -273,6 +274,38 @@ class Client:
                 raise JobNotFoundError(job_id)
             raise JobRunningError(job_id, "delete")
         return self._job(row)
+
+    _waits: JobWaits | None = None
+    """The service behind `job_wait`; `open_client` sets it for the client's block."""
+
+    async def job_wait(self, job_id: int) -> Job[Any]:
+        """Wait until the job is final — ``completed``, ``discarded`` or ``cancelled``,
+        by any client — and return it as it then is (``job.state``, ``job.output``).
+
+        Returns after one read for a job already final. Raises ValidationError (field
+        ``job_id``) for an id that is not a whole number a bigint holds, and
+        JobNotFoundError for an id with no job, or when the job is deleted while waited
+        for (seen at the next re-check, within ``fetch_poll_interval``).
+
+        There is no timeout: bound the wait with the caller's cancel scope
+        (``trio.fail_after``, ``trio.move_on_after``). Cancelled, the call just stops
+        waiting: its registration is removed, nothing is written, and the job and every
+        other waiter are untouched.
+
+        Woken by the completion notifications (``tq_final``) that every finalizing write
+        sends; all of a client's waiters share one LISTEN connection (the runtime's, or
+        one opened at the first wait) and one read per wake-up. In ``poll_only`` mode
+        (no LISTEN, as behind a transaction pooler) every waited job is re-read every
+        ``fetch_poll_interval`` seconds instead.
+
+        ``client.stop()`` does not end waits: they go on until the client's ``async
+        with`` block ends. A call still waiting then (from a task outside the block)
+        raises TrioqueueError saying the client closed, as does a call made after.
+        """
+        job_id = self._check_id(job_id)
+        if self._waits is None:
+            raise TrioqueueError("job_wait needs a client made by open_client")
+        return self._job(await self._waits.wait(job_id))
 
     # ---------------------------------------------------------------- queues
 

@@ -2,7 +2,8 @@
 
 Where the jobs are stored (a driver given, a ``memory://`` URL, a PostgreSQL URL, or a
 private server started for the block), the schema check, and running the client for the
-block: its runtime when it has queues, else its periodic job enqueuer alone.
+block: its runtime when it has queues, else its periodic job enqueuer alone; beside either,
+the service behind ``job_wait`` (``_wait.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..errors import TrioqueueError, ValidationError
 from ..settings import WorkerSettings, merge_settings
 from ..workers import Workers
 from ._client import Client
+from ._wait import JobWaits
 
 __all__ = ["open_client"]
 
@@ -145,6 +147,9 @@ async def _run_client(
             f"{SCHEMA_VERSION}: run `trioqueue migrate` (or `await trioqueue.migrate(url)`)"
         )
     client = Client(driver, cfg, workers, queues, driver.clock)
+    # job_wait's service: it runs in the nursery below, with the enqueuer or the runtime.
+    waits = JobWaits(driver, cfg.fetch_poll_interval, cfg.poll_only)
+    client._waits = waits
     if client._runtime is None:
         # An insert-only client enqueues its periodic jobs too: those it was opened with
         # and any added later (with none, its enqueuer just waits for a change).
@@ -168,6 +173,7 @@ async def _run_client(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(enqueue)
+                await nursery.start(waits.run)
                 try:
                     yield client
                 except BaseException as exc:  # raised again below
@@ -194,10 +200,17 @@ async def _run_client(
     # A job's KeyboardInterrupt or SystemExit stops the client once its outcome is written
     # (docs/failure-modes.md), and comes out as itself, not nested in nursery groups; so
     # does the DatabaseError a start-up step (registering the queues) failed with.
+    if client._runtime.notifier is not None:
+        # Waits take the runtime's notifications while it runs, then their own.
+        waits.share(client._runtime.notifier, client._runtime.done)
     with fatal_unwrapped(), startup.failure_unwrapped():
         async with trio.open_nursery() as nursery:
+            await nursery.start(waits.run)
             await nursery.start(client._runtime.run, startup)
             try:
                 yield client
             finally:
                 client._runtime.soft_stop()
+                # Jobs still finishing in the soft stop may wait too: waits end (and
+                # pending ones raise) once the runtime is done.
+                waits.close(after=client._runtime.done)
