@@ -236,3 +236,74 @@ def test_limits_benchmark_rejects_bad_arguments() -> None:
     assert result.returncode == 2
     assert "--jobs must be at least 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_workflows_benchmark_tiny_run(pg_server_url: str, tmp_path: Path) -> None:
+    """``python -m benchmarks.workflows``: diamonds, the same jobs without deps, and a
+    fan-in, once at tiny sizes."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.workflows",
+            "--rounds",
+            "1",
+            "--diamonds",
+            "20",
+            "--deps",
+            "50",
+            "--database-url",
+            pg_server_url,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [json_path] = tmp_path.glob("*-workflows.json")
+    [md_path] = tmp_path.glob("*-workflows.md")
+    report = json.loads(json_path.read_text())
+    [record] = report["records"]
+    assert record["diamonds"]["jobs"] == record["plain"]["jobs"] == 80
+    assert record["fanin"]["jobs"] == 51
+    # Correctness, not speed: the fan-in started after its last dep finished.
+    assert record["fanin"]["fan_in_delay_seconds"] >= 0
+    assert report["summary"]["ratio"] > 0
+    assert md_path.read_text().startswith("# Workflow benchmark")
+
+
+@pytest.mark.timeout(300)
+def test_job_wait_benchmark_tiny_run(pg_server_url: str, tmp_path: Path) -> None:
+    """``python -m benchmarks.job_wait``: one small round, results written."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.job_wait",
+            "--rounds",
+            "1",
+            "--jobs",
+            "20",
+            "--warmup",
+            "2",
+            "--burst",
+            "10",
+            "--database-url",
+            pg_server_url,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.glob("*-job_wait.json"))) == 1
+    assert len(list(tmp_path.glob("*-job_wait.md"))) == 1

@@ -450,3 +450,54 @@ async def test_migration_4_adds_flow_control_and_down_removes_it(empty_database_
 
         assert await tq.migrate(url) == [4, 5]
         await _client_works(url)
+
+
+async def test_migration_5_adds_composition_and_down_removes_it(empty_database_url: str) -> None:
+    from support import FAST, eventually
+
+    url = empty_database_url
+    with trio.fail_after(60):
+        await tq.migrate(url, target_version=4)
+        before = await _schema_objects(url)
+        assert "output" not in before["tq_job"] and "workflow_id" not in before["tq_job"]
+        async with _connect(url) as conn:
+            await conn.execute(  # a job from before the migration
+                "INSERT INTO tq_job (state, max_attempts, args, kind)"
+                " VALUES ('available', 25, '{\"customer\": 1}', 'customer_note')"
+            )
+
+        assert await tq.migrate(url) == [5]
+        after = await _schema_objects(url)
+        assert {"output", "workflow_id", "workflow_task", "workflow_deps"} <= set(after["tq_job"])
+        assert {"has_dependents", "workflow_ignore_failed"} <= set(after["tq_job"])
+        assert "tq_workflow_progress" in after["tables"]
+        assert {"tq_job_workflow_idx", "tq_job_workflow_deps_idx"} <= set(after["indexes"])
+        assert {"tq_workflow_advance", "tq_notify_final"} <= set(after["functions"])
+
+        # The old job runs and records its output; a workflow runs in order.
+        order: list[int] = []
+        workers = tq.Workers()
+
+        @workers.worker(CustomerNote)
+        async def note(job: tq.Job[CustomerNote]) -> dict[str, int]:
+            order.append(job.args.customer)
+            return {"customer": job.args.customer}
+
+        async with tq.open_client(
+            url, workers=workers, queues={"default": tq.QueueConfig()}, **FAST
+        ) as client:
+            wf = tq.Workflow()
+            wf.add("first", CustomerNote(2))
+            wf.add("second", CustomerNote(3), deps=["first"])
+            jobs = await client.insert_workflow(wf)
+            await eventually(lambda: len(order) == 3)
+            done = await client.job_wait(jobs["second"].id)
+            assert done.output == {"customer": 3}
+        assert order.index(2) < order.index(3)
+
+        assert await tq.migrate(url, direction="down", target_version=4) == [5]
+        assert await _schema_objects(url) == before
+        async with _connect(url) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM tq_job") == 3  # the jobs stay
+        assert await tq.migrate(url) == [5]
+        await _client_works(url)

@@ -102,10 +102,11 @@ INSERT_CHANNEL = "tq_insert"
 CONTROL_CHANNEL = "tq_control"
 LEADERSHIP_CHANNEL = "tq_leadership"
 FINAL_CHANNEL = "tq_final"
-"""Jobs that reached a final state (completed, cancelled, discarded): each payload is
-``{"ids": [...]}`` (at most 400 ids). Sent by every write that finalizes
-jobs (outcomes, cancels, rescues, the scheduler's discards, a workflow's cancelled
-dependents), at most a few per write, never one per job; `Client.job_wait` listens."""
+"""Jobs that reached a final state (completed, cancelled, discarded), or were deleted by
+``job_delete``: each payload is ``{"ids": [...]}`` (at most 400 ids). Sent by every write
+that finalizes jobs (outcomes, cancels, rescues, the scheduler's discards, a workflow's
+cancelled dependents) and by ``job_delete``, at most a few per write, never one per job;
+`Client.job_wait` listens."""
 
 
 class JobInsertParams(NamedTuple):

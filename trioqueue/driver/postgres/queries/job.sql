@@ -312,6 +312,7 @@ FROM retried CROSS JOIN advanced;
 
 -- name: job_delete
 -- A deleted workflow dep counts as failed for the tasks that wait for it (migration 005).
+-- The deletion is announced on tq_final too: job_wait's waiters of the job learn it is gone.
 WITH deleted AS (
     DELETE FROM tq_job
     WHERE id = $1
@@ -326,11 +327,14 @@ advanced AS (
 ),
 forgotten AS (
     DELETE FROM tq_workflow_progress WHERE job_id IN (SELECT id FROM deleted)
+),
+notified AS (
+    SELECT tq_notify_final(array_agg(id)) AS n FROM deleted
 )
 SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
        attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
        workflow_id, workflow_task, workflow_deps
-FROM deleted CROSS JOIN advanced;
+FROM deleted CROSS JOIN advanced CROSS JOIN notified;
 
 -- name: job_state
 SELECT state::text FROM tq_job WHERE id = $1;
