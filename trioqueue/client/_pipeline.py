@@ -210,14 +210,17 @@ class InsertPipeline:
 
         async def write(
             params: list[JobInsertParams], args: list[Any], now: datetime
-        ) -> dict[str, Job[Any]]:
+        ) -> list[JobInsertResult[Any]]:
             return await self._write_workflow(workflow_id, tasks, params, args, now, tx)
 
         if self._insert_layers or self._insert_begins:
-            return await self._through_middleware(items, write)
-        args: list[Any] = []
-        params, now = self._prepare(items, args)
-        return await write(params, args, now)
+            # Middleware sees the tasks as one batch, and gets what insert_many gives it.
+            results = await self._through_middleware(items, write)
+        else:
+            args: list[Any] = []
+            params, now = self._prepare(items, args)
+            results = await write(params, args, now)
+        return {task.name: r.job for task, r in zip(tasks, results, strict=True)}
 
     async def _write_workflow(
         self,
@@ -227,7 +230,7 @@ class InsertPipeline:
         args: list[Any],
         now: datetime,
         tx: Transaction | None,
-    ) -> dict[str, Job[Any]]:
+    ) -> list[JobInsertResult[Any]]:
         if len(params) != len(tasks):
             raise ValidationError("workflow", "insert middleware must pass on one job per task")
         position = {t.name: i for i, t in enumerate(tasks)}
@@ -253,7 +256,7 @@ class InsertPipeline:
             now,
             ex=tx.connection if tx is not None else None,
         )
-        return {
-            task.name: self._inserted(row, given, skipped).job
-            for task, (row, skipped), given in zip(tasks, rows, args, strict=True)
-        }
+        return [
+            self._inserted(row, given, skipped)
+            for (row, skipped), given in zip(rows, args, strict=True)
+        ]

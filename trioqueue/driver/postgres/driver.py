@@ -396,6 +396,10 @@ class PostgresDriver:
             if row is None:
                 return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=_job_row)
             await conn.execute(QUERIES["job_notify_insert"], [[row.queue]])
+            if row.workflow_deps:
+                # A workflow task was settled in the same statement, after its row was
+                # returned: read what it is now.
+                return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=_job_row)
             return row
 
         return await self._in_transaction(doing, run, ex)

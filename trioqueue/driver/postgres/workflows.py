@@ -37,6 +37,9 @@ async def insert_workflow(
     Unique duplicates then stand in for their tasks (a second statement, only when there
     are any), and the tasks they decide are settled (a third). On cancellation the
     caller's transaction rolls back: nothing is written."""
+    # Inserts of one workflow id take turns (until their transactions end), so that the
+    # check below sees a concurrent insert of the same id once it committed.
+    await conn.execute(QUERIES["workflow_lock"], [workflow_id], prepare=prepare)
     if await conn.fetchval(QUERIES["workflow_exists"], [workflow_id], prepare=prepare):
         raise ValidationError("workflow", f"a workflow with id {workflow_id!r} already exists")
     reserved = [

@@ -279,10 +279,13 @@ FROM cancelled CROSS JOIN notified CROSS JOIN advanced;
 -- name: job_retry
 -- Make a job available now. A running job is left alone. A job out of attempts gets one more.
 -- A workflow dep that was final is live again: the tasks its failure cancelled wait for it
--- again, and those that had seen it done wait for it to complete again (migration 005).
+-- again, and those that had seen it done wait for it to complete again. A workflow task
+-- with deps never runs before they allow it: it waits again (pending), and is settled at
+-- once with the others waiting for its deps (migration 005).
 WITH retried AS (
     UPDATE tq_job
-    SET state = 'available',
+    SET state = CASE WHEN workflow_deps IS NOT NULL THEN 'pending'::tq_job_state
+                     ELSE 'available'::tq_job_state END,
         finalized_at = NULL,
         scheduled_at = CASE WHEN state = 'available' AND scheduled_at < $2 THEN scheduled_at
                             ELSE $2 END,
@@ -300,7 +303,11 @@ WITH retried AS (
               has_dependents AS hd
 ),
 advanced AS (
-    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), $2) AS n FROM retried
+    SELECT tq_workflow_advance(
+               coalesce(array_agg(id) FILTER (WHERE hd), '{}')
+               || coalesce((SELECT workflow_deps FROM retried), '{}'),
+               $2) AS n
+    FROM retried
 ),
 forgotten AS (  -- a waiting task retried by hand no longer waits
     DELETE FROM tq_workflow_progress WHERE job_id IN (SELECT id FROM retried)

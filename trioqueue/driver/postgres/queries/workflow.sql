@@ -1,5 +1,11 @@
 -- Workflow queries (migration 005). Job-returning queries list the columns of job.sql.
 
+-- name: workflow_lock
+-- The turn of inserts of workflow $1 (a transaction-level advisory lock, keyed by the job
+-- table itself, whatever the session's search_path).
+SELECT pg_advisory_xact_lock(
+    hashtextextended('trioqueue.workflow.' || 'tq_job'::regclass::oid || '.' || $1, 0));
+
 -- name: workflow_exists
 SELECT EXISTS (SELECT 1 FROM tq_job WHERE workflow_id = $1);
 
