@@ -1589,3 +1589,4 @@ async def transactions_waiting_for_each_other_deadlock(driver: Driver) -> None:
 # The flow control cases live in modules of their own; importing them adds them to SUITE.
 import driver_suite_limits  # noqa: E402, F401  (registers its cases)
 import driver_suite_partitions  # noqa: E402, F401  (registers its cases)
+import driver_suite_workflows  # noqa: E402, F401  (registers its cases)

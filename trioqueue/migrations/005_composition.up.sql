@@ -108,7 +108,7 @@ BEGIN
                 WHERE j.workflow_deps && v_open
                   AND j.workflow_deps IS NOT NULL
                   AND j.state = 'cancelled'
-                  AND (j.metadata ->> 'workflow_cancelled_by')::bigint = ANY(v_open)
+                  AND j.metadata ->> 'workflow_cancelled_by' = ANY(v_open::text[])
                 RETURNING j.id, j.has_dependents
             )
             SELECT coalesce(array_agg(id), '{}'),

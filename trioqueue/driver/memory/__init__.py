@@ -37,10 +37,12 @@ How to find your way, from the bottom up:
 - ``transaction.py``: `MemoryTransaction`, the ``ex=`` executor and what it holds.
 - ``listener.py``: `MemoryListener` and its overflow.
 - ``statement.py``: ``_Stmt``, one statement's view, row locks and staged writes, where
-  the unique index is enforced.
+  the unique index is enforced and the jobs whose dependents must be settled recorded.
+- ``workflows.py``: migration 005's workflow advance (promoting, cancelling and reviving
+  a workflow's dependents), how statements call it, and the ``tq_final`` notifications.
 - ``store.py``: ``_Store``, the committed rows and their indexes, the clock, running a
   statement (waiting on locks, deadlocks), and committing or discarding transactions.
-- ``jobs.py``: inserting, claiming, and writing the outcomes of runs.
+- ``jobs.py``: inserting jobs and workflows, claiming, and writing the outcomes of runs.
 - ``manage.py``: reading and managing jobs (get, list, state, cancel, retry, delete).
 - ``maintenance.py``: scheduling due jobs, rescuing stuck ones, deleting old jobs and
   stale queues.

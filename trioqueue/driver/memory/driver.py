@@ -39,6 +39,11 @@ class MemoryDriver(_JobFlow, _Limits, _JobManagement, _Maintenance, _Admin):
       violation (and the next run discards it).
     - Timestamps in ``metadata`` (``cancel_attempted_at``) are written with a ``+00:00``
       offset, as PostgreSQL does in a UTC session.
+    - ``job_insert_workflow`` waits while another open transaction has uncommitted jobs of
+      the same workflow id, and then refuses the id if that one committed.
+    - A workflow's dependents settled by a deleted dep (``job_delete``, the cleaner) or a
+      rescue that finalized nothing get the driver's clock as ``now`` where PostgreSQL
+      uses the transaction's ``now()``.
     """
 
     def __repr__(self) -> str:

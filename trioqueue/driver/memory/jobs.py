@@ -9,9 +9,17 @@ from typing import Any, Final
 
 import attrs
 
+from ...errors import ValidationError
 from ...job import FINALIZED_STATES, JobState
-from ..protocol import INSERT_CHANNEL, JobInsertParams, JobOutcome, JobRow, WrittenRow
-from .errors import MemoryDataError, MemoryStoreError
+from ..protocol import (
+    INSERT_CHANNEL,
+    JobInsertParams,
+    JobOutcome,
+    JobRow,
+    WorkflowTaskParams,
+    WrittenRow,
+)
+from .errors import MemoryDataError, MemoryStoreError, _Blocked
 from .rows import _Job
 from .statement import _Stmt
 from .store import _Store
@@ -25,6 +33,7 @@ from .values import (
     _ts,
     _unique_states,
 )
+from .workflows import advance, notify_final, settle
 
 _MAX_ATTEMPTED_BY: Final = 100
 _CANCEL_OVERRIDES: Final = frozenset({JobState.RETRYABLE, JobState.SCHEDULED, JobState.AVAILABLE})
@@ -48,7 +57,11 @@ class _JobFlow(_Store):
 
     # ---- inserting
 
-    def _new_job(self, p: JobInsertParams, tags: tuple[str, ...], now: datetime) -> _Job:
+    def _new_job(
+        self, p: JobInsertParams, tags: tuple[str, ...], now: datetime, **workflow: Any
+    ) -> _Job:
+        """A new row of ``p`` (its next id taken), checked; ``workflow``: the values of
+        the workflow columns (``workflow_id``, ``workflow_deps``, ...)."""
         job = _Job(
             id=next(self._ids),
             kind=_text(p.kind),
@@ -68,6 +81,7 @@ class _JobFlow(_Store):
             tags=tuple(_text(tag) for tag in tags),
             unique_key=p.unique_key,
             unique_states=_unique_states(p.unique_states),
+            **workflow,
         )
         job.check()
         return job
@@ -159,6 +173,122 @@ class _JobFlow(_Store):
 
         return await self._run("inserting jobs with COPY", ex, op)
 
+    async def job_insert_workflow(
+        self,
+        workflow_id: str,
+        tasks: Sequence[WorkflowTaskParams],
+        notify_queues: Sequence[str],
+        now: datetime,
+        *,
+        ex: Any = None,
+    ) -> list[tuple[JobRow, bool]]:
+        """Insert a workflow's tasks in one statement, all or nothing; return ``(row,
+        skipped)`` in input order, the rows as the statement leaves them.
+
+        Each new row gets ``workflow_id``, its task name, its deps' job ids in order (None
+        when it has none), ``ignore_failed`` and, when some task depends on it,
+        ``has_dependents``. A task whose unique key a live job holds is not inserted: that
+        job stands in for it (``skipped=True``, locked until ``ex`` ends, its dependents'
+        ``workflow_deps`` name it, and it is marked as having dependents). Then the
+        dependents of the stand-ins are settled (``workflows.advance`` with ``now``): those
+        of a stand-in already final are promoted or cancelled at once. Notifies
+        ``tq_insert`` for ``notify_queues`` unless ``tasks`` is empty. Waits while another
+        open transaction holds jobs of ``workflow_id`` (then finds them, if it committed).
+
+        Raises ValidationError (field ``workflow``) when jobs of ``workflow_id`` exist, or a
+        task's deps are not earlier tasks; DatabaseError for a CHECK violation, bad JSON, two
+        tasks of one name, or two tasks with one unique key. Nothing is written.
+        """
+        at = _ts(now)
+
+        def op(st: _Stmt) -> list[tuple[JobRow, bool]]:
+            _text(workflow_id)
+            if self._workflow_taken(st, workflow_id):
+                raise ValidationError(
+                    "workflow", f"a workflow with id {workflow_id!r} already exists"
+                )
+            depended = {dep for t in tasks for dep in t.deps}
+            placed: list[tuple[int, bool]] = []  # per task: its job id, and skipped
+            touched: set[int] = set()
+            names: set[str] = set()
+            stand_ins: list[int] = []
+            for pos, t in enumerate(tasks):
+                if any(not 0 <= dep < pos for dep in t.deps):
+                    raise ValidationError(
+                        "workflow", f"task {t.task!r} may depend on earlier tasks only"
+                    )
+                if _text(t.task) in names:
+                    raise MemoryDataError(
+                        'duplicate key value violates unique constraint "tq_job_workflow_idx"'
+                    )
+                names.add(t.task)
+                p = t.params
+                joined = ",".join(p.tags)
+                job = self._new_job(
+                    p,
+                    tuple(joined.split(",")) if joined else (),
+                    at,
+                    workflow_id=workflow_id,
+                    workflow_task=t.task,
+                    workflow_deps=tuple(placed[dep][0] for dep in t.deps) or None,
+                    workflow_ignore_failed=t.ignore_failed or None,
+                    has_dependents=(pos in depended) or None,
+                )
+                if job.holds_key:
+                    assert job.unique_key is not None
+                    found = st.holder(job.unique_key)
+                    if found is not None:
+                        if found in touched:
+                            raise MemoryStoreError(
+                                "ON CONFLICT DO UPDATE command cannot affect row a second time"
+                            )
+                        existing = st.job(found)
+                        assert existing is not None
+                        marked = pos in depended or existing.has_dependents
+                        updated = attrs.evolve(existing, kind=job.kind, has_dependents=marked)
+                        st.put_job(updated, existing)
+                        touched.add(found)
+                        placed.append((found, True))
+                        if pos in depended:
+                            stand_ins.append(found)
+                        continue
+                st.put_job(job, None)
+                touched.add(job.id)
+                placed.append((job.id, False))
+            if tasks:
+                for queue in notify_queues:
+                    st.notify(INSERT_CHANNEL, _insert_payload(queue))
+            if stand_ins:
+                # Settled as on PostgreSQL: every stand-in with dependents (a live one
+                # leaves them waiting; a final one promotes or cancels them).
+                advance(st, stand_ins, at)
+            out = []
+            for job_id, skipped in placed:
+                now_row = st.job(job_id)
+                assert now_row is not None
+                out.append((now_row.row(), skipped))
+            return out
+
+        return await self._run(f"inserting workflow {workflow_id!r}", ex, op)
+
+    def _workflow_taken(self, st: _Stmt, workflow_id: str) -> bool:
+        """Whether jobs of ``workflow_id`` are visible to ``st``. Raises _Blocked while
+        another open transaction has uncommitted ones (so the insert waits for it)."""
+        for job_id in self._workflows.get(workflow_id, ()):
+            job = st.job(job_id)
+            if job is not None and job.workflow_id == workflow_id:
+                return True
+        if st.tx is not None:
+            for maybe in st.tx._jobs.values():
+                if maybe is not None and maybe.workflow_id == workflow_id:
+                    return True
+        for other in self._open_txs:
+            if other is not st.tx:
+                for maybe in other._jobs.values():
+                    if maybe is not None and maybe.workflow_id == workflow_id:
+                        raise _Blocked(other)
+        return False
+
     # ---- working jobs
 
     async def job_get_available(
@@ -222,7 +352,10 @@ class _JobFlow(_Store):
         input order; an id given twice is written once, from its first outcome). A job
         whose cancellation was requested (``cancel_attempted_at``) and whose outcome is
         retryable, scheduled or available ends ``cancelled`` with finalized_at = now. An
-        error is appended to ``errors``; metadata is merged in. The rows come back with
+        error is appended to ``errors``; metadata is merged in; a ``completed`` outcome
+        replaces ``output`` with its ``output_json`` (None clears it), other outcomes leave
+        it. The jobs that end final are announced on ``tq_final``, and the dependents of
+        those with dependents are settled (``workflows.py``). The rows come back with
         ``args`` None, as from PostgreSQL (the caller has them); with ``rows=False``, as
         `WrittenRow` (the id only). Waits while an open transaction holds one of the rows.
 
@@ -258,9 +391,14 @@ class _JobFlow(_Store):
                     metadata=old.metadata
                     if o.metadata_json is None
                     else _concat(old.metadata, _jsonb(o.metadata_json)),
+                    output=(None if o.output_json is None else _jsonb(o.output_json))
+                    if o.state == JobState.COMPLETED
+                    else old.output,
                 )
                 st.put_job(new, old)
                 written.append(new)
+            notify_final(st, [job.id for job in written if job.state in FINALIZED_STATES])
+            settle(st, at)
             if rows:
                 return [job.row(args=False) for job in written]  # args left out, as the SQL does
             return [WrittenRow(job.id) for job in written]

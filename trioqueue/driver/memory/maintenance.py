@@ -10,12 +10,13 @@ from typing import Final
 
 import attrs
 
-from ...job import JobState
+from ...job import FINALIZED_STATES, JobState
 from ..protocol import JobRescue, JobRow
 from .errors import MemoryDataError
 from .statement import _Stmt
 from .store import _Store
 from .values import _concat, _jsonb, _opt_ts, _rescue_count, _ts
+from .workflows import notify_final, settle
 
 _SCHEDULABLE: Final = (JobState.RETRYABLE, JobState.SCHEDULED)
 
@@ -30,8 +31,8 @@ class _Maintenance(_Store):
 
         A job whose unique key another live job holds, or an earlier job of the same
         batch takes, is ``discarded`` instead (finalized_at = now, metadata
-        ``unique_key_conflict: scheduler_discarded``). Sends no notification (the
-        scheduler does).
+        ``unique_key_conflict: scheduler_discarded``), announced on ``tq_final``, its
+        dependents settled (``workflows.py``). Sends no ``tq_insert`` (the scheduler does).
         """
         until, at = _ts(horizon), _ts(now)
 
@@ -68,6 +69,7 @@ class _Maintenance(_Store):
                 if other is not None and other != job.id:
                     conflicting.add(job.id)
             moved: dict[str, int] = {}
+            discarded: list[int] = []
             for job in due:
                 if job.id in conflicting:
                     assert job.unique_states is not None
@@ -83,10 +85,13 @@ class _Maintenance(_Store):
                         if JobState.DISCARDED in job.unique_states
                         else job.unique_states,
                     )
+                    discarded.append(job.id)
                 else:
                     new = attrs.evolve(job, state=JobState.AVAILABLE, finalized_at=None)
                     moved[job.queue] = moved.get(job.queue, 0) + 1
                 st.put_job(new, job)
+            notify_final(st, discarded)
+            settle(st, at)
             return moved
 
         return await self._run("scheduling due jobs", None, op)
@@ -116,10 +121,13 @@ class _Maintenance(_Store):
     async def job_rescue_many(self, rescues: Sequence[JobRescue]) -> list[tuple[int, str, str]]:
         """Apply the rescuer's decisions to jobs still running the same attempt (same
         attempted_at): new state, finalized_at, scheduled_at (if given), the error appended,
-        ``rescue_count`` + 1. Returns ``(id, queue, state)`` of each row written."""
+        ``rescue_count`` + 1. Returns ``(id, queue, state)`` of each row written. Those
+        that end final are announced on ``tq_final``, and their dependents settled (at
+        the latest finalized_at written, else the clock)."""
 
         def op(st: _Stmt) -> list[tuple[int, str, str]]:
             out = []
+            ends: list[datetime | None] = []
             seen: set[int] = set()
             for r in rescues:
                 if r.id in seen:
@@ -144,6 +152,10 @@ class _Maintenance(_Store):
                 )
                 st.put_job(new, old)
                 out.append((new.id, new.queue, new.state.value))
+                ends.append(new.finalized_at)
+            notify_final(st, [i for i, _, state in out if JobState(state) in FINALIZED_STATES])
+            finalized = [t for t in ends if t is not None]
+            settle(st, max(finalized) if finalized else self.clock())
             return out
 
         return await self._run("rescuing stuck jobs", None, op)
@@ -152,7 +164,8 @@ class _Maintenance(_Store):
         self, state: JobState, finalized_before: datetime, limit: int
     ) -> int:
         """Delete up to ``limit`` jobs in ``state`` finalized before ``finalized_before``,
-        oldest first, skipping rows an open transaction holds; return how many."""
+        oldest first, skipping rows an open transaction holds and workflow deps that a
+        pending task still waits for; return how many."""
         before = _ts(finalized_before)
 
         def op(st: _Stmt) -> int:
@@ -165,14 +178,27 @@ class _Maintenance(_Store):
                     if j.finalized_at is not None
                     and j.finalized_at < before
                     and not st.skip_locked(("job", j.id))
+                    and not (j.has_dependents and self._awaited(st, j.id))
                 ),
                 key=lambda j: (j.finalized_at, j.id),
             )[:limit]
             for job in doomed:
                 st.delete_job(job)
+            settle(st, self.clock())
             return len(doomed)
 
         return await self._run(f"deleting old {JobState(state).value} jobs", None, op)
+
+    @staticmethod
+    def _awaited(st: _Stmt, job_id: int) -> bool:
+        """Whether a pending workflow task waits for ``job_id`` (has it in its deps)."""
+        for waiting_id in st.dependents([job_id]):
+            job = st.job(waiting_id)
+            if job is not None and job.state is JobState.PENDING:
+                assert job.workflow_deps is not None
+                if job_id in job.workflow_deps:
+                    return True
+        return False
 
     async def queue_delete_stale(self, updated_before: datetime) -> list[str]:
         """Delete the queue rows not updated since ``updated_before``, unless paused;

@@ -18,6 +18,7 @@ from .rows import _Job
 from .statement import _Stmt
 from .store import _Store
 from .values import _concat, _has_key, _insert_payload, _minus, _ts, _ts_json
+from .workflows import CANCELLED_BY, notify_final, settle
 
 
 class _JobManagement(_Store):
@@ -33,14 +34,16 @@ class _JobManagement(_Store):
         return await self._run(f"getting job {job_id}", ex, op)
 
     async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[JobRow]:
-        """Jobs matching every given filter (tags: the job has all of them), with ids
-        above ``params.after``, ordered by id, at most ``params.limit``."""
+        """Jobs matching every given filter (tags: the job has all of them; workflow_id:
+        the tasks of that workflow), with ids above ``params.after``, ordered by id, at
+        most ``params.limit``."""
         ids = None if params.ids is None else set(params.ids)
         kinds = None if params.kinds is None else set(params.kinds)
         queues = None if params.queues is None else set(params.queues)
         states = None if params.states is None else {JobState(s) for s in params.states}
         priorities = None if params.priorities is None else set(params.priorities)
         tags = None if params.tags is None else {t[:255] for t in params.tags}
+        workflow_id = params.workflow_id
         after = params.after
 
         def match(job: _Job) -> bool:
@@ -51,6 +54,7 @@ class _JobManagement(_Store):
                 and (states is None or job.state in states)
                 and (priorities is None or job.priority in priorities)
                 and (tags is None or tags.issubset(job.tags))
+                and (workflow_id is None or job.workflow_id == workflow_id)
                 and (after is None or (job.id < after if params.descending else job.id > after))
             )
 
@@ -76,7 +80,9 @@ class _JobManagement(_Store):
         A queued job becomes ``cancelled`` (finalized_at = now). A running job stays
         ``running`` with ``cancel_attempted_at`` in its metadata, and a ``cancel`` message
         goes to the control channel (at commit, inside a transaction). A finalized job is
-        returned unchanged. Waits while another transaction holds the row.
+        returned unchanged. A job cancelled here is announced on ``tq_final``, and its
+        dependents are settled (``workflows.py``). Waits while another transaction holds
+        the row.
         """
         at = _ts(now)
 
@@ -96,6 +102,9 @@ class _JobManagement(_Store):
             if new.state is JobState.RUNNING:
                 payload = json.dumps({"action": "cancel", "job_id": job_id, "queue": new.queue})
                 st.notify(CONTROL_CHANNEL, payload)
+            else:
+                notify_final(st, [job_id])
+                settle(st, at)
             return new.row()
 
         return await self._run(f"cancelling job {job_id}", ex, op)
@@ -103,10 +112,14 @@ class _JobManagement(_Store):
     async def job_retry(self, job_id: int, now: datetime, *, ex: Any = None) -> JobRow | None:
         """Make a job available now; return its row afterwards, or None if there is none.
 
-        A running job is returned unchanged. Otherwise: ``available``, finalized_at cleared,
+        A running job is returned unchanged. Otherwise: ``available`` (a workflow task
+        with deps: ``pending``, settled at once with the others waiting for its deps, as
+        they allow), finalized_at cleared,
         scheduled_at = now (an available job keeps an earlier one), one more attempt when it
-        has used them all, ``cancel_attempted_at`` dropped; ``tq_insert`` is notified.
-        Raises DatabaseError if another live job holds its unique key.
+        has used them all, ``cancel_attempted_at`` and ``workflow_cancelled_by`` dropped;
+        ``tq_insert`` is notified. A job with dependents settles them (``workflows.py``):
+        the dependents its failure cancelled come back, and those that had seen it done
+        wait for it again. Raises DatabaseError if another live job holds its unique key.
         """
         at = _ts(now)
 
@@ -115,30 +128,41 @@ class _JobManagement(_Store):
             if old is None or old.state is JobState.RUNNING:
                 return None if old is None else old.row()
             keep = old.state is JobState.AVAILABLE and old.scheduled_at < at
+            waits = old.workflow_deps is not None
             new = attrs.evolve(
                 old,
-                state=JobState.AVAILABLE,
+                state=JobState.PENDING if waits else JobState.AVAILABLE,
                 finalized_at=None,
                 scheduled_at=old.scheduled_at if keep else at,
                 max_attempts=old.attempt + 1
                 if old.attempt >= old.max_attempts
                 else old.max_attempts,
-                metadata=_minus(old.metadata, "cancel_attempted_at"),
+                metadata=_minus(_minus(old.metadata, "cancel_attempted_at"), CANCELLED_BY),
+                workflow_deps_done=None,  # a waiting task retried by hand no longer waits
             )
             st.put_job(new, old)
             st.notify(INSERT_CHANNEL, _insert_payload(new.queue))
-            return new.row()
+            if old.has_dependents and job_id not in st.fired:
+                st.fired.append(job_id)  # passed to the advance whatever its state was
+            if old.workflow_deps is not None:
+                st.fired.extend(d for d in old.workflow_deps if d not in st.fired)
+            settle(st, at)
+            now_row = st.job(job_id)
+            return (now_row if now_row is not None else new).row()
 
         return await self._run(f"retrying job {job_id}", ex, op)
 
     async def job_delete(self, job_id: int, *, ex: Any = None) -> JobRow | None:
-        """Delete a job unless it is running; return the deleted row, else None."""
+        """Delete a job unless it is running; return the deleted row, else None. The
+        dependents of a deleted dep are settled as if it had failed (``workflows.py``)."""
 
         def op(st: _Stmt) -> JobRow | None:
             old = st.job(job_id)
             if old is None or old.state is JobState.RUNNING:
                 return None
             st.delete_job(old)
+            notify_final(st, [job_id])  # job_wait's waiters learn it is gone
+            settle(st, self.clock())
             return old.row()
 
         return await self._run(f"deleting job {job_id}", ex, op)

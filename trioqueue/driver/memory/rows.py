@@ -47,6 +47,18 @@ class _Job:
     tags: tuple[str, ...]
     unique_key: bytes | None
     unique_states: frozenset[JobState] | None
+    output: Any = None
+    """The recorded return value of the job's completed run (decoded JSON); None: none."""
+    workflow_id: str | None = None
+    workflow_task: str | None = None
+    workflow_deps: tuple[int, ...] | None = None
+    """The ids of the jobs this workflow task waits for, in order (None: no deps). Never
+    changes once inserted (the stand-in of a unique duplicate is resolved before)."""
+    workflow_ignore_failed: bool | None = None
+    workflow_deps_done: int | None = None
+    """How many of ``workflow_deps`` (from the first) the workflow advance saw done."""
+    has_dependents: bool | None = None
+    """Whether some workflow task depends on this job (its state changes settle them)."""
 
     @property
     def holds_key(self) -> bool:
@@ -77,6 +89,10 @@ class _Job:
             [_copy(e) for e in self.errors],
             _copy(self.metadata),
             list(self.tags),
+            _copy(self.output),
+            self.workflow_id,
+            self.workflow_task,
+            None if self.workflow_deps is None else list(self.workflow_deps),
         )
 
     def check(self) -> None:

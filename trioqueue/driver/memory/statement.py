@@ -8,9 +8,10 @@ store applies its staged writes only if it finishes (``_Store._run`` in ``store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from ...job import FINALIZED_STATES
 from ..protocol import Notification
 from .errors import MemoryDataError, _Blocked
 from .rows import _Job, _Leader, _LockKey, _Periodic, _Queue
@@ -35,6 +36,15 @@ class _Stmt:
         self.leader: tuple[_Leader | None] | None = None
         self.notes: list[Notification] = []
         self.locks: set[_LockKey] = set()
+        self.fired: list[int] = []
+        """Jobs with dependents this statement moved into or out of a final state, or
+        deleted, in the order written: the ids the statement passes to the workflow
+        advance (``workflows.settle``, with the ``now`` of the statement)."""
+        self.settling = False
+        """While the workflow advance writes: its own writes are not recorded in `fired`
+        (it follows its cascade itself)."""
+        self.inserted_waiting: list[int] = []
+        """Rows this statement inserted with ``workflow_deps`` (not in the store's index)."""
 
     # ---- reading
 
@@ -54,6 +64,26 @@ class _Stmt:
         for maybe in own.values():
             if maybe is not None:
                 yield maybe
+
+    def dependents(self, dep_ids: Iterable[int]) -> set[int]:
+        """The ids of the rows that may wait for one of ``dep_ids`` (``workflow_deps``
+        overlaps them), as an index lookup: committed rows through the store's index, and
+        the rows the transaction and this statement inserted with deps. Read each through
+        `job`: some may be gone from this view, or be in any state."""
+        wanted = set(dep_ids)
+        found: set[int] = set()
+        index = self.d._dependents
+        for dep in wanted:
+            found |= index.get(dep, set())
+        inserted = self.inserted_waiting
+        if self.tx is not None and self.tx._inserted_waiting:
+            inserted = [*self.tx._inserted_waiting, *inserted]
+        for job_id in inserted:
+            job = self.job(job_id)
+            if job is not None and job.workflow_deps is not None:
+                if not wanted.isdisjoint(job.workflow_deps):
+                    found.add(job_id)
+        return found
 
     def queue(self, name: str) -> _Queue | None:
         if name in self.queues:
@@ -129,6 +159,16 @@ class _Stmt:
             assert new.unique_key is not None
             self.holders[new.unique_key] = new.id
         self.jobs[new.id] = new
+        if old is None and new.workflow_deps is not None:
+            self.inserted_waiting.append(new.id)
+        if (
+            old is not None
+            and old.has_dependents
+            and not self.settling
+            and old.state is not new.state
+            and (old.state in FINALIZED_STATES or new.state in FINALIZED_STATES)
+        ):
+            self.fired.append(new.id)
 
     def delete_job(self, old: _Job) -> None:
         self.lock(("job", old.id))
@@ -136,6 +176,8 @@ class _Stmt:
             assert old.unique_key is not None
             self.holders[old.unique_key] = None
         self.jobs[old.id] = None
+        if old.has_dependents and not self.settling:
+            self.fired.append(old.id)
 
     def notify(self, channel: str, payload: str) -> None:
         self.notes.append(Notification(channel, payload))

@@ -27,6 +27,7 @@ from .listener import DEFAULT_LISTENER_BUFFER, MemoryListener
 from .rows import _Job, _Leader, _LockKey, _Periodic, _Queue
 from .statement import _Stmt
 from .transaction import MemoryTransaction
+from .workflows import settle
 
 T = TypeVar("T")
 
@@ -45,6 +46,10 @@ class _Store:
         self._by_state: dict[JobState, set[int]] = {state: set() for state in JobState}
         self._available: dict[str, set[int]] = {}
         self._holders: dict[bytes, int] = {}
+        self._dependents: dict[int, set[int]] = {}
+        """Committed rows by the ids in their ``workflow_deps`` (tq_job_workflow_deps_idx)."""
+        self._workflows: dict[str, set[int]] = {}
+        """Committed rows by ``workflow_id`` (tq_job_workflow_idx)."""
         self._queues: dict[str, _Queue] = {}
         self._periodic: dict[str, _Periodic] = {}
         self._rate_starts: dict[str, list[tuple[str, datetime]]] = {}
@@ -115,6 +120,8 @@ class _Store:
                             f"transaction block (after: {tx._failed})"
                         )
                 result = op(stmt)
+                if stmt.fired:
+                    settle(stmt, self.clock())
             except _Blocked as blocked:
                 try:
                     await self._wait(blocked.tx, tx)
@@ -170,6 +177,7 @@ class _Store:
             tx._queues.update(stmt.queues)
             tx._periodic.update(stmt.periodic)
             tx._notes.extend(stmt.notes)
+            tx._inserted_waiting.extend(stmt.inserted_waiting)
             assert stmt.leader is None
             return
         for job_id, job in stmt.jobs.items():
@@ -195,14 +203,41 @@ class _Store:
                 del self._holders[old.unique_key]  # type: ignore[arg-type]
         if job is None:
             self._jobs.pop(job_id, None)
-            return
-        self._jobs[job_id] = job
-        self._by_state[job.state].add(job_id)
-        if job.state is JobState.AVAILABLE:
-            self._available.setdefault(job.queue, set()).add(job_id)
-        if job.holds_key:
-            assert job.unique_key is not None
-            self._holders[job.unique_key] = job_id
+        else:
+            self._jobs[job_id] = job
+            self._by_state[job.state].add(job_id)
+            if job.state is JobState.AVAILABLE:
+                self._available.setdefault(job.queue, set()).add(job_id)
+            if job.holds_key:
+                assert job.unique_key is not None
+                self._holders[job.unique_key] = job_id
+        self._index_workflow(job_id, old, job)
+
+    def _index_workflow(self, job_id: int, old: _Job | None, new: _Job | None) -> None:
+        """Keep ``_dependents`` and ``_workflows`` right for one committed row's change.
+        Versions of a row share these values (``attrs.evolve``), so most changes skip."""
+        old_deps = None if old is None else old.workflow_deps
+        new_deps = None if new is None else new.workflow_deps
+        if old_deps is not new_deps:
+            for dep in old_deps or ():
+                waiting = self._dependents.get(dep)
+                if waiting is not None:
+                    waiting.discard(job_id)
+                    if not waiting:
+                        del self._dependents[dep]
+            for dep in new_deps or ():
+                self._dependents.setdefault(dep, set()).add(job_id)
+        old_wf = None if old is None else old.workflow_id
+        new_wf = None if new is None else new.workflow_id
+        if old_wf is not new_wf:
+            if old_wf is not None:
+                members = self._workflows.get(old_wf)
+                if members is not None:
+                    members.discard(job_id)
+                    if not members:
+                        del self._workflows[old_wf]
+            if new_wf is not None:
+                self._workflows.setdefault(new_wf, set()).add(job_id)
 
     def _deliver(self, notes: Sequence[Notification]) -> None:
         # PostgreSQL sends identical notifications of one transaction once.
@@ -294,5 +329,6 @@ class _Store:
         tx._queues.clear()
         tx._periodic.clear()
         tx._notes.clear()
+        tx._inserted_waiting.clear()
         self._open_txs.pop(tx, None)
         tx._done.set()

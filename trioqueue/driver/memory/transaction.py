@@ -47,6 +47,8 @@ class MemoryTransaction:
         self._periodic: dict[str, _Periodic] = {}
         self._notes: list[Notification] = []
         self._locks: set[_LockKey] = set()
+        # The rows it inserted with workflow deps (the store indexes them at commit).
+        self._inserted_waiting: list[int] = []
 
     def __repr__(self) -> str:
         state = "failed" if self._failed else "open" if self._open else "closed"
