@@ -183,9 +183,9 @@ notified AS (
         WHERE state IN ('cancelled', 'completed', 'discarded'))) AS n
     FROM written
 ),
-advanced AS (
-    SELECT tq_workflow_advance(array_agg(id) FILTER (
-        WHERE hd AND state IN ('cancelled', 'completed', 'discarded')), $8) AS n
+advanced AS (  -- no call at all when no written job has dependents (the usual batch)
+    SELECT CASE WHEN bool_or(hd) THEN tq_workflow_advance(array_agg(id) FILTER (
+               WHERE hd AND state IN ('cancelled', 'completed', 'discarded')), $8) END AS n
     FROM written
 )
 SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
@@ -212,8 +212,10 @@ WITH written AS (
 notified AS (
     SELECT tq_notify_final(array_agg(id)) AS n FROM written
 ),
-advanced AS (
-    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), $5) AS n FROM written
+advanced AS (  -- no call at all when no written job has dependents (the usual batch)
+    SELECT CASE WHEN bool_or(hd) THEN tq_workflow_advance(array_agg(id) FILTER (WHERE hd), $5)
+           END AS n
+    FROM written
 )
 SELECT written.id FROM written CROSS JOIN notified CROSS JOIN advanced;
 
