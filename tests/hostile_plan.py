@@ -86,7 +86,9 @@ class JobSpec:
     def category(self) -> str:
         if self.stored_args is not None:
             return "bad args"
-        return "good" if self.boom is None else "hostile"
+        if self.boom is not None:
+            return "hostile"
+        return "good" if self.returns in STORABLE_RETURNS else "bad output"
 
 
 @attrs.frozen
@@ -250,6 +252,10 @@ async def _never_awaited() -> None:
 
 
 RETURNS = tuple("none int huge_str object hostile_object coroutine exception cancelled nan".split())
+STORABLE_RETURNS = frozenset({"none", "int", "huge_str", "cancelled"})
+"""What a job may return and complete: its output is stored (trio's Cancelled is an attrs
+class: returned, not raised, it is stored as an object of its fields). Any other return
+value fails the attempt (an OutputError recorded), as if the worker had raised."""
 
 
 # --------------------------------------------------------------------------- records
@@ -669,6 +675,11 @@ class Harness:
             for e in errors:
                 if not e.error.startswith(("ArgsDecodeError: the stored args are", "TypeError:")):
                     v(f"{tag}: stored args {spec.stored_args} failed with {e.error[:200]!r}")
+            return
+        if spec.category == "bad output":
+            for e in errors:
+                if not e.error.startswith("OutputError: the return value cannot be stored"):
+                    v(f"{tag}: returning {spec.returns} failed with {e.error[:200]!r}")
             return
         assert spec.boom is not None
         if not least <= len(errors) <= most:

@@ -252,3 +252,27 @@ async def test_held_back_gauge_per_limited_queue(
             await eventually(lambda: held_back() == {"calls": 4})
             nursery.cancel_scope.cancel()
         assert reader.get_metrics_data() is None
+
+
+async def test_the_middleware_passes_the_output_on(
+    store_url: str, exporter: InMemorySpanExporter, reader: InMemoryMetricReader
+) -> None:
+    """What the worker returns is the job's output, through the middleware too."""
+
+    async def answer(job: tq.Job[Task]) -> dict[str, str]:
+        return {"mode": job.args.mode}
+
+    workers = tq.Workers()
+    workers.add(Task, answer)
+    async with tq.open_client(
+        store_url,
+        workers=workers,
+        queues={"default": tq.QueueConfig(max_workers=2)},
+        middleware=[_middleware(exporter, reader)],
+        **FAST,
+    ) as client:
+        job = (await client.insert(Task("echo"))).job
+        with trio.fail_after(30):
+            done = await client.job_wait(job.id)
+    assert (done.state, done.output) == (tq.JobState.COMPLETED, {"mode": "echo"})
+    assert [s.name for s in exporter.get_finished_spans()].count("trioqueue.work/otel_task") == 1

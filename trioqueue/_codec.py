@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -27,11 +27,13 @@ if TYPE_CHECKING:
     from .driver.protocol import JobRow
 
 __all__ = [
+    "MAX_OUTPUT_BYTES",
     "args_to_dict",
     "decode_args",
     "dumps",
     "encode_args",
     "encode_metadata",
+    "encode_output",
     "row_to_job",
     "unique_key",
     "unique_states_bits",
@@ -158,16 +160,18 @@ def args_to_dict(args: object) -> dict[str, Any]:
     return _args_object(args)[0]
 
 
-def _encode(field: str, data: dict[str, Any], flat: bool, text: str | None = None) -> str:
-    """``data`` as JSON text that ``jsonb`` stores unchanged, else ValidationError naming
-    ``field``, where in ``data`` and the rule (see ``_validate``).
+def _encode(field: str, data: Any, flat: bool, text: str | None = None) -> str:
+    """``data`` (a JSON object for args and metadata; any JSON value for a job's output)
+    as JSON text that ``jsonb`` stores unchanged, else ValidationError naming ``field``,
+    where in ``data`` and the rule (see ``_validate``).
 
     Cheap for the usual flat object (``flat``: the caller knows every key is a str and
-    every value a scalar): the encoder refuses NaN, ±Infinity, ints too long for text and
-    non-JSON types, and its text shows the rest: NUL as an escape, a lone surrogate as
-    text with no UTF-8 encoding. Only then is ``data`` walked, to name the place and the
-    rule. Anything nested first has its shape checked (str keys, depth, no cycles), which
-    also bounds the encoder's recursion. ``text``: ``data`` already encoded."""
+    every value a scalar; or ``data`` is no container at all): the encoder refuses NaN,
+    ±Infinity, ints too long for text and non-JSON types, and its text shows the rest:
+    NUL as an escape, a lone surrogate as text with no UTF-8 encoding. Only then is
+    ``data`` walked, to name the place and the rule. Anything nested first has its shape
+    checked (str keys, depth, no cycles), which also bounds the encoder's recursion.
+    ``text``: ``data`` already encoded."""
     if text is None:
         if not flat:
             check_shape(field, data)
@@ -228,6 +232,155 @@ def encode_metadata(metadata: Mapping[str, Any]) -> str:
             check_metadata_keys("InsertOpts.metadata", data)
             return _encode("InsertOpts.metadata", data, False)
     return _encode("InsertOpts.metadata", data, True)
+
+
+MAX_OUTPUT_BYTES: Final = 1_048_576
+"""The most a job's recorded output may take: 1 MiB of UTF-8 JSON text, as `encode_output`
+writes it (compact: no spaces between tokens, non-ASCII characters as themselves)."""
+
+
+def _fields_of(value: Any) -> dict[str, Any] | None:
+    """The fields of an attrs or dataclass instance as ``{name: value}`` (not converted
+    further), a ``Mapping`` that is no dict as a dict, or None for anything else. Runs
+    the value's own code (field getters, ``items()``): what that raises propagates."""
+    cls = type(value)
+    if attrs.has(cls):
+        return _field_reader(cls)(value)
+    if dataclasses.is_dataclass(cls):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return None
+
+
+def _refused(rule: str) -> ValidationError:
+    return ValidationError("output", rule)
+
+
+_TOO_BIG = f"over the {MAX_OUTPUT_BYTES:,}-byte (1 MiB) cap on a job's output"
+
+
+class _Plain:
+    """Makes a return value plain JSON data (see `encode_output`): each attrs or dataclass
+    instance, wherever it is, a dict of its fields; other mappings dicts; tuples lists.
+    A container is copied only when something inside it changed, so plain data comes
+    back as the very same object; keys, scalars and anything else are left as they are,
+    for `_encode` to accept or refuse.
+
+    Bounded whatever the value: a container nested past ``MAX_JSON_DEPTH`` levels, or
+    met again inside itself, is left as it is (`_encode` then names the place and the
+    rule); an instance to convert there is refused at once. And the walk counts the
+    fewest bytes of JSON text each value it visits must take (every path through shared
+    containers counts): past `MAX_OUTPUT_BYTES` the value is refused as too big, before
+    anything is encoded, so a small object graph that shares containers level after
+    level cannot make the walk (or the encoding) run for ever."""
+
+    __slots__ = ("_left", "_open")
+
+    def __init__(self) -> None:
+        self._left = MAX_OUTPUT_BYTES
+        """Bytes of the cap left: each value visited takes at least one (a str its
+        length and two quotes), each list item one more (a comma or a bracket), each
+        object entry its key's length plus four (quotes, colon, comma or brace)."""
+        self._open: set[int] = set()
+        """The containers and instances being walked (to find a value inside itself)."""
+
+    def _take(self, size: int) -> None:
+        self._left -= size
+        if self._left < 0:
+            raise _refused(f"the JSON text is {_TOO_BIG}")
+
+    def value(self, value: Any, depth: int) -> Any:
+        self._take(len(value) + 2 if type(value) is str else 1)
+        if isinstance(value, _SCALARS):
+            return value
+        if isinstance(value, dict | list | tuple):
+            if depth > MAX_JSON_DEPTH or id(value) in self._open:
+                return value
+            return self._container(value, depth)
+        fields = _fields_of(value)
+        if fields is None:
+            return value
+        if depth > MAX_JSON_DEPTH:
+            raise _refused(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        if id(value) in self._open:
+            raise _refused(
+                f"the value is circular: a {type(value).__name__} instance contains itself"
+            )
+        self._open.add(id(value))
+        plain = self._container(fields, depth)
+        self._open.discard(id(value))
+        return plain
+
+    def _container(self, value: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> Any:
+        self._open.add(id(value))
+        if isinstance(value, dict):
+            changed = type(value) is not dict
+            items = []
+            for key, item in value.items():
+                self._take(len(key) + 4 if type(key) is str else 1)
+                plain = self.value(item, depth + 1)
+                changed = changed or plain is not item
+                items.append((key, plain))
+            result: Any = dict(items) if changed else value
+        else:
+            changed = type(value) is not list
+            converted = []
+            for item in value:
+                self._take(1)
+                plain = self.value(item, depth + 1)
+                changed = changed or plain is not item
+                converted.append(plain)
+            result = converted if changed else value
+        self._open.discard(id(value))
+        return result
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+def _flat(data: Any) -> bool:
+    """Whether ``data`` is a scalar, or a dict with str keys or a list holding scalars
+    only: plain data, with nothing to convert and no shape for `_encode` to check."""
+    if isinstance(data, _SCALARS):
+        return True
+    if type(data) is dict:
+        return all(type(k) is str and isinstance(v, _SCALARS) for k, v in data.items())
+    if type(data) is list:
+        return all(isinstance(v, _SCALARS) for v in data)
+    return False
+
+
+def encode_output(value: object) -> str | None:
+    """A worker's return value as the JSON text recorded as the job's output; None for
+    None (no output).
+
+    attrs and dataclass instances become objects of their fields, wherever they are in
+    ``value`` (nested in each other, or in dicts, lists and tuples); other mappings
+    become objects, tuples lists. The result must be JSON that ``jsonb`` stores as it is
+    (the rules of ``_validate``: no NaN or ±Infinity, no NUL or lone surrogate in text or
+    keys, str keys only, at most ``MAX_JSON_DEPTH`` levels, nothing circular, nothing
+    but dict, list, tuple, str, int, float, bool and None) and at most
+    `MAX_OUTPUT_BYTES` of UTF-8. Otherwise raises ValidationError (field ``output``)
+    naming the place in the value and the rule.
+
+    The value's own code runs here (attrs and dataclass field getters, ``items()`` of
+    mappings, ``__iter__`` of list and tuple subclasses): whatever it raises propagates
+    as it is. Pure: nothing is written."""
+    if value is None:
+        return None
+    try:
+        if _flat(value):
+            text = _encode("output", value, True)
+        else:
+            data = _Plain().value(value, 1)
+            text = _encode("output", data, not isinstance(data, _CONTAINERS) or _flat(data))
+    except RecursionError:  # only a value's own code can recurse this far
+        raise _refused(f"nested more than {MAX_JSON_DEPTH} levels deep, or circular") from None
+    size = len(text) if text.isascii() else len(text.encode())
+    if size > MAX_OUTPUT_BYTES:
+        raise _refused(f"the JSON text is {size:,} bytes of UTF-8: {_TOO_BIG}")
+    return text
 
 
 def decode_args(args_type: type[Any] | None, data: Any) -> Any:

@@ -5,8 +5,11 @@ sees every job of one insert call (``insert``, ``insert_tx``, ``insert_many(_tx)
 ``insert_many_fast(_tx)``) as a list of :class:`InsertParams`, may pass changed ones on,
 and returns what ``call_next`` returned. **Worker middleware** is an object with a
 ``work(job, call_next)`` method (or, per kind, a plain async function of the same two
-arguments); it wraps one run of one job, inside the job's timeout. One object may be both,
-as ``trioqueue.otel.OpenTelemetryMiddleware`` is.
+arguments); it wraps one run of one job, inside the job's timeout, and what it returns is
+what the run returned: the outermost middleware's return value is recorded as the job's
+output (so middleware passes on ``await call_next(job)``'s value, or returns one of its
+own; returning None records no output). One object may be both, as
+``trioqueue.otel.OpenTelemetryMiddleware`` is.
 
 **Hooks** are objects with any of ``insert_begin(params)``, ``work_begin(job)`` and
 ``work_end(job, error)``, each a function or an async function.
@@ -51,8 +54,9 @@ __all__ = [
 
 R = TypeVar("R")
 
-WorkNext = Callable[[Job[Any]], Awaitable[None]]
-"""The rest of the chain of a job run: ``await call_next(job)``."""
+WorkNext = Callable[[Job[Any]], Awaitable[object]]
+"""The rest of the chain of a job run: ``await call_next(job)`` returns what the worker (or
+the middleware inside) returned."""
 
 
 @final
@@ -112,10 +116,14 @@ class InsertMiddleware(Protocol):
 
 @runtime_checkable
 class WorkerMiddleware(Protocol):
-    """Runs around every run of a job; exceptions pass through it to the executor."""
+    """Runs around every run of a job; exceptions pass through it to the executor, and
+    what it returns is what the run returned."""
 
-    async def work(self, job: Job[Any], call_next: WorkNext) -> None:
-        """``await call_next(job)``; let its exceptions propagate (or raise your own)."""
+    async def work(self, job: Job[Any], call_next: WorkNext) -> object:
+        """``return await call_next(job)``; let its exceptions propagate (or raise your
+        own). The value returned is recorded as the job's output (by the outermost
+        middleware; None: no output), so pass ``call_next``'s value on, or return
+        another."""
         ...
 
 
@@ -186,17 +194,17 @@ def _work_layer(mw: Any, inner: WorkNext) -> WorkNext:
     work = getattr(mw, "work", None)
     fn = work if callable(work) else mw
 
-    async def layer(job: Job[Any]) -> None:
-        await fn(job, inner)
+    async def layer(job: Job[Any]) -> object:
+        return await fn(job, inner)
 
     return layer
 
 
 def _begin_layer(begins: Sequence[Callable[[Job[Any]], Any]], inner: WorkNext) -> WorkNext:
-    async def layer(job: Job[Any]) -> None:
+    async def layer(job: Job[Any]) -> object:
         for begin in begins:
             await _maybe_await(begin(job))
-        await inner(job)
+        return await inner(job)
 
     return layer
 
@@ -210,7 +218,8 @@ def build_work_chain(
     """The function the executor awaits for a job of one kind: ``fn`` itself when there is
     no worker middleware and no ``work_begin`` hook, else ``fn`` wrapped (first entry
     outermost, client middleware outside kind middleware, ``work_begin`` hooks outside
-    both). Built once per kind, not per job."""
+    both). It returns what the outermost middleware returns (``fn``'s value when there is
+    none). Built once per kind, not per job."""
     chain = fn
     for mw in reversed(kind_middleware):
         chain = _work_layer(mw, chain)

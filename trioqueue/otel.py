@@ -167,8 +167,9 @@ class OpenTelemetryMiddleware:
                         },
                     )
 
-    async def work(self, job: Job[Any], call_next: WorkNext) -> None:
-        """Trace, time and count one run; exceptions pass through unchanged."""
+    async def work(self, job: Job[Any], call_next: WorkNext) -> object:
+        """Trace, time and count one run; exceptions pass through unchanged, and the
+        worker's return value (the job's output) too."""
         start = time.perf_counter()
         failure: BaseException | None = None
         with self._tracer.start_as_current_span(
@@ -188,7 +189,7 @@ class OpenTelemetryMiddleware:
             set_status_on_exception=False,
         ) as span:
             try:
-                await call_next(job)
+                return await call_next(job)
             except BaseException as exc:
                 failure = exc
                 raise

@@ -335,7 +335,7 @@ def _held_opts(args: object, opts: InsertOpts | None) -> InsertOpts:
 
 
 async def work_one(
-    workers_or_fn: Workers | Callable[[Job[A]], Awaitable[None]],
+    workers_or_fn: Workers | Callable[[Job[A]], Awaitable[object]],
     args: A,
     *,
     opts: InsertOpts | None = None,
@@ -351,7 +351,9 @@ async def work_one(
     ``next_retry``, ``JobSnooze``, ``JobCancel``, ``error_handler``) and the completer's
     write. So a failure leaves the job ``retryable`` (or ``available`` when the retry is due
     within ``scheduler_interval``, as with a client) with the error recorded, or
-    ``discarded`` on its last attempt.
+    ``discarded`` on its last attempt. What the worker returns is recorded as the job's
+    output as on a client (``res.job.output``); a return value that cannot be stored fails
+    the attempt in the same way.
 
     ``workers_or_fn``: a ``Workers`` that has a worker for ``args``' kind, or one async
     worker function (registered for ``type(args)``). Storage: ``client`` (its config is

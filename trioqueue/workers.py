@@ -15,7 +15,9 @@ __all__ = ["DEFAULT_TIMEOUT", "WorkerEntry", "Workers", "args_kind"]
 
 A = TypeVar("A")
 
-WorkFn = Callable[[Job[A]], Awaitable[None]]
+WorkFn = Callable[[Job[A]], Awaitable[object]]
+"""A worker: an async function of the job. What it returns is recorded as the job's output
+(see `Workers.add`)."""
 NextRetryFn = Callable[[Job[Any]], float]
 
 
@@ -86,7 +88,11 @@ class Workers:
         middleware: Sequence[Any] = (),
         hooks: Sequence[Any] = (),
     ) -> None:
-        """Register ``fn`` to work jobs of ``args_type``.
+        """Register ``fn`` to work jobs of ``args_type``. What ``fn`` returns is recorded
+        as the job's output (``job.output``) when the run completes: JSON, with attrs and
+        dataclass instances as objects; None records no output. A value that cannot be
+        stored as JSON, or is over 1 MiB as JSON, fails the attempt with that error
+        recorded (retried or discarded like any error).
 
         ``timeout`` overrides the client's ``job_timeout`` (``None``: no timeout);
         ``next_retry(job)`` returns seconds until the retry, overriding the client's policy;

@@ -69,8 +69,8 @@ REFUSED_NOTE_LIMIT = 500
 
 def storable_stand_in(finished: FinishedRun, error: DatabaseError, now: datetime) -> FinishedRun:
     """What to write for an outcome the database refused: the same state, times and
-    attempt, with no metadata change and its error replaced by a note of trioqueue's own,
-    built from nothing the job supplied. Not a checkpoint."""
+    attempt, with no metadata change, no output and its error replaced by a note of
+    trioqueue's own, built from nothing the job supplied. Not a checkpoint."""
     complaint = storable_text(str(error))[:REFUSED_NOTE_LIMIT]
     note = dumps(
         {
@@ -81,7 +81,9 @@ def storable_stand_in(finished: FinishedRun, error: DatabaseError, now: datetime
             "trace": "",
         }
     )
-    return finished._replace(outcome=finished.outcome._replace(error_json=note, metadata_json=None))
+    return finished._replace(
+        outcome=finished.outcome._replace(error_json=note, metadata_json=None, output_json=None)
+    )
 
 
 @final

@@ -1,7 +1,12 @@
 """Runs claimed jobs in lanes (cancel scopes shared by the jobs run back to back, see
 `lane`), and turns whatever each run did into exactly one outcome for the completer —
 whatever the job raised or returned (see `trioqueue._failure` for hostile errors,
-`trioqueue._outcome` for the row changes)."""
+`trioqueue._outcome` for the row changes).
+
+What the job's code returns (the worker's return value, or whatever its worker middleware
+returns in its place) is recorded as the job's output: encoded as it returns, before the
+``work_end`` hooks, so that a value that cannot be stored is the attempt's error, which the
+hooks see and which is retried or discarded like any other (`_outcome.recorded_output`)."""
 
 from __future__ import annotations
 
@@ -55,8 +60,11 @@ class _Run(NamedTuple):
     ran: bool
     """The job's code was called (so its work_end hooks are owed)."""
     error: BaseException | None
-    """What it raised, whatever that was (None: it returned)."""
+    """What it raised, whatever that was (None: it returned); or why its return value
+    cannot be recorded."""
     timeout: float | None
+    output_json: str | None = None
+    """What it returned, as the JSON text to record (None: nothing, or it did not return)."""
 
 
 def _unknown(job: Job[Any]) -> UnknownJobKindError:
@@ -214,7 +222,9 @@ class Executor:
                     if run.error is None and not ends:
                         # The usual run, kept short: it returned, and no hook follows.
                         fatal = None
-                        finished = outcome.completed(job, self.now(), trio.current_time() - start)
+                        finished = outcome.completed(
+                            job, self.now(), trio.current_time() - start, run.output_json
+                        )
                         if log.isEnabledFor(logging.DEBUG):
                             _log_end(job, finished, None)
                     else:
@@ -260,7 +270,9 @@ class Executor:
         return claimed.take()
 
     async def _run_job(self, job: Job[Any], handle: JobHandle, lane: Lane) -> _Run:
-        """Run the job's code in ``lane`` (with its deadline), catching whatever it raises.
+        """Run the job's code in ``lane`` (with its deadline), catching whatever it raises;
+        when it returns, its return value is encoded as the output to record, and a value
+        that cannot be is the run's error (`_outcome.recorded_output`).
 
         Cancelled from outside while the job runs (its error holds a ``Cancelled`` and the
         lane itself was not cancelled): raises trio's Cancelled, never the job's own
@@ -280,15 +292,20 @@ class Executor:
         if handle.cancel_requested:
             scope.cancel()
         error: BaseException | None = None
+        result: object = None
         try:
-            await (self._chains.get(job.kind) or self._chain(entry))(job)
+            result = await (self._chains.get(job.kind) or self._chain(entry))(job)
         except BaseException as exc:
             error = exc
         finally:
             handle.lane = None
+        output_json = None
+        if result is not None:
+            output_json, error = outcome.recorded_output(result)
+            result = None  # the job's value is not kept past its encoding
         if error is not None and not scope.cancel_called and cancelled_for_real(error):
             await trio.lowlevel.checkpoint()  # raises Cancelled: the task's scope is cancelled
-        return _Run(job=job, entry=entry, ran=True, error=error, timeout=timeout)
+        return _Run(job, entry, True, error, timeout, output_json)
 
     def _hand_back(
         self,
@@ -357,7 +374,9 @@ class Executor:
                 error = await run_work_end(ends, job, error)
                 if fatal is None and error is not None:
                     fatal = fatal_in(error)
-        finished = await self._decide(job, run.entry, error, trio.current_time() - start, handle)
+        finished = await self._decide(
+            job, run.entry, error, run.output_json, trio.current_time() - start, handle
+        )
         if error is not None or log.isEnabledFor(logging.DEBUG):
             _log_end(job, finished, error)
         return finished, fatal
@@ -373,12 +392,13 @@ class Executor:
         job: Job[Any],
         entry: WorkerEntry[Any] | None,
         error: BaseException | None,
+        output_json: str | None,
         duration: float,
         handle: JobHandle,
     ) -> FinishedRun:
         now = self.now()
         if error is None:
-            return outcome.completed(job, now, duration)
+            return outcome.completed(job, now, duration, output_json)
         if isinstance(error, JobSnooze):
             snooze = outcome.snoozed(
                 job, now, error.seconds, self.config.scheduler_interval, duration
