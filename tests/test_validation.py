@@ -580,3 +580,19 @@ async def test_a_leader_with_bad_periodic_jobs_still_runs_the_good_one() -> None
             fetch_cooldown=0.01,
         ):
             await done.wait()
+
+
+class _NoRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+    def __hash__(self) -> int:
+        return 1
+
+
+def test_a_non_str_key_whose_repr_raises_is_a_validation_error() -> None:
+    """The message about a bad key must not fail in its turn (a RuntimeError came out)."""
+    from trioqueue._codec import encode_args
+
+    with pytest.raises(tq.ValidationError, match=r"whose repr\(\) raised"):
+        encode_args(Val({_NoRepr(): 1}))

@@ -127,6 +127,15 @@ def _check_int(field: str, value: int, path: Path) -> None:
         )
 
 
+def _key_repr(key: object) -> str:
+    """``repr(key)`` for an error message, or a stand-in when the key's own ``__repr__``
+    raises: the message about a bad key must not fail in its turn."""
+    try:
+        return repr(key)[:200]
+    except Exception:
+        return f"a {type(key).__name__} whose repr() raised"
+
+
 def check_json(field: str, value: Any) -> None:
     """Raise ValidationError, naming ``field`` and the place in ``value``, unless ``value``
     is JSON that PostgreSQL's ``jsonb`` stores as it is (rules in the module docstring).
@@ -170,7 +179,7 @@ def _check(field: str, value: Any, path: Path, depth: int, open_ids: set[int]) -
                 raise ValidationError(
                     field,
                     f"{_where(path)}object keys must be str, not {type(key).__name__} "
-                    f"({key!r}): JSON would turn it into a string",
+                    f"({_key_repr(key)}): JSON would turn it into a string",
                 )
             where = (path, key)
             check_text(field, key, where)
