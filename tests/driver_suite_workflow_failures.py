@@ -316,3 +316,32 @@ async def a_foreign_cancelled_by_value_never_fails_a_retry(driver: Driver) -> No
     retried = await driver.job_retry(wf["a"].id, at(2))
     assert retried is not None and retried.state == "available"
     assert await states(driver, wf["b"]) == ["cancelled"]
+
+
+@case
+async def the_cleaner_keeps_a_dep_while_a_dependent_may_come_back(driver: Driver) -> None:
+    # t waits for d and a; d completes; a is cancelled, which cancels t. Retrying a later
+    # brings t back, so d must still be there then (else t is cancelled by d at once).
+    wf = await insert_workflow(driver, "wf", task("d"), task("a"), task("t", "d", "a"))
+    await finish(driver, wf["d"].id, seconds=1)
+    await driver.job_cancel(wf["a"].id, at(2))
+    assert await states(driver, wf["t"]) == ["cancelled"]
+    assert await driver.job_delete_finalized(JobState.COMPLETED, at(1000), 100) == 0
+    await driver.job_retry(wf["a"].id, at(1001))
+    assert await states(driver, wf["d"], wf["t"]) == ["completed", "pending"]
+    await finish(driver, wf["a"].id, seconds=1002)
+    assert await states(driver, wf["t"]) == ["available"]
+
+
+@case
+async def a_task_cancelled_by_hand_midway_through_its_deps_can_be_retried(
+    driver: Driver,
+) -> None:
+    # t has seen a done (its progress is stored); cancelled by hand, then b completes, then
+    # t is retried: it waits no more for a, and is promoted at once.
+    wf = await insert_workflow(driver, "wf", task("a"), task("b"), task("t", "a", "b"))
+    await finish(driver, wf["a"].id, seconds=1)
+    await driver.job_cancel(wf["t"].id, at(2))
+    await finish(driver, wf["b"].id, seconds=3)
+    retried = await driver.job_retry(wf["t"].id, at(4))
+    assert retried is not None and retried.state == "available"

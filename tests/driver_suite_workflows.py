@@ -107,8 +107,12 @@ async def finish(
     *,
     rows: bool = True,
     output: Any = None,
+    waited: bool = True,
 ) -> None:
-    """Claim the job and write the outcome ``state`` of the run, at ``at(seconds)``."""
+    """Claim the job and write the outcome ``state`` of the run, at ``at(seconds)``;
+    ``waited``: as a job some client waits for (announced on tq_final as it ends)."""
+    if waited:
+        await driver.job_mark_waited([job_id])
     await claim(driver, job_id, at(seconds - 1))
     final = state in (JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED)
     done = outcome(
@@ -402,12 +406,16 @@ async def final_jobs_are_announced_on_tq_final(driver: Driver) -> None:
     done_quietly = await running_job(driver)
     retried = await running_job(driver)
     running = await running_job(driver)
+    unwaited = await running_job(driver)
     queued = await insert_one(driver, queue="f")
+    # Outcome writes announce the jobs somebody waits for only; the others, always.
+    await driver.job_mark_waited([done.id, done_quietly.id, retried.id, running.id])
     async with driver.open_listener(LISTENED) as listener:
         await driver.job_set_state_if_running_many(
             [
                 outcome(done.id, JobState.COMPLETED),
                 outcome(retried.id, JobState.RETRYABLE, scheduled_at=at(60), error_json="{}"),
+                outcome(unwaited.id, JobState.COMPLETED),
             ],
             at(10),
         )
@@ -425,9 +433,26 @@ async def final_jobs_are_announced_on_tq_final(driver: Driver) -> None:
 
 
 @case
+async def job_mark_waited_leaves_finished_and_missing_jobs_alone(driver: Driver) -> None:
+    done = await running_job(driver)
+    await driver.job_set_state_if_running_many([outcome(done.id, JobState.COMPLETED)], at(5))
+    queued = await insert_one(driver)
+    await driver.job_mark_waited([done.id, queued.id, 987654321])
+    await driver.job_mark_waited([queued.id])  # again: nothing changes
+    await claim(driver, queued.id, at(6))
+    async with driver.open_listener(LISTENED) as listener:
+        await driver.job_set_state_if_running_many(
+            [outcome(queued.id, JobState.DISCARDED, error_json="{}")], at(7), rows=False
+        )
+        got = await notes(driver, listener, "marker")
+    assert final_ids(got) == [queued.id]
+
+
+@case
 async def a_batch_of_final_jobs_is_announced_400_ids_at_a_time(driver: Driver) -> None:
     await driver.job_insert_fast([params(queue="big") for _ in range(450)], [], NOW)
     claimed = await driver.job_get_available("big", NOW, 450, "client-1")
+    await driver.job_mark_waited([r.id for r in claimed])
     async with driver.open_listener(LISTENED) as listener:
         await driver.job_set_state_if_running_many(
             [outcome(r.id, JobState.COMPLETED) for r in claimed], at(10), rows=False

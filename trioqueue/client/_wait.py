@@ -5,9 +5,10 @@ One per client, run by ``open_client`` in a nursery the client owns:
 ```
 JobWaits.run
 └── nursery "waits"
-    ├── reader      re-reads the waited jobs that may have changed, all in one
-    │               statement (a job_list by ids), and wakes the waiters of those
-    │               it finds final or gone
+    ├── reader      marks newly waited jobs in storage (job_mark_waited: the write
+    │               that ends one announces it), re-reads the waited jobs that may
+    │               have changed, all in one statement (a job_list by ids), and wakes
+    │               the waiters of those it finds final or gone
     ├── re-check    every fetch_poll_interval while anything is waited for: every
     │               waited job is read again
     └── listener    LISTEN tq_final: notifications name the jobs to read again;
@@ -23,8 +24,12 @@ to ``tq_final`` too, on its one connection); otherwise (an insert-only client, o
 whose runtime stopped before its block ended) a LISTEN connection of this service's own,
 opened at the first wait and kept until the client closes. In ``poll_only`` mode there is
 no listener and the re-check alone finds the ends. With a listener the re-check is the
-safety net for what sends no notification (a job deleted) or loses one (a pooler that
-swallows LISTEN).
+safety net for a notification lost (a pooler that swallows LISTEN).
+
+The completer announces only the jobs marked as waited for, so that the clients whose
+jobs nobody waits for send no NOTIFY (it takes a database-wide lock at each commit). A job
+is marked before it is first read: if it ends after that read, the write that ends it
+sees the mark and announces it.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class _Wait:
     """The job as read once final; None with ``done`` set: the job is gone, or the
     service closed (``closed``)."""
     closed: bool = False
+    marked: bool = False
+    """Whether the job is marked as waited for in storage (`Driver.job_mark_waited`):
+    only then does the write that ends it announce it."""
 
 
 @final
@@ -205,6 +213,13 @@ class JobWaits:
                 chunk = ids[start : start + MAX_LIST_LIMIT]
                 self._reading = True
                 try:
+                    # Marked before the read: a job that ends after the read is announced.
+                    unmarked = [] if self.poll_only else self._unmarked(chunk)
+                    if unmarked:
+                        await self.driver.job_mark_waited(unmarked)
+                        for job_id in unmarked:
+                            if (entry := self._entries.get(job_id)) is not None:
+                                entry.marked = True
                     rows = await self.driver.job_list(JobListParams(ids=chunk, limit=len(chunk)))
                 except DatabaseError as exc:
                     failures += 1
@@ -260,6 +275,9 @@ class JobWaits:
         await own.run()
 
     # ------------------------------------------------------------------ callbacks
+
+    def _unmarked(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if (entry := self._entries.get(i)) is not None and not entry.marked]
 
     def _mark(self, ids: list[int]) -> None:
         """Have the reader read ``ids`` on its next round. Not a checkpoint."""

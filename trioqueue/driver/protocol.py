@@ -104,9 +104,9 @@ LEADERSHIP_CHANNEL = "tq_leadership"
 FINAL_CHANNEL = "tq_final"
 """Jobs that reached a final state (completed, cancelled, discarded), or were deleted by
 ``job_delete``: each payload is ``{"ids": [...]}`` (at most 400 ids). Sent by every write
-that finalizes jobs (outcomes, cancels, rescues, the scheduler's discards, a workflow's
-cancelled dependents) and by ``job_delete``, at most a few per write, never one per job;
-`Client.job_wait` listens."""
+that finalizes jobs (outcomes, for the jobs marked by ``job_mark_waited`` only; cancels,
+rescues, the scheduler's discards, a workflow's cancelled dependents) and by
+``job_delete``, at most a few per write, never one per job; `Client.job_wait` listens."""
 
 
 class JobInsertParams(NamedTuple):
@@ -332,6 +332,12 @@ class Driver(Protocol):
     async def job_delete(self, job_id: int, *, ex: Any = None) -> JobRow | None: ...
 
     async def job_state(self, job_id: int, *, ex: Any = None) -> str | None: ...
+
+    async def job_mark_waited(self, job_ids: Sequence[int]) -> None:
+        """Some client waits for these jobs (`Client.job_wait`): outcome writes announce
+        them on `FINAL_CHANNEL` when they end (they announce no other job). Jobs already
+        final, or missing, are left alone."""
+        ...
 
     async def job_cancel_requested(self, job_ids: Sequence[int]) -> list[int]: ...
 

@@ -9,6 +9,7 @@ ALTER TABLE tq_job DROP COLUMN workflow_ignore_failed;
 ALTER TABLE tq_job DROP COLUMN workflow_deps;
 ALTER TABLE tq_job DROP COLUMN workflow_task;
 ALTER TABLE tq_job DROP COLUMN workflow_id;
+ALTER TABLE tq_job DROP COLUMN waited;
 ALTER TABLE tq_job DROP COLUMN output;
 
 -- The limited fetch of version 4, as it was.

@@ -16,6 +16,11 @@
 -- completed).
 ALTER TABLE tq_job ADD COLUMN output jsonb;
 
+-- Whether some client waits for the job (job_wait): the completer announces the jobs it
+-- finishes on tq_final only when they are waited for, so a client whose jobs nobody
+-- waits for never takes NOTIFY's database-wide lock at each commit.
+ALTER TABLE tq_job ADD COLUMN waited boolean;
+
 -- The workflow a job belongs to and its task name there (both NULL outside workflows).
 ALTER TABLE tq_job ADD COLUMN workflow_id text;
 ALTER TABLE tq_job ADD COLUMN workflow_task text;
@@ -78,11 +83,22 @@ DECLARE
     d record;
     v_deps bigint[];
     v_i integer;
+    v_done integer;
     v_n integer;
     v_state tq_job_state;
     v_verdict text;
     v_why bigint;
 BEGIN
+    IF cardinality(v_changed) = 0 THEN
+        RETURN 0;
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- One snapshot for the whole transaction would not see the deps that other
+        -- clients completed meanwhile: a task could wait for ever.
+        RAISE EXCEPTION 'trioqueue settles workflows under READ COMMITTED only, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
     WHILE cardinality(v_changed) > 0 LOOP
         v_next := '{}';
         v_promote := '{}';
@@ -120,18 +136,20 @@ BEGIN
 
         FOR d IN
             SELECT j.id, j.workflow_deps, coalesce(j.workflow_ignore_failed, false) AS ignore,
-                   coalesce(p.deps_done, 0) AS done, j.has_dependents
+                   j.has_dependents
             FROM tq_job j
-            LEFT JOIN tq_workflow_progress p ON p.job_id = j.id
             WHERE j.workflow_deps && v_changed
               AND j.workflow_deps IS NOT NULL
               AND j.state = 'pending'
             ORDER BY j.id
-            FOR UPDATE OF j
+            FOR UPDATE
         LOOP
             v_verdict := 'wait';
             v_why := NULL;
-            v_i := d.done;
+            -- Read once the task is locked: whoever held the lock may have moved it.
+            SELECT coalesce(max(p.deps_done), 0) INTO v_done
+            FROM tq_workflow_progress p WHERE p.job_id = d.id;
+            v_i := v_done;
             -- One copy, read in place below: a task with thousands of deps has them
             -- stored out of line (TOAST), and every read of the column would fetch and
             -- decompress them all again.
@@ -171,7 +189,7 @@ BEGIN
                 IF d.has_dependents THEN
                     v_next := v_next || d.id;
                 END IF;
-            ELSIF v_i <> d.done THEN
+            ELSIF v_i <> v_done THEN
                 v_moved := v_moved || d.id;
                 v_moved_done := v_moved_done || v_i;
             END IF;

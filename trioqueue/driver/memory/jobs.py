@@ -397,7 +397,9 @@ class _JobFlow(_Store):
                 )
                 st.put_job(new, old)
                 written.append(new)
-            notify_final(st, [job.id for job in written if job.state in FINALIZED_STATES])
+            notify_final(
+                st, [job.id for job in written if job.waited and job.state in FINALIZED_STATES]
+            )
             settle(st, at)
             if rows:
                 return [job.row(args=False) for job in written]  # args left out, as the SQL does

@@ -15,8 +15,8 @@ from ..protocol import JobRescue, JobRow
 from .errors import MemoryDataError
 from .statement import _Stmt
 from .store import _Store
-from .values import _concat, _jsonb, _opt_ts, _rescue_count, _ts
-from .workflows import notify_final, settle
+from .values import _concat, _has_key, _jsonb, _opt_ts, _rescue_count, _ts
+from .workflows import CANCELLED_BY, notify_final, settle
 
 _SCHEDULABLE: Final = (JobState.RETRYABLE, JobState.SCHEDULED)
 
@@ -191,10 +191,14 @@ class _Maintenance(_Store):
 
     @staticmethod
     def _awaited(st: _Stmt, job_id: int) -> bool:
-        """Whether a pending workflow task waits for ``job_id`` (has it in its deps)."""
+        """Whether a workflow task waits for ``job_id`` (has it in its deps), or may wait
+        again: one cancelled by a failed dep comes back when that dep is retried."""
         for waiting_id in st.dependents([job_id]):
             job = st.job(waiting_id)
-            if job is not None and job.state is JobState.PENDING:
+            if job is not None and (
+                job.state is JobState.PENDING
+                or (job.state is JobState.CANCELLED and _has_key(job.metadata, CANCELLED_BY))
+            ):
                 assert job.workflow_deps is not None
                 if job_id in job.workflow_deps:
                     return True

@@ -96,8 +96,10 @@ class _JobManagement(_Store):
                     finalized_at=None,
                     metadata=_concat(old.metadata, {"cancel_attempted_at": _ts_json(at)}),
                 )
-            else:
-                new = attrs.evolve(old, state=JobState.CANCELLED, finalized_at=at)
+            else:  # a cancelled task waits no more: its progress through its deps goes
+                new = attrs.evolve(
+                    old, state=JobState.CANCELLED, finalized_at=at, workflow_deps_done=None
+                )
             st.put_job(new, old)
             if new.state is JobState.RUNNING:
                 payload = json.dumps({"action": "cancel", "job_id": job_id, "queue": new.queue})
@@ -166,6 +168,19 @@ class _JobManagement(_Store):
             return old.row()
 
         return await self._run(f"deleting job {job_id}", ex, op)
+
+    async def job_mark_waited(self, job_ids: Sequence[int]) -> None:
+        """Mark these jobs as waited for (outcome writes announce them on ``tq_final``
+        when they end); finished or missing ones are left alone."""
+
+        def op(st: _Stmt) -> None:
+            for job_id in sorted(set(job_ids)):
+                old = st.job(job_id)
+                if old is None or old.waited or old.state in FINALIZED_STATES:
+                    continue
+                st.put_job(attrs.evolve(old, waited=True), old)
+
+        await self._run("marking waited jobs", None, op)
 
     async def job_state(self, job_id: int, *, ex: Any = None) -> str | None:
         """The job's state as the caller's transaction sees it, or None."""

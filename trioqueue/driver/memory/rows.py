@@ -59,6 +59,9 @@ class _Job:
     """How many of ``workflow_deps`` (from the first) the workflow advance saw done."""
     has_dependents: bool | None = None
     """Whether some workflow task depends on this job (its state changes settle them)."""
+    waited: bool | None = None
+    """Whether some client waits for the job (``job_mark_waited``): outcome writes announce
+    it on ``tq_final`` when it ends."""
 
     @property
     def holds_key(self) -> bool:

@@ -35,7 +35,7 @@ def _ids_only(sql: str) -> str:
     body, sep3, _select = rest.rpartition("\nSELECT id, kind,")
     if not (sep and sep2 and sep3):
         raise RuntimeError("job_set_state_if_running_many changed: update _ids_only")
-    returning = "    RETURNING j.id, j.state, j.has_dependents AS hd\n)"
+    returning = "    RETURNING j.id, j.state, j.has_dependents AS hd, j.waited\n)"
     final = "\nSELECT written.id FROM written CROSS JOIN notified CROSS JOIN advanced"
     return head + returning + body + final
 

@@ -145,7 +145,8 @@ RETURNING j.id, j.kind, j.args, j.queue, j.state::text, j.priority, j.attempt, j
 -- requested while it ran ends `cancelled` instead of going back to be retried or snoozed.
 -- SET expressions read the row as locked, so a cancel request that lands first is seen.
 -- A completed job's output ($10) replaces the stored one. Jobs that end final are announced
--- on tq_final (job_wait), and those some workflow task waits for settle it
+-- on tq_final when some client waits for them (job_wait marks them), and those some
+-- workflow task waits for settle it
 -- (tq_workflow_advance, migration 005), all in this statement.
 -- The args column comes back NULL: the caller has them, and decoding them again for every
 -- finished job is the single largest cost of this statement.
@@ -176,11 +177,12 @@ WITH written AS (
     RETURNING j.id, j.kind, NULL::jsonb AS args, j.queue, j.state::text AS state, j.priority,
               j.attempt, j.max_attempts, j.attempted_at, j.attempted_by, j.created_at,
               j.finalized_at, j.scheduled_at, j.errors, j.metadata, j.tags, j.output,
-              j.workflow_id, j.workflow_task, j.workflow_deps, j.has_dependents AS hd
+              j.workflow_id, j.workflow_task, j.workflow_deps, j.has_dependents AS hd,
+              j.waited
 ),
 notified AS (
     SELECT tq_notify_final(array_agg(id) FILTER (
-        WHERE state IN ('cancelled', 'completed', 'discarded'))) AS n
+        WHERE waited AND state IN ('cancelled', 'completed', 'discarded'))) AS n
     FROM written
 ),
 advanced AS (  -- no call at all when no written job has dependents (the usual batch)
@@ -207,10 +209,10 @@ WITH written AS (
     WHERE j.id = i.id
       AND j.state = 'running'
       AND (i.attempted_at IS NULL OR j.attempted_at = i.attempted_at)
-    RETURNING j.id, j.has_dependents AS hd
+    RETURNING j.id, j.has_dependents AS hd, j.waited
 ),
 notified AS (
-    SELECT tq_notify_final(array_agg(id)) AS n FROM written
+    SELECT tq_notify_final(array_agg(id) FILTER (WHERE waited)) AS n FROM written
 ),
 advanced AS (  -- no call at all when no written job has dependents (the usual batch)
     SELECT CASE WHEN bool_or(hd) THEN tq_workflow_advance(array_agg(id) FILTER (WHERE hd), $5)
@@ -268,10 +270,15 @@ notified AS (
     SELECT tq_notify_final(array_agg(id) FILTER (WHERE state = 'cancelled')) AS n
     FROM cancelled
 ),
-advanced AS (
+forgotten AS (  -- a cancelled task waits no more
+    DELETE FROM tq_workflow_progress
+    WHERE job_id IN (SELECT id FROM cancelled WHERE state = 'cancelled')
+    RETURNING job_id
+),
+advanced AS (  -- after the delete (it reads its count): both change the progress rows
     SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd AND state = 'cancelled'), $2)
         AS n
-    FROM cancelled
+    FROM cancelled, (SELECT count(*) FROM forgotten) AS f
 )
 SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
        attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
@@ -304,15 +311,16 @@ WITH retried AS (
               metadata, tags, output, workflow_id, workflow_task, workflow_deps,
               has_dependents AS hd
 ),
-advanced AS (
+forgotten AS (  -- a retried task starts over through its deps
+    DELETE FROM tq_workflow_progress WHERE job_id IN (SELECT id FROM retried)
+    RETURNING job_id
+),
+advanced AS (  -- after the delete (it reads its count): both change the progress rows
     SELECT tq_workflow_advance(
                coalesce(array_agg(id) FILTER (WHERE hd), '{}')
                || coalesce((SELECT workflow_deps FROM retried), '{}'),
                $2) AS n
-    FROM retried
-),
-forgotten AS (  -- a waiting task retried by hand no longer waits
-    DELETE FROM tq_workflow_progress WHERE job_id IN (SELECT id FROM retried)
+    FROM retried, (SELECT count(*) FROM forgotten) AS f
 )
 SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_at,
        attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
@@ -331,11 +339,13 @@ WITH deleted AS (
               metadata, tags, output, workflow_id, workflow_task, workflow_deps,
               has_dependents AS hd
 ),
-advanced AS (
-    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), now()) AS n FROM deleted
-),
 forgotten AS (
     DELETE FROM tq_workflow_progress WHERE job_id IN (SELECT id FROM deleted)
+    RETURNING job_id
+),
+advanced AS (  -- after the delete (it reads its count): both change the progress rows
+    SELECT tq_workflow_advance(array_agg(id) FILTER (WHERE hd), now()) AS n
+    FROM deleted, (SELECT count(*) FROM forgotten) AS f
 ),
 notified AS (
     SELECT tq_notify_final(array_agg(id)) AS n FROM deleted
@@ -344,6 +354,15 @@ SELECT id, kind, args, queue, state, priority, attempt, max_attempts, attempted_
        attempted_by, created_at, finalized_at, scheduled_at, errors, metadata, tags, output,
        workflow_id, workflow_task, workflow_deps
 FROM deleted CROSS JOIN advanced CROSS JOIN notified;
+
+-- name: job_mark_waited
+-- Some client waits for these jobs (job_wait): the completer announces them on tq_final
+-- when they end. Finished jobs are left alone (the waiter reads them next).
+UPDATE tq_job
+SET waited = true
+WHERE id = ANY($1::bigint[])
+  AND waited IS NOT TRUE
+  AND state NOT IN ('cancelled', 'completed', 'discarded');
 
 -- name: job_state
 SELECT state::text FROM tq_job WHERE id = $1;

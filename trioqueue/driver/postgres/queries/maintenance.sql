@@ -56,17 +56,19 @@ FROM rescued CROSS JOIN notified CROSS JOIN advanced;
 
 -- name: job_delete_finalized
 -- Delete up to $3 jobs in state $1 finalized before $2; returns how many. A workflow's
--- dep whose dependents still wait is kept until they no longer do.
+-- dep whose dependents still wait, or may wait again, is kept until they no longer can.
 WITH doomed AS (
     SELECT id
     FROM tq_job j
     WHERE state = $1::text::tq_job_state
       AND finalized_at < $2
-      -- A dep stays while a task still waits for it (deleting it would cancel the task).
+      -- A dep stays while a task still waits for it (deleting it would cancel the task),
+      -- or may wait again: one cancelled by a failed dep comes back when that is retried.
       AND NOT (coalesce(j.has_dependents, false) AND EXISTS (
           SELECT 1 FROM tq_job d
           WHERE d.workflow_deps @> ARRAY[j.id] AND d.workflow_deps IS NOT NULL
-            AND d.state = 'pending'))
+            AND (d.state = 'pending'
+                 OR (d.state = 'cancelled' AND d.metadata ? 'workflow_cancelled_by'))))
     ORDER BY finalized_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
