@@ -489,3 +489,18 @@ async def test_insert_middleware_sees_every_task(store_url: str) -> None:
                 await client.insert_workflow(diamond("dropped"))
             assert await client.workflow_get("dropped") == {}
             assert await count_jobs(client) == 4
+
+
+@attrs.frozen
+class ShortChange:
+    """Insert middleware that passes every job on but returns one result too few."""
+
+    async def insert_many(self, params: list[Any], call_next: Any) -> Any:
+        return (await call_next(params))[:-1]
+
+
+async def test_insert_middleware_that_returns_too_few_results_is_named(store_url: str) -> None:
+    async with tq.open_client(store_url, middleware=[ShortChange()]) as client:
+        with pytest.raises(tq.TrioqueueError, match="not what call_next returned"):
+            await client.insert_workflow(diamond("short"))
+        assert len(await client.workflow_get("short")) == 4  # it was inserted

@@ -20,7 +20,7 @@ from .._insert import InsertBuilder, InsertItem
 from .._runtime.notifier import NotifyLimiter
 from ..config import ClientConfig
 from ..driver.protocol import Driver, JobInsertParams, JobRow, WorkflowTaskParams
-from ..errors import ValidationError
+from ..errors import TrioqueueError, ValidationError
 from ..job import InsertOpts, Job, JobInsertResult, JobState
 from ..middleware import InsertParams, insert_layers, run_insert_begin, run_insert_chain
 from ..transaction import Transaction
@@ -216,6 +216,12 @@ class InsertPipeline:
         if self._insert_layers or self._insert_begins:
             # Middleware sees the tasks as one batch, and gets what insert_many gives it.
             results = await self._through_middleware(items, write)
+            if not isinstance(results, list) or len(results) != len(tasks):
+                raise TrioqueueError(
+                    f"insert middleware returned {results!r:.200} for a workflow of "
+                    f"{len(tasks)} tasks, not what call_next returned (one JobInsertResult "
+                    f"per task); the workflow {workflow_id!r} was inserted"
+                )
         else:
             args: list[Any] = []
             params, now = self._prepare(items, args)
