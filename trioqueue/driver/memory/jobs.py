@@ -112,21 +112,13 @@ class _JobFlow(_Store):
             for p in params:
                 joined = ",".join(p.tags)
                 job = self._new_job(p, tuple(joined.split(",")) if joined else (), at)
-                if job.holds_key:
-                    assert job.unique_key is not None
-                    found = st.holder(job.unique_key)
-                    if found is not None:
-                        if found in touched:
-                            raise MemoryStoreError(
-                                "ON CONFLICT DO UPDATE command cannot affect row a second time"
-                            )
-                        existing = st.job(found)
-                        assert existing is not None
-                        updated = attrs.evolve(existing, kind=job.kind)
-                        st.put_job(updated, existing)
-                        touched.add(found)
-                        out.append((updated.row(), True))
-                        continue
+                existing = _conflicting(st, job, touched)
+                if existing is not None:
+                    updated = attrs.evolve(existing, kind=job.kind)
+                    st.put_job(updated, existing)
+                    touched.add(existing.id)
+                    out.append((updated.row(), True))
+                    continue
                 st.put_job(job, None)
                 touched.add(job.id)
                 out.append((job.row(), False))
@@ -234,24 +226,16 @@ class _JobFlow(_Store):
                     workflow_ignore_failed=t.ignore_failed or None,
                     has_dependents=(pos in depended) or None,
                 )
-                if job.holds_key:
-                    assert job.unique_key is not None
-                    found = st.holder(job.unique_key)
-                    if found is not None:
-                        if found in touched:
-                            raise MemoryStoreError(
-                                "ON CONFLICT DO UPDATE command cannot affect row a second time"
-                            )
-                        existing = st.job(found)
-                        assert existing is not None
-                        marked = pos in depended or existing.has_dependents
-                        updated = attrs.evolve(existing, kind=job.kind, has_dependents=marked)
-                        st.put_job(updated, existing)
-                        touched.add(found)
-                        placed.append((found, True))
-                        if pos in depended:
-                            stand_ins.append(found)
-                        continue
+                existing = _conflicting(st, job, touched)
+                if existing is not None:
+                    marked = pos in depended or existing.has_dependents
+                    updated = attrs.evolve(existing, kind=job.kind, has_dependents=marked)
+                    st.put_job(updated, existing)
+                    touched.add(existing.id)
+                    placed.append((existing.id, True))
+                    if pos in depended:
+                        stand_ins.append(existing.id)
+                    continue
                 st.put_job(job, None)
                 touched.add(job.id)
                 placed.append((job.id, False))
@@ -406,3 +390,20 @@ class _JobFlow(_Store):
             return [WrittenRow(job.id) for job in written]
 
         return await self._run("writing job outcomes", None, op)
+
+
+def _conflicting(st: _Stmt, job: _Job, touched: set[int]) -> _Job | None:
+    """The live job holding ``job``'s unique key, as ``ON CONFLICT (unique_key)`` finds
+    it (None: no conflict); MemoryStoreError when this statement already wrote that job,
+    as PostgreSQL refuses to update a row twice in one statement."""
+    if not job.holds_key:
+        return None
+    assert job.unique_key is not None
+    found = st.holder(job.unique_key)
+    if found is None:
+        return None
+    if found in touched:
+        raise MemoryStoreError("ON CONFLICT DO UPDATE command cannot affect row a second time")
+    existing = st.job(found)
+    assert existing is not None
+    return existing
