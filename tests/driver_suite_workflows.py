@@ -433,19 +433,28 @@ async def final_jobs_are_announced_on_tq_final(driver: Driver) -> None:
 
 
 @case
-async def job_mark_waited_leaves_finished_and_missing_jobs_alone(driver: Driver) -> None:
+async def job_mark_waited_marks_finished_jobs_and_skips_missing_ones(driver: Driver) -> None:
+    # A finished job is marked too: retried before its waiter reads it, its next end
+    # must be announced.
     done = await running_job(driver)
     await driver.job_set_state_if_running_many([outcome(done.id, JobState.COMPLETED)], at(5))
     queued = await insert_one(driver)
     await driver.job_mark_waited([done.id, queued.id, 987654321])
     await driver.job_mark_waited([queued.id])  # again: nothing changes
-    await claim(driver, queued.id, at(6))
+    await driver.job_retry(done.id, at(6))
+    for job_id in (done.id, queued.id):
+        await claim(driver, job_id, at(6))
     async with driver.open_listener(LISTENED) as listener:
         await driver.job_set_state_if_running_many(
-            [outcome(queued.id, JobState.DISCARDED, error_json="{}")], at(7), rows=False
+            [
+                outcome(queued.id, JobState.DISCARDED, error_json="{}"),
+                outcome(done.id, JobState.COMPLETED),
+            ],
+            at(7),
+            rows=False,
         )
         got = await notes(driver, listener, "marker")
-    assert final_ids(got) == [queued.id]
+    assert sorted(final_ids(got)) == sorted([queued.id, done.id])
 
 
 @case

@@ -155,3 +155,48 @@ async def test_without_subscribers_written_jobs_are_not_read_back(
     assert await driver.job_state(row.id) == "completed"
     assert completer.statistics().written == 1
     assert [batch async for batch in receive] == []
+
+
+@attrs.define
+class CountingWrites:
+    """Records the size of each outcome write."""
+
+    inner: tq.MemoryDriver
+    sizes: list[int] = attrs.field(factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def job_set_state_if_running_many(
+        self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
+    ) -> list[JobRow] | list[WrittenRow]:
+        self.sizes.append(len(outcomes))
+        written: list[JobRow] | list[WrittenRow] = await self.inner.job_set_state_if_running_many(
+            outcomes, now, rows=rows
+        )
+        return written
+
+
+async def test_big_outputs_are_written_in_batches_bounded_by_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # PostgreSQL refuses a message over 1 GiB: a thousand outputs at their cap would make
+    # one, and the same batch would fail for ever. Batches stop at max_batch_bytes.
+    driver = tq.MemoryDriver()
+    rows = [await _running_job(driver) for _ in range(5)]
+    counting = CountingWrites(driver)
+    send, receive = trio.open_memory_channel[list[Event]](10)
+    completer = _completer(counting, send, shutdown_timeout=1.0, max_batch_bytes=2500)
+    outcomes = completer.sender()
+    big = '"' + "x" * 998 + '"'  # 1,000 bytes of JSON
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(completer.run)
+        for row in rows:
+            finished = _completed(driver, row)
+            finished = finished._replace(outcome=finished.outcome._replace(output_json=big))
+            outcomes.send_nowait(finished, force=True)
+        outcomes.close()
+    assert counting.sizes == [2, 2, 1]
+    for row in rows:
+        assert (await driver.job_get(row.id)).output == "x" * 998  # type: ignore[union-attr]
+    assert sum(len(batch) for batch in [b async for b in receive]) == 5

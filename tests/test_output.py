@@ -262,7 +262,7 @@ UNSTORABLE: dict[str, tuple[Callable[[], object], str]] = {
     "raising_mapping": (BadMapping, "reading it raised RuntimeError: this mapping cannot be"),
     "raising_list": (lambda: BadList([1]), "reading it raised RuntimeError: this list cannot be"),
     # The key check names the key by its repr(), which raises here: still refused.
-    "hostile_key": (lambda: {ReprRaisingKey(): 1}, "reading it raised RuntimeError: no repr"),
+    "hostile_key": (lambda: {ReprRaisingKey(): 1}, "(a ReprRaisingKey whose repr() raised)"),
 }
 """Return values that fail the attempt: name -> (make it, a fragment of the error)."""
 

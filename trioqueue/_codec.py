@@ -249,6 +249,8 @@ def _fields_of(value: Any) -> dict[str, Any] | None:
     if dataclasses.is_dataclass(cls):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)}
     if isinstance(value, Mapping):
+        if len(value) > MAX_OUTPUT_BYTES // 4:  # each entry takes at least 4 bytes
+            raise _refused(f"a mapping of {len(value):,} entries: {_TOO_BIG}")
         return dict(value)
     return None
 
@@ -351,6 +353,20 @@ def _flat(data: Any) -> bool:
     return False
 
 
+_SMALL_CONTAINER: Final = 1000
+
+
+def _small(value: Any) -> bool:
+    """Whether ``value`` is small enough to encode before its size is known: a larger
+    one is walked first (`_Plain` counts its bytes and stops at the cap), so a huge
+    return value is refused in about the time its first mebibyte takes, not encoded."""
+    if type(value) is str:
+        return len(value) <= MAX_OUTPUT_BYTES
+    if type(value) in (list, dict):
+        return len(value) <= _SMALL_CONTAINER
+    return True
+
+
 def encode_output(value: object) -> str | None:
     """A worker's return value as the JSON text recorded as the job's output; None for
     None (no output).
@@ -370,7 +386,7 @@ def encode_output(value: object) -> str | None:
     if value is None:
         return None
     try:
-        if _flat(value):
+        if _small(value) and _flat(value):
             text = _encode("output", value, True)
         else:
             data = _Plain().value(value, 1)

@@ -180,6 +180,10 @@ class Completer:
     """Otherwise write this long after the first outcome arrived."""
     max_batch: int = 5000
     """At most this many rows per statement."""
+    max_batch_bytes: int = 64 << 20
+    """And at most about this many bytes of outputs, errors and metadata per statement
+    (at least one outcome): PostgreSQL refuses a message over 1 GiB, and a thousand
+    outputs at their 1 MiB cap would make one."""
     max_pending: int = 10_000
     """``OutcomeSender.send`` blocks while this many wait, until fewer than half remain (the runtime
     sets it from the client's worker slots)."""
@@ -329,7 +333,7 @@ class Completer:
                     ):
                         await self._work.wait()
                         self._work = trio.Event()
-            batch = self._pending[: self.max_batch]
+            batch = self._next_batch()
             try:
                 await self._write(batch)
             except trio.Cancelled:
@@ -344,6 +348,19 @@ class Completer:
             if len(self._pending) < self.max_pending // 2:
                 self._space.set()
                 self._space = trio.Event()
+
+    def _next_batch(self) -> list[FinishedRun]:
+        """The first pending outcomes, up to ``max_batch`` of them and ``max_batch_bytes``
+        of their JSON (always at least one). Not a checkpoint."""
+        size = 0
+        end = 0
+        for finished in self._pending[: self.max_batch]:
+            o = finished.outcome
+            size += len(o.output_json or "") + len(o.error_json or "") + len(o.metadata_json or "")
+            if end and size > self.max_batch_bytes:
+                break
+            end += 1
+        return self._pending[:end]
 
     async def _write_with_retries(
         self, batch: list[FinishedRun], want_rows: bool

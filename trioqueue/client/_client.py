@@ -282,18 +282,20 @@ class Client:
         """Wait until the job is final — ``completed``, ``discarded`` or ``cancelled``,
         by any client — and return it as it then is (``job.state``, ``job.output``).
 
-        Returns after one read for a job already final. Raises ValidationError (field
+        Returns after one read (and one statement marking it as waited for) for a job
+        already final. Raises ValidationError (field
         ``job_id``) for an id that is not a whole number a bigint holds, and
         JobNotFoundError for an id with no job, or when the job is deleted while waited
-        for (seen at the next re-check, within ``fetch_poll_interval``).
+        for.
 
         There is no timeout: bound the wait with the caller's cancel scope
         (``trio.fail_after``, ``trio.move_on_after``). Cancelled, the call just stops
         waiting: its registration is removed, nothing is written, and the job and every
         other waiter are untouched.
 
-        Woken by the completion notifications (``tq_final``) that every finalizing write
-        sends; all of a client's waiters share one LISTEN connection (the runtime's, or
+        Woken by the completion notifications (``tq_final``) that the write ending the job
+        sends (the completer's only for jobs marked as waited for, which this does
+        first); all of a client's waiters share one LISTEN connection (the runtime's, or
         one opened at the first wait) and one read per wake-up. In ``poll_only`` mode
         (no LISTEN, as behind a transaction pooler) every waited job is re-read every
         ``fetch_poll_interval`` seconds instead.

@@ -335,8 +335,9 @@ class Driver(Protocol):
 
     async def job_mark_waited(self, job_ids: Sequence[int]) -> None:
         """Some client waits for these jobs (`Client.job_wait`): outcome writes announce
-        them on `FINAL_CHANNEL` when they end (they announce no other job). Jobs already
-        final, or missing, are left alone."""
+        them on `FINAL_CHANNEL` when they end (they announce no other job). Finished jobs
+        are marked too (one may be retried before its waiter reads it); missing ones are
+        skipped."""
         ...
 
     async def job_cancel_requested(self, job_ids: Sequence[int]) -> list[int]: ...

@@ -171,12 +171,12 @@ class _JobManagement(_Store):
 
     async def job_mark_waited(self, job_ids: Sequence[int]) -> None:
         """Mark these jobs as waited for (outcome writes announce them on ``tq_final``
-        when they end); finished or missing ones are left alone."""
+        when they end; a finished one may be retried first); missing ones are skipped."""
 
         def op(st: _Stmt) -> None:
             for job_id in sorted(set(job_ids)):
                 old = st.job(job_id)
-                if old is None or old.waited or old.state in FINALIZED_STATES:
+                if old is None or old.waited:
                     continue
                 st.put_job(attrs.evolve(old, waited=True), old)
 

@@ -357,12 +357,12 @@ FROM deleted CROSS JOIN advanced CROSS JOIN notified;
 
 -- name: job_mark_waited
 -- Some client waits for these jobs (job_wait): the completer announces them on tq_final
--- when they end. Finished jobs are left alone (the waiter reads them next).
+-- when they end. Finished jobs are marked too: one may be retried before the waiter
+-- reads it, and its next end must be announced.
 UPDATE tq_job
 SET waited = true
 WHERE id = ANY($1::bigint[])
-  AND waited IS NOT TRUE
-  AND state NOT IN ('cancelled', 'completed', 'discarded');
+  AND waited IS NOT TRUE;
 
 -- name: job_state
 SELECT state::text FROM tq_job WHERE id = $1;
