@@ -60,6 +60,9 @@ class FinishedRun(NamedTuple):
     """The job's args as the worker saw them, for the event (the write returns none)."""
     attempt: int = 0
     """The attempt that ran (for an error entry the completer must write in its place)."""
+    workflow: bool = False
+    """The job is a workflow task: its outcome may promote or cancel others, so the
+    completer writes it without lingering for a bigger batch."""
 
 
 class InvalidSnoozeError(Exception):
@@ -201,6 +204,7 @@ def _finished(
         attempted_at=job.attempted_at,
         args=job.args,
         attempt=job.attempt,
+        workflow=job.workflow_id is not None,
     )
 
 
@@ -223,6 +227,7 @@ def completed(
         attempted_at,
         job.args,
         job.attempt,
+        job.workflow_id is not None,
     )
 
 

@@ -188,6 +188,9 @@ class Completer:
     """``OutcomeSender.send`` blocks while this many wait, until fewer than half remain (the runtime
     sets it from the client's worker slots)."""
     _pending: list[FinishedRun] = attrs.field(factory=list, init=False)
+    _prompt: bool = attrs.field(default=False, init=False)
+    """An outcome of a workflow task waits: the next write does not linger (it may
+    promote tasks that others wait to run)."""
     _work: trio.Event = attrs.field(factory=trio.Event, init=False)
     _space: trio.Event = attrs.field(factory=trio.Event, init=False)
     _senders: int = attrs.field(default=0, init=False)
@@ -265,7 +268,10 @@ class Completer:
         if not force and len(self._pending) >= self.max_pending:
             raise trio.WouldBlock
         self._pending.append(item)
-        if len(self._pending) == 1 or len(self._pending) >= self.flush_size:
+        if item.workflow:
+            self._prompt = True  # it may promote tasks: written without lingering
+            self._work.set()
+        elif len(self._pending) == 1 or len(self._pending) >= self.flush_size:
             self._work.set()
 
     async def _queue_waiting(self, item: FinishedRun) -> None:
@@ -324,16 +330,24 @@ class Completer:
                 await self._work.wait()
                 self._work = trio.Event()
                 continue
-            if linger > 0 and len(self._pending) < self.flush_size and not self._closed:
+            if (
+                linger > 0
+                and len(self._pending) < self.flush_size
+                and not self._closed
+                and not self._prompt
+            ):
                 with trio.move_on_after(linger):
                     while (
                         len(self._pending) < self.flush_size
                         and not self._closed
+                        and not self._prompt
                         and not self._after_write
                     ):
                         await self._work.wait()
                         self._work = trio.Event()
             batch = self._next_batch()
+            if len(batch) == len(self._pending):
+                self._prompt = False
             try:
                 await self._write(batch)
             except trio.Cancelled:
