@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, cast, final
+from typing import Any, Final, cast, final
 
 import attrs
 import trio
@@ -44,6 +44,10 @@ from ..errors import DatabaseError
 from ..events import Event, EventKind
 from ..job import JobListParams, JobState
 from .dispatcher import Audience
+
+PROMPT_LINGER: Final = 0.005
+"""How long the completer lingers for a bigger batch when a workflow task's outcome waits
+(it may promote tasks others wait to run): a few writes' worth, not 50 ms."""
 
 __all__ = ["Completer", "CompleterStatistics", "OutcomeSender"]
 
@@ -330,19 +334,18 @@ class Completer:
                 await self._work.wait()
                 self._work = trio.Event()
                 continue
-            if (
-                linger > 0
-                and len(self._pending) < self.flush_size
-                and not self._closed
-                and not self._prompt
-            ):
-                with trio.move_on_after(linger):
+            if linger > 0 and len(self._pending) < self.flush_size and not self._closed:
+                wait = min(linger, PROMPT_LINGER) if self._prompt else linger
+                with trio.move_on_after(wait) as lingering:
                     while (
                         len(self._pending) < self.flush_size
                         and not self._closed
-                        and not self._prompt
                         and not self._after_write
                     ):
+                        if self._prompt:  # came meanwhile: linger no longer than it allows
+                            lingering.deadline = min(
+                                lingering.deadline, trio.current_time() + PROMPT_LINGER
+                            )
                         await self._work.wait()
                         self._work = trio.Event()
             batch = self._next_batch()
