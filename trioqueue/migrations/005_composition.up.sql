@@ -156,8 +156,24 @@ BEGIN
             v_deps := d.workflow_deps;
             IF cardinality(v_open) > 0 AND v_deps && v_open THEN
                 v_i := 0;  -- a dep it had seen done is live again: look from the start
+                IF NOT d.ignore THEN
+                    -- Brought back (or set back) behind another dep that failed: cancelled
+                    -- again at once, by the first failed dep in order, not once the walk
+                    -- reaches it. (Rare: only a retry leads here, so a full look is fine.)
+                    SELECT u.dep INTO v_why
+                    FROM unnest(v_deps) WITH ORDINALITY AS u(dep, pos)
+                    LEFT JOIN tq_job j ON j.id = u.dep
+                    WHERE j.id IS NULL OR j.state IN ('cancelled', 'discarded')
+                    ORDER BY u.pos
+                    LIMIT 1;
+                    IF v_why IS NOT NULL THEN
+                        v_verdict := 'cancel';
+                    END IF;
+                END IF;
             END IF;
-            IF NOT d.ignore AND cardinality(v_failed) > 0 AND v_deps && v_failed THEN
+            IF v_verdict = 'cancel' THEN
+                NULL;  -- decided above
+            ELSIF NOT d.ignore AND cardinality(v_failed) > 0 AND v_deps && v_failed THEN
                 v_verdict := 'cancel';
                 SELECT f INTO v_why FROM unnest(v_failed) f WHERE f = ANY(v_deps) LIMIT 1;
             ELSE

@@ -213,6 +213,13 @@ def _judge(
     i = d.workflow_deps_done or 0
     if live and not live.isdisjoint(deps):
         i = 0  # a dep it had seen done is live again: look from the start
+        if not ignore:
+            # Brought back (or set back) behind another dep that failed: cancelled again at
+            # once, by the first failed dep in order, not once the walk reaches it.
+            for dep_id in deps:
+                dep = st.job(dep_id)
+                if dep is None or dep.state in _FAILED:
+                    return "cancel", dep_id
     if not ignore and failed_set and not failed_set.isdisjoint(deps):
         return "cancel", next(f for f in failed if f in deps)
     while i < len(deps):
