@@ -439,8 +439,9 @@ async def job_mark_waited_marks_finished_jobs_and_skips_missing_ones(driver: Dri
     done = await running_job(driver)
     await driver.job_set_state_if_running_many([outcome(done.id, JobState.COMPLETED)], at(5))
     queued = await insert_one(driver)
-    await driver.job_mark_waited([done.id, queued.id, 987654321])
-    await driver.job_mark_waited([queued.id])  # again: nothing changes
+    marked = await driver.job_mark_waited([done.id, queued.id, 987654321])
+    assert sorted(marked) == sorted([done.id, queued.id])
+    assert await driver.job_mark_waited([queued.id]) == [queued.id]  # again: still marked
     await driver.job_retry(done.id, at(6))
     for job_id in (done.id, queued.id):
         await claim(driver, job_id, at(6))

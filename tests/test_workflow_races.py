@@ -89,3 +89,18 @@ async def test_settling_refuses_to_run_on_one_snapshot(database_url: str, level:
                 )
                 == 0
             )
+
+
+async def test_marking_a_waited_job_skips_a_row_a_writer_holds(database_url: str) -> None:
+    """job_wait's mark never waits behind a transaction that holds the job (it would
+    stall every wait of the client, or deadlock with the completer): the row is skipped,
+    and marked by a later round once free."""
+    async with tq.open_client(database_url) as client:
+        driver = client.driver
+        held = (await client.insert(Step("held"))).job.id
+        free = (await client.insert(Step("free"))).job.id
+        with trio.fail_after(30):
+            async with client.transaction() as tx:
+                await tx.execute("SELECT 1 FROM tq_job WHERE id = $1 FOR UPDATE", held)
+                assert await driver.job_mark_waited([held, free, 10**12]) == [free]
+            assert sorted(await driver.job_mark_waited([held, free])) == sorted([free, held])

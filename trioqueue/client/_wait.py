@@ -216,8 +216,10 @@ class JobWaits:
                     # Marked before the read: a job that ends after the read is announced.
                     unmarked = [] if self.poll_only else self._unmarked(chunk)
                     if unmarked:
-                        await self.driver.job_mark_waited(unmarked)
-                        for job_id in unmarked:
+                        # A job a writer holds is skipped: left unmarked, it is marked by
+                        # a later round (the re-check's at the latest), and its end seen
+                        # by this read or a later one.
+                        for job_id in await self.driver.job_mark_waited(unmarked):
                             if (entry := self._entries.get(job_id)) is not None:
                                 entry.marked = True
                     rows = await self.driver.job_list(JobListParams(ids=chunk, limit=len(chunk)))

@@ -333,11 +333,12 @@ class Driver(Protocol):
 
     async def job_state(self, job_id: int, *, ex: Any = None) -> str | None: ...
 
-    async def job_mark_waited(self, job_ids: Sequence[int]) -> None:
+    async def job_mark_waited(self, job_ids: Sequence[int]) -> list[int]:
         """Some client waits for these jobs (`Client.job_wait`): outcome writes announce
         them on `FINAL_CHANNEL` when they end (they announce no other job). Finished jobs
-        are marked too (one may be retried before its waiter reads it); missing ones are
-        skipped."""
+        are marked too (one may be retried before its waiter reads it). Returns the ids
+        marked (in any order); missing ones are not, nor ones another transaction holds
+        (skipped, not waited for: mark them again later)."""
         ...
 
     async def job_cancel_requested(self, job_ids: Sequence[int]) -> list[int]: ...

@@ -92,7 +92,8 @@ BEGIN
     IF cardinality(v_changed) = 0 THEN
         RETURN 0;
     END IF;
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted')
+    THEN  -- (PostgreSQL runs READ UNCOMMITTED as READ COMMITTED.)
         -- One snapshot for the whole transaction would not see the deps that other
         -- clients completed meanwhile: a task could wait for ever.
         RAISE EXCEPTION 'trioqueue settles workflows under READ COMMITTED only, not %',

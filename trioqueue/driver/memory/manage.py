@@ -169,18 +169,24 @@ class _JobManagement(_Store):
 
         return await self._run(f"deleting job {job_id}", ex, op)
 
-    async def job_mark_waited(self, job_ids: Sequence[int]) -> None:
+    async def job_mark_waited(self, job_ids: Sequence[int]) -> list[int]:
         """Mark these jobs as waited for (outcome writes announce them on ``tq_final``
-        when they end; a finished one may be retried first); missing ones are skipped."""
+        when they end; a finished one may be retried first); return the ids marked.
+        Missing ones are skipped. (PostgreSQL also skips rows another transaction holds;
+        here every statement runs alone.)"""
 
-        def op(st: _Stmt) -> None:
+        def op(st: _Stmt) -> list[int]:
+            marked = []
             for job_id in sorted(set(job_ids)):
                 old = st.job(job_id)
-                if old is None or old.waited:
+                if old is None:
                     continue
-                st.put_job(attrs.evolve(old, waited=True), old)
+                if not old.waited:
+                    st.put_job(attrs.evolve(old, waited=True), old)
+                marked.append(job_id)
+            return marked
 
-        await self._run("marking waited jobs", None, op)
+        return await self._run("marking waited jobs", None, op)
 
     async def job_state(self, job_id: int, *, ex: Any = None) -> str | None:
         """The job's state as the caller's transaction sees it, or None."""

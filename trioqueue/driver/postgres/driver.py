@@ -404,8 +404,11 @@ class PostgresDriver:
 
         return await self._in_transaction(doing, run, ex)
 
-    async def job_mark_waited(self, job_ids: Sequence[int]) -> None:
-        await self._fetch("marking waited jobs", "job_mark_waited", [int8_array(job_ids)], None)
+    async def job_mark_waited(self, job_ids: Sequence[int]) -> list[int]:
+        rows = await self._fetch(
+            "marking waited jobs", "job_mark_waited", [int8_array(job_ids)], None
+        )
+        return [int(job_id) for (job_id,) in rows]
 
     async def job_delete(self, job_id: int, *, ex: Any = None) -> JobRow | None:
         return await self._fetchrow(f"deleting job {job_id}", "job_delete", [job_id], ex, _job_row)

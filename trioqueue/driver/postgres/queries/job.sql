@@ -358,11 +358,27 @@ FROM deleted CROSS JOIN advanced CROSS JOIN notified;
 -- name: job_mark_waited
 -- Some client waits for these jobs (job_wait): the completer announces them on tq_final
 -- when they end. Finished jobs are marked too: one may be retried before the waiter
--- reads it, and its next end must be announced.
-UPDATE tq_job
-SET waited = true
-WHERE id = ANY($1::bigint[])
-  AND waited IS NOT TRUE;
+-- reads it, and its next end must be announced. A row another transaction holds is
+-- skipped, never waited for (a waiter must not stall behind a write, nor deadlock with
+-- the completer): it is not returned, and the caller marks it again later. Returns the
+-- ids that are marked now (already marked ones included).
+WITH candidates AS (
+    SELECT id, waited
+    FROM tq_job
+    WHERE id = ANY($1::bigint[])
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+),
+marked AS (
+    UPDATE tq_job j
+    SET waited = true
+    FROM candidates c
+    WHERE j.id = c.id AND c.waited IS NOT TRUE
+    RETURNING j.id
+)
+SELECT id FROM candidates WHERE waited
+UNION ALL
+SELECT id FROM marked;
 
 -- name: job_state
 SELECT state::text FROM tq_job WHERE id = $1;
