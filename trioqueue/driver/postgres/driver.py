@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Final, TypeVar, final, overload
+from typing import Any, TypeVar, final, overload
 
 import psycopg
 import trio
 from psycopg.rows import RowMaker
 
 from ...errors import DatabaseError
-from ...job import FINALIZED_STATES, JobListParams, JobState
+from ...job import JobListParams, JobState
 from ...limits import LimitedFetch, QueueLimits
 from ..protocol import (
     CONTROL_CHANNEL,
@@ -29,7 +29,7 @@ from ..protocol import (
     WorkflowTaskParams,
     WrittenRow,
 )
-from .arrays import bool_array, int8_array, text_array, timestamptz_array
+from .arrays import int8_array, text_array
 from .connection import PgConnection
 from .failures import FAILURES, database_error, wrapped
 from .inserts import copy_jobs, insert_arrays
@@ -37,36 +37,18 @@ from .limits import limited_fetch, queue_row
 from .pool import PgPool, open_pool
 from .pooler import check_pooler
 from .queries import QUERIES
+from .statements import (
+    inserted_row,
+    job_list_statement,
+    job_row,
+    outcome_statement,
+)
 from .workflows import insert_workflow
 
 __all__ = ["PgListener", "PostgresDriver", "open_postgres_driver"]
 
 T = TypeVar("T")
 RowT = TypeVar("RowT")
-
-# Rows are made as the connection loads them (its ``make_row``). tuple.__new__ makes the
-# NamedTuple straight from the loaded tuple, skipping ``_make``'s length check (the queries
-# fix the columns): the cheapest way measured, ~0.2 µs a row against ~3.4 µs to load a job.
-_job_row: Final = partial(tuple.__new__, JobRow)
-_written_row: Final = partial(tuple.__new__, WrittenRow)
-
-
-def _inserted_row(values: Sequence[Any]) -> tuple[JobRow, bool]:
-    """A row of the insert statements: the job's 20 columns, then whether it was skipped
-    (a unique job already there); a column after those (a count of notifications) is
-    left out."""
-    return _job_row(values[:20]), bool(values[20])
-
-
-def _plain_completion(o: JobOutcome) -> bool:
-    """A completed outcome that changes nothing but the state, finalized_at and output."""
-    return (
-        o.state is JobState.COMPLETED
-        and o.error_json is None
-        and o.metadata_json is None
-        and o.scheduled_at is None
-        and not o.give_back_attempt
-    )
 
 
 @final
@@ -215,7 +197,7 @@ class PostgresDriver:
             ]
             if p.unique_key is None and not notify_queues:
                 rows = await self._fetch(
-                    "inserting a job", "job_insert_one_plain", [*one, now], ex, _inserted_row
+                    "inserting a job", "job_insert_one_plain", [*one, now], ex, inserted_row
                 )
             else:
                 one += [
@@ -224,12 +206,10 @@ class PostgresDriver:
                     now,
                     notify_queues[0] if notify_queues else None,
                 ]
-                rows = await self._fetch(
-                    "inserting a job", "job_insert_one", one, ex, _inserted_row
-                )
+                rows = await self._fetch("inserting a job", "job_insert_one", one, ex, inserted_row)
         else:
             args = [*insert_arrays(params), now, text_array(list(notify_queues))]
-            rows = await self._fetch("inserting jobs", "job_insert_many", args, ex, _inserted_row)
+            rows = await self._fetch("inserting jobs", "job_insert_many", args, ex, inserted_row)
         if len(rows) != len(params):
             raise DatabaseError(
                 "inserting jobs",
@@ -274,7 +254,7 @@ class PostgresDriver:
             "job_get_available",
             [queue, now, limit, client_id],
             None,
-            _job_row,
+            job_row,
         )
 
     async def job_get_available_limited(
@@ -290,64 +270,23 @@ class PostgresDriver:
 
     async def job_claim(self, job_id: int, now: datetime, client_id: str) -> JobRow | None:
         return await self._fetchrow(
-            f"claiming job {job_id}", "job_claim", [job_id, now, client_id], None, _job_row
+            f"claiming job {job_id}", "job_claim", [job_id, now, client_id], None, job_row
         )
 
     async def job_set_state_if_running_many(
         self, outcomes: Sequence[JobOutcome], now: datetime, *, rows: bool = True
     ) -> list[JobRow] | list[WrittenRow]:
         doing = "writing job outcomes"
-        if not rows and all(_plain_completion(o) for o in outcomes):
-            with wrapped(doing):
-                ids = [
-                    int8_array([o.id for o in outcomes]),
-                    timestamptz_array([o.finalized_at for o in outcomes]),
-                    timestamptz_array([o.attempted_at for o in outcomes]),
-                    text_array([o.output_json for o in outcomes]),
-                    now,
-                ]
-            return await self._fetch(doing, "job_complete_many_ids", ids, None, _written_row)
         with wrapped(doing):
-            args = [
-                int8_array([o.id for o in outcomes]),
-                text_array([o.state.value for o in outcomes]),
-                timestamptz_array([o.finalized_at for o in outcomes]),
-                timestamptz_array([o.scheduled_at for o in outcomes]),
-                bool_array([o.give_back_attempt for o in outcomes]),
-                text_array([o.error_json for o in outcomes]),
-                text_array([o.metadata_json for o in outcomes]),
-                now,
-                timestamptz_array([o.attempted_at for o in outcomes]),
-                text_array([o.output_json for o in outcomes]),
-            ]
-        if rows:
-            return await self._fetch(doing, "job_set_state_if_running_many", args, None, _job_row)
-        return await self._fetch(
-            doing, "job_set_state_if_running_many_ids", args, None, _written_row
-        )
+            name, args, make_row = outcome_statement(outcomes, now, rows)
+        return await self._fetch(doing, name, args, None, make_row)
 
     async def job_get(self, job_id: int, *, ex: Any = None) -> JobRow | None:
-        return await self._fetchrow(f"getting job {job_id}", "job_get", [job_id], ex, _job_row)
+        return await self._fetchrow(f"getting job {job_id}", "job_get", [job_id], ex, job_row)
 
     async def job_list(self, params: JobListParams, *, ex: Any = None) -> list[JobRow]:
-        args: list[Any] = [
-            list(params.ids) if params.ids is not None else None,
-            list(params.kinds) if params.kinds is not None else None,
-            list(params.queues) if params.queues is not None else None,
-            [s.value for s in params.states] if params.states is not None else None,
-            list(params.priorities) if params.priorities is not None else None,
-            list(params.tags) if params.tags is not None else None,
-            params.after,
-            params.limit,
-            params.within_newest,
-        ]
-        name = "job_list_desc" if params.descending else "job_list"
-        if params.workflow_id is not None:
-            name += "_workflow"
-            args.append(params.workflow_id)
-        elif params.states and params.ids is None and not FINALIZED_STATES & set(params.states):
-            name += "_live"
-        return await self._fetch("listing jobs", name, args, ex, _job_row)
+        name, args = job_list_statement(params)
+        return await self._fetch("listing jobs", name, args, ex, job_row)
 
     async def job_count_live(self) -> list[tuple[str, str, int]]:
         rows = await self._fetch("counting live jobs", "job_count_live", [], None)
@@ -378,9 +317,9 @@ class PostgresDriver:
         doing = f"cancelling job {job_id}"
 
         async def run(conn: PgConnection) -> JobRow | None:
-            row = await conn.fetchrow(QUERIES["job_cancel"], [job_id, now], make_row=_job_row)
+            row = await conn.fetchrow(QUERIES["job_cancel"], [job_id, now], make_row=job_row)
             if row is None:
-                return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=_job_row)
+                return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=job_row)
             if row.state == "running":
                 payload = json.dumps({"action": "cancel", "job_id": job_id, "queue": row.queue})
                 await conn.execute(QUERIES["notify_many"], [CONTROL_CHANNEL, [payload]])
@@ -392,14 +331,14 @@ class PostgresDriver:
         doing = f"retrying job {job_id}"
 
         async def run(conn: PgConnection) -> JobRow | None:
-            row = await conn.fetchrow(QUERIES["job_retry"], [job_id, now], make_row=_job_row)
+            row = await conn.fetchrow(QUERIES["job_retry"], [job_id, now], make_row=job_row)
             if row is None:
-                return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=_job_row)
+                return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=job_row)
             await conn.execute(QUERIES["job_notify_insert"], [[row.queue]])
             if row.workflow_deps:
                 # A workflow task was settled in the same statement, after its row was
                 # returned: read what it is now.
-                return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=_job_row)
+                return await conn.fetchrow(QUERIES["job_get"], [job_id], make_row=job_row)
             return row
 
         return await self._in_transaction(doing, run, ex)
@@ -411,7 +350,7 @@ class PostgresDriver:
         return [int(job_id) for (job_id,) in rows]
 
     async def job_delete(self, job_id: int, *, ex: Any = None) -> JobRow | None:
-        return await self._fetchrow(f"deleting job {job_id}", "job_delete", [job_id], ex, _job_row)
+        return await self._fetchrow(f"deleting job {job_id}", "job_delete", [job_id], ex, job_row)
 
     async def job_state(self, job_id: int, *, ex: Any = None) -> str | None:
         row = await self._fetchrow(f"reading job {job_id}", "job_state", [job_id], ex)
@@ -501,7 +440,7 @@ class PostgresDriver:
             "job_get_stuck",
             [attempted_before, limit, after_id],
             None,
-            _job_row,
+            job_row,
         )
 
     async def job_rescue_many(self, rescues: Sequence[JobRescue]) -> list[tuple[int, str, str]]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...errors import ValidationError
 from ..protocol import JobRow, WorkflowTaskParams
 from .arrays import bool_array, int8_array, text_array
 from .inserts import insert_arrays
 from .queries import QUERIES
+from .statements import inserted_row, job_row
 
 if TYPE_CHECKING:
     from .connection import PgConnection
@@ -58,10 +59,11 @@ async def insert_workflow(
         bool_array([t.ignore_failed for t in tasks]),
         bool_array([i in depended for i in range(len(tasks))]),
     ]
-    found = await conn.fetch(QUERIES["workflow_insert"], args, prepare=prepare)
-    if len(found) != len(tasks):
-        raise RuntimeError(f"expected {len(tasks)} rows back, got {len(found)}")
-    rows = [(JobRow._make(r[:20]), bool(r[20])) for r in found]
+    rows = await conn.fetch(
+        QUERIES["workflow_insert"], args, prepare=prepare, make_row=inserted_row
+    )
+    if len(rows) != len(tasks):
+        raise RuntimeError(f"expected {len(tasks)} rows back, got {len(rows)}")
     stood_in = [
         (reserved[i], row.id) for i, (row, skipped) in enumerate(rows) if skipped and i in depended
     ]
@@ -74,10 +76,10 @@ async def insert_workflow(
     )
     await conn.execute(QUERIES["workflow_settle"], [int8_array(new), now])
     # The tasks that waited for a stand-in may have changed: read every row again.
-    fresh: dict[int, Any] = {
-        r[0]: JobRow._make(r)
-        for r in await conn.fetch(
-            QUERIES["workflow_rows"], [int8_array([row.id for row, _ in rows])]
+    fresh = {
+        row.id: row
+        for row in await conn.fetch(
+            QUERIES["workflow_rows"], [int8_array([row.id for row, _ in rows])], make_row=job_row
         )
     }
     return [(fresh.get(row.id, row), skipped) for row, skipped in rows]
